@@ -1,0 +1,1 @@
+"""EViT token reorganization for timm Vision Transformers."""
