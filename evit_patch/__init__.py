@@ -1,1 +1,25 @@
-"""EViT token reorganization for timm Vision Transformers."""
+"""EViT token reorganization for timm Vision Transformers.
+
+>>> import timm, evit_patch
+>>> model = timm.create_model("deit_small_patch16_224")
+>>> evit_patch.apply_evit(model, layers=[3, 6, 9], keep_rate=0.7)
+"""
+
+from evit_patch.errors import UnsupportedModelError
+from evit_patch.macs import count_macs
+from evit_patch.patch import apply_evit, is_patched, remove_evit, set_keep_rate
+from evit_patch.provenance import DROPPED, FUSED, KEPT, LayerTokens, kept_tokens
+
+__all__ = [
+    "apply_evit",
+    "remove_evit",
+    "set_keep_rate",
+    "is_patched",
+    "count_macs",
+    "kept_tokens",
+    "LayerTokens",
+    "KEPT",
+    "FUSED",
+    "DROPPED",
+    "UnsupportedModelError",
+]

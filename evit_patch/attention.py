@@ -1,0 +1,111 @@
+"""Rewrite an attention module so it also hands out per-token scores.
+
+The module's own forward is traced with torch.fx and extended in place: the output
+stays exactly what the module computes (fused ``scaled_dot_product_attention`` kept),
+and a score computed beside it is returned as a second output. Nothing of the
+module's code is copied, so q/k norm, gating, scale norm and later timm changes come
+along.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from evit_patch.errors import UnsupportedModelError
+from evit_patch.graph_rewrite import descendants, extra_forward_parameters, find_nodes, trace_own_forward
+from evit_patch.scores import ScoreMode, active_dropout_rate, scores_from_attention, scores_from_qk
+
+_SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax)
+
+
+def _trace_in_eval_mode(attention: nn.Module) -> fx.Graph:
+    """Trace with the module's own ``training`` flag off.
+
+    timm writes ``dropout_p=self.attn_drop.p if self.training else 0.`` which a trace
+    would freeze; tracing in eval gives the constant 0, replaced below by a live read.
+    Children keep their flags, so dropout modules still follow ``train()``/``eval()``.
+    """
+    concrete = {}
+    for parameter in extra_forward_parameters(attention):
+        if parameter.default is parameter.empty:
+            raise UnsupportedModelError(
+                type(attention).__name__, f"its attention takes a required input {parameter.name!r}"
+            )
+        concrete[parameter.name] = parameter.default
+    was_training = attention.training
+    attention.training = False
+    try:
+        graph = trace_own_forward(attention, concrete)
+    finally:
+        attention.training = was_training
+    _drop_specialized_inputs(graph)
+    return graph
+
+
+def _drop_specialized_inputs(graph: fx.Graph) -> None:
+    """Remove the mask inputs fixed at their defaults and fx's checks of them.
+
+    The block calls the scored attention with the tokens alone (it rejects masks
+    itself), and a graph without these checks can be pickled and re-traced.
+    """
+    extras = [node for node in graph.nodes if node.op == "placeholder"][1:]
+    checks = set().union(*(descendants(node) for node in extras)) if extras else set()
+    if any(node.op == "output" for node in checks):
+        raise UnsupportedModelError(type(graph.owning_module).__name__, "its attention output depends on a mask input")
+    for node in reversed(list(graph.nodes)):
+        if node in checks or node in extras:
+            graph.erase_node(node)
+    graph._tracer_extras = {}
+
+
+def _insert_scores_beside_fused(graph: fx.Graph, sdpa: fx.Node, attention: nn.Module, mode: ScoreMode,
+                                num_prefix_tokens: int) -> fx.Node:
+    query = sdpa.args[0] if len(sdpa.args) > 0 else sdpa.kwargs["query"]
+    key = sdpa.args[1] if len(sdpa.args) > 1 else sdpa.kwargs["key"]
+    with graph.inserting_before(sdpa):
+        scores = graph.call_function(
+            scores_from_qk, (query, key, sdpa.kwargs.get("scale"), mode, num_prefix_tokens)
+        )
+        dropout = getattr(attention, "attn_drop", None)
+        if isinstance(dropout, nn.Dropout) and dropout.p > 0:
+            rate = graph.call_function(active_dropout_rate, (graph.get_attr("attn_drop"),))
+            sdpa.update_kwarg("dropout_p", rate)
+    return scores
+
+
+def scored_attention(attention: nn.Module, mode: ScoreMode, num_prefix_tokens: int,
+                     model_name: str) -> fx.GraphModule:
+    """A GraphModule sharing ``attention``'s submodules that returns ``(output, scores)``.
+
+    ``scores`` has shape ``(B, N - num_prefix_tokens)``: see :mod:`evit_patch.scores`.
+    """
+    try:
+        graph = _trace_in_eval_mode(attention)
+    except UnsupportedModelError as error:
+        raise UnsupportedModelError(model_name, error.reason) from None
+    except Exception as error:  # torch.fx raises many kinds of errors on untraceable code
+        raise UnsupportedModelError(
+            model_name, f"its attention {type(attention).__name__} cannot be traced by torch.fx ({error})"
+        ) from error
+
+    fused = find_nodes(graph, "call_function", [F.scaled_dot_product_attention])
+    softmax = find_nodes(graph, "call_method", ["softmax"]) + find_nodes(graph, "call_function", _SOFTMAX_FUNCTIONS)
+    if len(fused) == 1 and not softmax:
+        scores = _insert_scores_beside_fused(graph, fused[0], attention, mode, num_prefix_tokens)
+    elif len(softmax) == 1 and not fused:
+        with graph.inserting_after(softmax[0]):
+            scores = graph.call_function(scores_from_attention, (softmax[0], mode, num_prefix_tokens))
+    else:
+        raise UnsupportedModelError(
+            model_name,
+            f"its attention {type(attention).__name__} does not compute one softmax attention "
+            f"(found {len(fused)} fused and {len(softmax)} explicit softmax calls)",
+        )
+
+    output = next(node for node in graph.nodes if node.op == "output")
+    output.args = ((output.args[0], scores),)
+    graph.lint()
+    return fx.GraphModule(attention, graph, class_name=f"Scored{type(attention).__name__}")

@@ -1,0 +1,121 @@
+"""Insert a token reorganizer into a transformer block's own graph.
+
+The block is traced with its children as leaves; its attention call is swapped for
+the scored attention, and the reorganizer goes right after the residual add of the
+block input and the attention branch, so the MLP (and everything after) runs on the
+shorter sequence. LayerScale, drop-path, post-norm and other block options are
+whatever the block's own graph says.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from evit_patch.attention import scored_attention
+from evit_patch.errors import UnsupportedModelError
+from evit_patch.graph_rewrite import ancestors, descendants, extra_forward_parameters, trace_own_forward
+from evit_patch.scores import ScoreMode
+
+_MASK_PARAMETERS = {"attn_mask", "is_causal"}
+_KNOWN_POSITION_INPUTS = {
+    "rope": "rotary position embeddings: positions would have to follow the kept tokens",
+    "rel_pos_bias": "a relative position bias sized to the full token grid",
+    "shared_rel_pos_bias": "a relative position bias sized to the full token grid",
+    "shared_rel_pos": "a relative position bias sized to the full token grid",
+}
+_ADD_TARGETS = (operator.add, operator.iadd, torch.add)
+
+
+def _check_block_inputs(block: nn.Module, model_name: str) -> None:
+    for parameter in extra_forward_parameters(block):
+        if parameter.name in _KNOWN_POSITION_INPUTS:
+            raise UnsupportedModelError(model_name, _KNOWN_POSITION_INPUTS[parameter.name])
+        if parameter.name not in _MASK_PARAMETERS:
+            raise UnsupportedModelError(
+                model_name, f"its block {type(block).__name__} takes an unknown input {parameter.name!r}"
+            )
+
+
+def _is_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _ADD_TARGETS) or (
+        node.op == "call_method" and node.target in ("add", "add_")
+    )
+
+
+def _attention_residual_add(graph: fx.Graph, block_input: fx.Node, attention_output: fx.Node) -> fx.Node | None:
+    """The add ``block_input + f(attention_output)``: the insertion point."""
+    downstream = descendants(attention_output)
+    for node in graph.nodes:
+        if node in downstream and _is_add(node) and block_input in node.args[:2]:
+            other = node.args[1] if node.args[0] is block_input else node.args[0]
+            if other is attention_output or other in downstream:
+                return node
+    return None
+
+
+def reorganizing_block(block: nn.Module, reorganizer: nn.Module, mode: ScoreMode,
+                       num_prefix_tokens: int, model_name: str) -> fx.GraphModule:
+    """A GraphModule sharing ``block``'s submodules, with ``reorganizer`` after attention."""
+    attention = getattr(block, "attn", None)
+    if not isinstance(attention, nn.Module):
+        raise UnsupportedModelError(model_name, f"its block {type(block).__name__} has no `attn` submodule")
+    _check_block_inputs(block, model_name)
+    try:
+        graph = trace_own_forward(block)
+    except Exception as error:  # torch.fx raises many kinds of errors on untraceable code
+        raise UnsupportedModelError(
+            model_name, f"its block {type(block).__name__} cannot be traced by torch.fx ({error})"
+        ) from error
+
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    block_input, mask_inputs = placeholders[0], placeholders[1:]
+    calls = [node for node in graph.nodes if node.op == "call_module" and node.target == "attn"]
+    if len(calls) != 1:
+        raise UnsupportedModelError(model_name, f"its block calls its attention {len(calls)} times")
+    call = calls[0]
+    call.args, call.kwargs = call.args[:1], {}
+    if any(node.users for node in mask_inputs):  # the reorganizer rejects masks at run time
+        raise UnsupportedModelError(model_name, "its block uses the attention mask outside the attention")
+    with graph.inserting_after(call):
+        output = graph.call_function(operator.getitem, (call, 0))
+    with graph.inserting_after(output):
+        scores = graph.call_function(operator.getitem, (call, 1))
+    call.replace_all_uses_with(output, delete_user_cb=lambda user: user not in (output, scores))
+
+    residual = _attention_residual_add(graph, block_input, output)
+    feeds_attention = ancestors(call) | {call}
+    if residual is None or any(
+        user is not residual and user not in feeds_attention for user in block_input.users
+    ):
+        raise UnsupportedModelError(
+            model_name,
+            f"its block {type(block).__name__} has no residual add of the block input and the "
+            "attention branch before the MLP (parallel attention/MLP blocks have no such point)",
+        )
+    with graph.inserting_after(residual):
+        reorganized = graph.call_module(
+            "token_reorganizer", (residual, scores), {node.target: node for node in mask_inputs}
+        )
+    residual.replace_all_uses_with(reorganized, delete_user_cb=lambda user: user is not reorganized)
+    graph.lint()
+
+    children = {
+        node.target: block.get_submodule(node.target) if node.op == "call_module" else _fetch(block, node.target)
+        for node in graph.nodes
+        if node.op in ("call_module", "get_attr") and node.target != "token_reorganizer"
+    }
+    children["attn"] = scored_attention(attention, mode, num_prefix_tokens, model_name)
+    children["token_reorganizer"] = reorganizer
+    patched = fx.GraphModule(children, graph, class_name=f"Reorganizing{type(block).__name__}")
+    patched.training = block.training
+    return patched
+
+
+def _fetch(module: nn.Module, qualified_name: str) -> object:
+    for part in qualified_name.split("."):
+        module = getattr(module, part)
+    return module

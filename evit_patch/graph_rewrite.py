@@ -1,0 +1,65 @@
+"""torch.fx helpers shared by the attention and block rewrites."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Iterable
+
+import torch.fx as fx
+from torch import nn
+
+
+class OwnForwardTracer(fx.Tracer):
+    """Trace only the root module's own ``forward``; every submodule stays one call.
+
+    Keeping children opaque preserves their names (so ``state_dict`` keys do not
+    change), their parameters, and any train/eval behaviour inside them (dropout,
+    drop-path), which a deeper trace would freeze at trace time.
+    """
+
+    def trace(self, root: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        self._root = root
+        return super().trace(root, concrete_args=concrete_args)
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return module is not self._root
+
+
+def trace_own_forward(module: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+    """Graph of ``module.forward`` with its children as leaves."""
+    return OwnForwardTracer().trace(module, concrete_args=concrete_args)
+
+
+def extra_forward_parameters(module: nn.Module) -> list[inspect.Parameter]:
+    """Parameters of ``module.forward`` after the token input."""
+    return list(inspect.signature(module.forward).parameters.values())[1:]
+
+
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    """All nodes ``node`` reads from, directly or not."""
+    seen: set[fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return seen
+
+
+def descendants(node: fx.Node) -> set[fx.Node]:
+    """All nodes that read ``node``, directly or not."""
+    seen: set[fx.Node] = set()
+    stack = list(node.users)
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.users)
+    return seen
+
+
+def find_nodes(graph: fx.Graph, op: str, targets: Iterable[Any]) -> list[fx.Node]:
+    """Nodes of kind ``op`` whose target is one of ``targets``."""
+    wanted = list(targets)
+    return [node for node in graph.nodes if node.op == op and any(node.target is t or node.target == t for t in wanted)]

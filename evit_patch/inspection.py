@@ -1,0 +1,64 @@
+"""What evit_patch needs to know about a model: its blocks, prefix tokens, input size."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from evit_patch.errors import UnsupportedModelError
+from evit_patch.scores import ScoreMode
+
+
+def model_name(model: nn.Module) -> str:
+    """The timm architecture name when known, else the class name."""
+    config = getattr(model, "pretrained_cfg", None) or {}
+    architecture = config.get("architecture") if isinstance(config, dict) else None
+    return f"{architecture} ({type(model).__name__})" if architecture else type(model).__name__
+
+
+def transformer_blocks(model: nn.Module) -> nn.Sequential | nn.ModuleList:
+    """The model's sequence of transformer blocks (timm's ``model.blocks``)."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
+        raise UnsupportedModelError(
+            model_name(model), "it has no `blocks` sequence of transformer blocks (not a ViT-style model)"
+        )
+    return blocks
+
+
+def prefix_token_count(model: nn.Module) -> int:
+    """Class, distillation and register tokens, which are never pruned or fused."""
+    count = getattr(model, "num_prefix_tokens", None)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise UnsupportedModelError(
+            model_name(model), "it has no integer `num_prefix_tokens` telling which tokens are class/register tokens"
+        )
+    return count
+
+
+def score_mode(model: nn.Module) -> ScoreMode:
+    """Class-attention scores when there is a class token, else mean received attention."""
+    has_class_token = getattr(model, "has_class_token", None)
+    if has_class_token is None:
+        has_class_token = getattr(model, "cls_token", None) is not None
+    return "class" if has_class_token else "mean"
+
+
+def native_input_shape(model: nn.Module) -> Optional[tuple[int, int, int]]:
+    """``(C, H, W)`` the model is built for, or None when it cannot be told."""
+    patch_embed = getattr(model, "patch_embed", None)
+    size = getattr(patch_embed, "img_size", None)
+    in_chans = next(
+        (m.in_channels for m in patch_embed.modules() if isinstance(m, nn.Conv2d)), None
+    ) if isinstance(patch_embed, nn.Module) else None
+    config = getattr(model, "pretrained_cfg", None) or {}
+    config_shape = config.get("input_size") if isinstance(config, dict) else None
+    if size is None and config_shape is not None:
+        size = config_shape[1:]
+    if in_chans is None and config_shape is not None:
+        in_chans = config_shape[0]
+    if size is None or in_chans is None:
+        return None
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return int(in_chans), int(height), int(width)

@@ -1,0 +1,140 @@
+"""apply_evit / remove_evit / set_keep_rate: the model surgery."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence, TypeVar
+
+import torch
+from torch import nn
+
+from evit_patch.block_rewrite import reorganizing_block
+from evit_patch.errors import UnsupportedModelError
+from evit_patch.inspection import model_name, native_input_shape, prefix_token_count, score_mode, transformer_blocks
+from evit_patch.state import EvitState, TokenReorganizer
+from evit_patch.validation import validated_keep_rates, validated_layers
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+STATE_ATTRIBUTE = "evit_state"
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether :func:`apply_evit` has patched ``model``."""
+    return isinstance(getattr(model, STATE_ATTRIBUTE, None), EvitState)
+
+
+def evit_state(model: nn.Module) -> EvitState:
+    """The shared state of a patched model; a clear error for an unpatched one."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    state = getattr(model, STATE_ATTRIBUTE, None)
+    if not isinstance(state, EvitState):
+        raise ValueError(f"{model_name(model)} is not patched; call apply_evit(model, layers, keep_rate) first")
+    return state
+
+
+def apply_evit(model: ModelT, layers: Sequence[int], keep_rate: float | Sequence[float], *,
+               fuse: bool = True) -> ModelT:
+    """Patch ``model`` in place with EViT token reorganization and return it.
+
+    Args:
+        model: a timm-style ViT (``blocks``, ``num_prefix_tokens``).
+        layers: 0-indexed blocks that reorganize tokens (DeiT: ``[3, 6, 9]``).
+        keep_rate: fraction in (0, 1] of image tokens each layer keeps; one float, or
+            one per layer.
+        fuse: fuse the unkept tokens into one (EViT) or drop them ("EViT w/o fusion").
+
+    No parameter or buffer is added: ``state_dict()`` is unchanged. On any error the
+    model is left exactly as it was.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a timm ViT), got {type(model).__name__}")
+    if is_patched(model):
+        raise ValueError(
+            f"{model_name(model)} is already patched; use set_keep_rate(model, rate) to change the rate, "
+            "or remove_evit(model) before patching again"
+        )
+    if not isinstance(fuse, bool):
+        raise TypeError(f"fuse must be True or False, got {fuse!r}")
+    name = model_name(model)
+    blocks = transformer_blocks(model)
+    layers = validated_layers(layers, len(blocks))
+    keep_rates = validated_keep_rates(keep_rate, len(layers))
+    state = EvitState(layers, keep_rates, fuse, prefix_token_count(model))
+    mode = score_mode(model)
+
+    patched = {
+        index: reorganizing_block(blocks[index], TokenReorganizer(state, position), mode,
+                                  state.num_prefix_tokens, name)
+        for position, index in enumerate(layers)
+    }
+    state.original_blocks.update({index: blocks[index] for index in layers})
+    _install(model, patched, state)
+    failure = _probe_failure(model, state)
+    if failure is not None:
+        remove_evit(model)
+        if _probe_failure(model, None) is None:
+            raise UnsupportedModelError(
+                name, f"the patched model failed a test forward ({type(failure).__name__}: {failure})"
+            ) from failure
+        _install(model, patched, state)  # the unpatched model fails on the probe too: not ours to judge
+    return model
+
+
+def _install(model: nn.Module, patched: dict[int, nn.Module], state: EvitState) -> None:
+    blocks = transformer_blocks(model)
+    for index, block in patched.items():
+        blocks[index] = block
+    setattr(model, STATE_ATTRIBUTE, state)
+
+
+def remove_evit(model: ModelT) -> ModelT:
+    """Put the original blocks back; the model then computes exactly as never patched."""
+    state = evit_state(model)
+    blocks = transformer_blocks(model)
+    for index, block in state.original_blocks.items():
+        blocks[index] = block
+    delattr(model, STATE_ATTRIBUTE)
+    return model
+
+
+def set_keep_rate(model: nn.Module, keep_rate: float | Sequence[float]) -> None:
+    """Change the keep rate of a patched model at run time (cheap: no re-patching)."""
+    state = evit_state(model)
+    state.keep_rates[:] = validated_keep_rates(keep_rate, len(state.layers))
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    flags = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags.items():
+            module.training = training
+
+
+def _probe_failure(model: nn.Module, state: EvitState | None) -> Exception | None:
+    """Run one image through ``model`` with tokens actually dropped and return the error,
+    if any: a model whose later layers cannot take a shorter sequence fails at patch
+    time with a clear message, not in the middle of training."""
+    shape = native_input_shape(model)
+    parameter = next(model.parameters(), None)
+    if shape is None or parameter is None or parameter.device.type == "meta":
+        return None
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn((1, *shape), generator=generator).to(parameter.device, parameter.dtype)
+    rates = list(state.keep_rates) if state else []
+    if state:
+        state.keep_rates[:] = [min(rate, 0.5) for rate in rates]
+    try:
+        with torch.no_grad(), _eval_mode(model):
+            model(image)
+    except Exception as error:  # any failure of the model is reported to the caller
+        return error
+    finally:
+        if state:
+            state.keep_rates[:] = rates
+            state.clear_record()
+    return None
