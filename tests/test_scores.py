@@ -1,0 +1,27 @@
+"""Scores computed beside fused attention equal those of the explicit attention matrix."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from evit_patch.scores import scores_from_attention, scores_from_qk
+
+
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(2, 30), st.integers(0, 3), st.integers(0, 999),
+       st.sampled_from(["class", "mean"]))
+def test_scores_from_qk_match_explicit_attention(batch, heads, tokens, prefix, seed, mode):
+    prefix = min(prefix, tokens - 1)
+    generator = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(batch, heads, tokens, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    attention = (q @ k.transpose(-2, -1) / 8**0.5).softmax(-1)
+    expected = attention[:, :, 0, prefix:].mean(1) if mode == "class" else attention.mean((1, 2))[:, prefix:]
+    torch.testing.assert_close(scores_from_qk(q, k, None, mode, prefix), expected)
+    torch.testing.assert_close(scores_from_attention(attention, mode, prefix), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_scores_are_finite_and_keep_dtype(dtype):
+    q = torch.randn(2, 3, 50, 16).mul(30).to(dtype)
+    scores = scores_from_qk(q, q, None, "class", 1)
+    assert scores.dtype == dtype and torch.isfinite(scores).all()
