@@ -49,7 +49,7 @@ def measure(args: argparse.Namespace) -> tuple[list[Variant], dict]:
     base = timm.create_model(args.model).eval().to(args.device)
     shape = evit_patch.inspection.native_input_shape(base)
     images = torch.randn(args.batch_size, *shape, device=args.device)
-    models = {"unpatched": base}
+    models = {"unpatched": copy.deepcopy(base)}  # every variant a copy: same memory placement
     for rate in args.keep_rates:
         models[f"keep {rate}"] = evit_patch.apply_evit(copy.deepcopy(base), args.layers, rate, fuse=not args.no_fuse)
     variants = {
