@@ -2,7 +2,8 @@
 
 The module's own forward is traced with torch.fx and extended in place: the output
 stays exactly what the module computes (fused ``scaled_dot_product_attention`` kept),
-and a score computed beside it is returned as a second output. Nothing of the
+and the tensors that token scores are made of (q and k, or the attention matrix) are
+returned as a second output. Nothing of the
 module's code is copied, so q/k norm, gating, scale norm and later timm changes come
 along.
 """
@@ -16,7 +17,7 @@ from torch import nn
 
 from evit_patch.errors import UnsupportedModelError
 from evit_patch.graph_rewrite import descendants, extra_forward_parameters, find_nodes, trace_own_forward
-from evit_patch.scores import ScoreMode, active_dropout_rate, scores_from_attention, scores_from_qk
+from evit_patch.scores import active_dropout_rate
 
 _SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax)
 
@@ -61,26 +62,24 @@ def _drop_specialized_inputs(graph: fx.Graph) -> None:
     graph._tracer_extras = {}
 
 
-def _insert_scores_beside_fused(graph: fx.Graph, sdpa: fx.Node, attention: nn.Module, mode: ScoreMode,
-                                num_prefix_tokens: int) -> fx.Node:
+def _fused_attention_tensors(graph: fx.Graph, sdpa: fx.Node, attention: nn.Module) -> tuple:
+    """``(q, k, scale, None)`` of a fused attention call; its dropout made live again."""
     query = sdpa.args[0] if len(sdpa.args) > 0 else sdpa.kwargs["query"]
     key = sdpa.args[1] if len(sdpa.args) > 1 else sdpa.kwargs["key"]
-    with graph.inserting_before(sdpa):
-        scores = graph.call_function(
-            scores_from_qk, (query, key, sdpa.kwargs.get("scale"), mode, num_prefix_tokens)
-        )
-        dropout = getattr(attention, "attn_drop", None)
-        if isinstance(dropout, nn.Dropout) and dropout.p > 0:
+    dropout = getattr(attention, "attn_drop", None)
+    if isinstance(dropout, nn.Dropout) and dropout.p > 0:
+        with graph.inserting_before(sdpa):
             rate = graph.call_function(active_dropout_rate, (graph.get_attr("attn_drop"),))
-            sdpa.update_kwarg("dropout_p", rate)
-    return scores
+        sdpa.update_kwarg("dropout_p", rate)
+    return (query, key, sdpa.kwargs.get("scale"), None)
 
 
-def scored_attention(attention: nn.Module, mode: ScoreMode, num_prefix_tokens: int,
-                     model_name: str) -> fx.GraphModule:
-    """A GraphModule sharing ``attention``'s submodules that returns ``(output, scores)``.
+def scored_attention(attention: nn.Module, model_name: str) -> fx.GraphModule:
+    """A GraphModule sharing ``attention``'s submodules that returns ``(output, tensors)``.
 
-    ``scores`` has shape ``(B, N - num_prefix_tokens)``: see :mod:`evit_patch.scores`.
+    ``tensors`` (:data:`evit_patch.scores.AttentionTensors`) are what the attention
+    computes anyway; no operation is added, so a layer that keeps every token costs
+    nothing extra.
     """
     try:
         graph = _trace_in_eval_mode(attention)
@@ -94,10 +93,9 @@ def scored_attention(attention: nn.Module, mode: ScoreMode, num_prefix_tokens: i
     fused = find_nodes(graph, "call_function", [F.scaled_dot_product_attention])
     softmax = find_nodes(graph, "call_method", ["softmax"]) + find_nodes(graph, "call_function", _SOFTMAX_FUNCTIONS)
     if len(fused) == 1 and not softmax:
-        scores = _insert_scores_beside_fused(graph, fused[0], attention, mode, num_prefix_tokens)
+        tensors = _fused_attention_tensors(graph, fused[0], attention)
     elif len(softmax) == 1 and not fused:
-        with graph.inserting_after(softmax[0]):
-            scores = graph.call_function(scores_from_attention, (softmax[0], mode, num_prefix_tokens))
+        tensors = (None, None, None, softmax[0])
     else:
         raise UnsupportedModelError(
             model_name,
@@ -106,6 +104,6 @@ def scored_attention(attention: nn.Module, mode: ScoreMode, num_prefix_tokens: i
         )
 
     output = next(node for node in graph.nodes if node.op == "output")
-    output.args = ((output.args[0], scores),)
+    output.args = ((output.args[0], tensors),)
     graph.lint()
     return fx.GraphModule(attention, graph, class_name=f"Scored{type(attention).__name__}")

@@ -18,7 +18,6 @@ from torch import nn
 from evit_patch.attention import scored_attention
 from evit_patch.errors import UnsupportedModelError
 from evit_patch.graph_rewrite import ancestors, descendants, extra_forward_parameters, trace_own_forward
-from evit_patch.scores import ScoreMode
 
 _MASK_PARAMETERS = {"attn_mask", "is_causal"}
 _KNOWN_POSITION_INPUTS = {
@@ -57,8 +56,7 @@ def _attention_residual_add(graph: fx.Graph, block_input: fx.Node, attention_out
     return None
 
 
-def reorganizing_block(block: nn.Module, reorganizer: nn.Module, mode: ScoreMode,
-                       num_prefix_tokens: int, model_name: str) -> fx.GraphModule:
+def reorganizing_block(block: nn.Module, reorganizer: nn.Module, model_name: str) -> fx.GraphModule:
     """A GraphModule sharing ``block``'s submodules, with ``reorganizer`` after attention."""
     attention = getattr(block, "attn", None)
     if not isinstance(attention, nn.Module):
@@ -83,8 +81,8 @@ def reorganizing_block(block: nn.Module, reorganizer: nn.Module, mode: ScoreMode
     with graph.inserting_after(call):
         output = graph.call_function(operator.getitem, (call, 0))
     with graph.inserting_after(output):
-        scores = graph.call_function(operator.getitem, (call, 1))
-    call.replace_all_uses_with(output, delete_user_cb=lambda user: user not in (output, scores))
+        tensors = graph.call_function(operator.getitem, (call, 1))
+    call.replace_all_uses_with(output, delete_user_cb=lambda user: user not in (output, tensors))
 
     residual = _attention_residual_add(graph, block_input, output)
     feeds_attention = ancestors(call) | {call}
@@ -98,7 +96,7 @@ def reorganizing_block(block: nn.Module, reorganizer: nn.Module, mode: ScoreMode
         )
     with graph.inserting_after(residual):
         reorganized = graph.call_module(
-            "token_reorganizer", (residual, scores), {node.target: node for node in mask_inputs}
+            "token_reorganizer", (residual, tensors), {node.target: node for node in mask_inputs}
         )
     residual.replace_all_uses_with(reorganized, delete_user_cb=lambda user: user is not reorganized)
     graph.lint()
@@ -108,7 +106,7 @@ def reorganizing_block(block: nn.Module, reorganizer: nn.Module, mode: ScoreMode
         for node in graph.nodes
         if node.op in ("call_module", "get_attr") and node.target != "token_reorganizer"
     }
-    children["attn"] = scored_attention(attention, mode, num_prefix_tokens, model_name)
+    children["attn"] = scored_attention(attention, model_name)
     children["token_reorganizer"] = reorganizer
     patched = fx.GraphModule(children, graph, class_name=f"Reorganizing{type(block).__name__}")
     patched.training = block.training

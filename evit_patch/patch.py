@@ -60,12 +60,9 @@ def apply_evit(model: ModelT, layers: Sequence[int], keep_rate: float | Sequence
     blocks = transformer_blocks(model)
     layers = validated_layers(layers, len(blocks))
     keep_rates = validated_keep_rates(keep_rate, len(layers))
-    state = EvitState(layers, keep_rates, fuse, prefix_token_count(model))
-    mode = score_mode(model)
-
+    state = EvitState(layers, keep_rates, fuse, prefix_token_count(model), score_mode(model))
     patched = {
-        index: reorganizing_block(blocks[index], TokenReorganizer(state, position), mode,
-                                  state.num_prefix_tokens, name)
+        index: reorganizing_block(blocks[index], TokenReorganizer(state, position), name)
         for position, index in enumerate(layers)
     }
     state.original_blocks.update({index: blocks[index] for index in layers})

@@ -1,13 +1,14 @@
-"""Token attentiveness scores computed beside an attention layer.
+"""Token attentiveness scores from what an attention layer hands out.
 
-Functions here are called from the rewritten attention graph. With fused attention
+The rewritten attention returns :data:`AttentionTensors` beside its output; scores are
+computed from them only when a layer actually drops tokens. With fused attention
 (``F.scaled_dot_product_attention``) the attention matrix never exists, so the class
 token's row is recomputed from ``q`` and ``k``: one query against N keys, O(N d).
 """
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -16,6 +17,19 @@ ScoreMode = Literal["class", "mean"]
 """``class``: the class token's attention row (the paper). ``mean``: for models
 without a class token, the attention each token receives averaged over all queries,
 i.e. its weight in the average of the attention outputs that global pooling reads."""
+
+
+AttentionTensors = Tuple[Optional[Tensor], Optional[Tensor], Optional[float], Optional[Tensor]]
+"""``(q, k, scale, None)`` from fused attention, ``(None, None, None, attention)`` from
+attention that materializes its post-softmax matrix."""
+
+
+def token_scores(tensors: AttentionTensors, mode: ScoreMode, num_prefix_tokens: int) -> Tensor:
+    """One score per image token ``(B, n)`` from an attention layer's tensors."""
+    q, k, scale, attention = tensors
+    if attention is not None:
+        return scores_from_attention(attention, mode, num_prefix_tokens)
+    return scores_from_qk(q, k, scale, mode, num_prefix_tokens)
 
 
 def _head_mean(attention: Tensor, mode: ScoreMode, num_prefix_tokens: int) -> Tensor:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
-from evit_patch.reducers.evit import reorganize_tokens
+from evit_patch.reducers.evit import kept_token_count, reorganize_tokens
+from evit_patch.scores import AttentionTensors, ScoreMode, token_scores
 
 
 @dataclass(eq=False)
@@ -22,6 +24,7 @@ class EvitState:
     keep_rates: list[float]
     fuse: bool
     num_prefix_tokens: int
+    score_mode: ScoreMode
     original_blocks: dict[int, nn.Module] = field(default_factory=dict)
     kept_indices: list[Optional[Tensor]] = field(default_factory=list)
     incoming_counts: list[Optional[int]] = field(default_factory=list)
@@ -46,7 +49,7 @@ class TokenReorganizer(nn.Module):
         self.state = state
         self.position = position
 
-    def forward(self, x: Tensor, scores: Tensor, attn_mask: Optional[Tensor] = None,
+    def forward(self, x: Tensor, attention: AttentionTensors, attn_mask: Optional[Tensor] = None,
                 is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError(
@@ -54,11 +57,16 @@ class TokenReorganizer(nn.Module):
                 "cannot be applied; call the model without them, or remove_evit(model) first"
             )
         state = self.state
-        reorganized, kept_index = reorganize_tokens(
-            x, scores, state.num_prefix_tokens, state.keep_rates[self.position], state.fuse
+        num_image = x.shape[1] - state.num_prefix_tokens
+        keep_rate = state.keep_rates[self.position]
+        state.incoming_counts[self.position] = num_image
+        if kept_token_count(num_image, keep_rate) >= num_image:  # nothing to drop: skip the scores
+            state.kept_indices[self.position] = torch.arange(num_image, device=x.device).expand(x.shape[0], -1)
+            return x
+        scores = token_scores(attention, state.score_mode, state.num_prefix_tokens)
+        reorganized, state.kept_indices[self.position] = reorganize_tokens(
+            x, scores, state.num_prefix_tokens, keep_rate, state.fuse
         )
-        state.kept_indices[self.position] = kept_index
-        state.incoming_counts[self.position] = x.shape[1] - state.num_prefix_tokens
         return reorganized
 
     def extra_repr(self) -> str:

@@ -63,3 +63,16 @@ def _image_token_counts(model: torch.nn.Module) -> list[int]:
     for hook in hooks:
         hook.remove()
     return counts
+
+
+def test_non_fused_attention_gives_the_same_reorganization() -> None:
+    """With timm's explicit-softmax attention the scores come from its own matrix."""
+    model = _model("deit_tiny_patch16_224")
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    images = torch.randn(2, 3, 224, 224, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected, _ = reference_forward(model, images, [3, 6, 9], 0.6, True)
+        evit_patch.apply_evit(model, [3, 6, 9], 0.6)
+        torch.testing.assert_close(model(images), expected, rtol=1e-9, atol=1e-9)
+    assert "softmax" in model.blocks[3].attn.code and "scaled_dot_product" not in model.blocks[3].attn.code

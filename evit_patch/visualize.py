@@ -1,0 +1,130 @@
+"""Draw which patches each reorganization layer kept, fused or dropped (the paper's figure).
+
+    python -m evit_patch.visualize --model deit_small_patch16_224 --checkpoint w.safetensors \\
+        --layers 3 6 9 --keep-rate 0.7 --image cat.jpg --out kept.png
+
+The PNG is a row of panels: the input, then one panel per layer in which kept patches
+show the image, fused patches are dimmed and tinted blue, and dropped patches are black.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from torch import nn
+
+from evit_patch.inspection import native_input_shape
+from evit_patch.patch import apply_evit, is_patched
+from evit_patch.provenance import DROPPED, FUSED, kept_tokens
+
+FUSED_TINT = np.array([40, 90, 255], dtype=np.float32)
+PANEL_GAP = 4
+
+
+def patch_grid(model: nn.Module) -> tuple[int, int]:
+    """Rows and columns of patches (timm's ``patch_embed.grid_size``)."""
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is None:
+        raise ValueError("the model's patch_embed has no grid_size; cannot place tokens on the image")
+    return int(grid[0]), int(grid[1])
+
+
+@torch.no_grad()
+def status_maps(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """Run a patched model and return, per layer, ``(B, rows, cols)`` KEPT/FUSED/DROPPED."""
+    rows, cols = patch_grid(model)
+    model(images)
+    return [layer.status.reshape(-1, rows, cols) for layer in kept_tokens(model)]
+
+
+def render(image: np.ndarray, statuses: Sequence[torch.Tensor], scale: int = 1) -> np.ndarray:
+    """A ``uint8`` RGB strip: ``image`` (H, W, 3 uint8), then one panel per status map."""
+    image = np.kron(image, np.ones((scale, scale, 1), dtype=np.uint8)) if scale > 1 else image
+    height, width = image.shape[:2]
+    panels = [image]
+    for status in statuses:
+        rows, cols = status.shape
+        per_pixel = np.kron(status.cpu().numpy(), np.ones((height // rows, width // cols), dtype=np.int64))
+        panel = image.astype(np.float32)
+        fused = per_pixel == FUSED
+        panel[fused] = 0.4 * panel[fused] + 0.6 * FUSED_TINT
+        panel[per_pixel == DROPPED] = 0
+        panels.append(panel.round().astype(np.uint8))
+    gap = np.full((height, PANEL_GAP, 3), 255, dtype=np.uint8)
+    strip = [part for panel in panels for part in (panel, gap)][:-1]
+    return np.concatenate(strip, axis=1)
+
+
+def display_image(tensor: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Undo the input normalization of a ``(C, H, W)`` tensor into an RGB ``uint8`` array."""
+    mean_t = torch.tensor(mean).view(-1, 1, 1)
+    std_t = torch.tensor(std).view(-1, 1, 1)
+    pixels = (tensor.cpu() * std_t + mean_t).clamp(0, 1).mul(255).round().byte()
+    pixels = pixels.expand(3, -1, -1) if pixels.shape[0] == 1 else pixels[:3]
+    return pixels.permute(1, 2, 0).numpy()
+
+
+def load_image(path: Path, model: nn.Module) -> tuple[torch.Tensor, np.ndarray]:
+    """The model's eval transform of an image file, and the same crop for display."""
+    config = timm.data.resolve_data_config({"input_size": native_input_shape(model)}, model=model)
+    transform = timm.data.create_transform(**config)
+    mode = "L" if config["input_size"][0] == 1 else "RGB"
+    tensor = transform(Image.open(path).convert(mode))
+    return tensor, display_image(tensor, config["mean"], config["std"])
+
+
+def _parse_model_args(pairs: Sequence[str]) -> dict:
+    import yaml
+
+    parsed = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator:
+            raise ValueError(f"--model-arg expects key=value, got {pair!r}")
+        parsed[key] = yaml.safe_load(value)
+    return parsed
+
+
+def _load_weights(model: nn.Module, path: Path) -> None:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="timm model name")
+    parser.add_argument("--model-arg", action="append", default=[], help="create_model keyword, key=value")
+    parser.add_argument("--checkpoint", type=Path, help="weights (.safetensors or .pth state_dict)")
+    parser.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9])
+    parser.add_argument("--keep-rate", type=float, default=0.7)
+    parser.add_argument("--no-fuse", action="store_true")
+    parser.add_argument("--image", type=Path, required=True, help="PNG or JPEG file")
+    parser.add_argument("--scale", type=int, default=1, help="integer upscaling of the drawing")
+    parser.add_argument("--out", type=Path, default=Path("kept_tokens.png"))
+    args = parser.parse_args(argv)
+
+    model = timm.create_model(args.model, **_parse_model_args(args.model_arg)).eval()
+    if args.checkpoint:
+        _load_weights(model, args.checkpoint)
+    if not is_patched(model):
+        apply_evit(model, args.layers, args.keep_rate, fuse=not args.no_fuse)
+    tensor, shown = load_image(args.image, model)
+    statuses = [maps[0] for maps in status_maps(model, tensor.unsqueeze(0))]
+    Image.fromarray(render(shown, statuses, args.scale)).save(args.out)
+    print(f"wrote {args.out}")
+    return args.out
+
+
+if __name__ == "__main__":
+    main()
