@@ -5,6 +5,7 @@
 >>> evit_patch.apply_evit(model, layers=[3, 6, 9], keep_rate=0.7)
 """
 
+from evit_patch.budget import keep_rate_for_budget, keep_rate_for_resolution
 from evit_patch.errors import UnsupportedModelError
 from evit_patch.macs import count_macs
 from evit_patch.patch import apply_evit, is_patched, remove_evit, set_keep_rate
@@ -16,6 +17,8 @@ __all__ = [
     "set_keep_rate",
     "is_patched",
     "count_macs",
+    "keep_rate_for_budget",
+    "keep_rate_for_resolution",
     "kept_tokens",
     "LayerTokens",
     "KEPT",

@@ -12,7 +12,7 @@ from typing import Sequence
 
 from torch import nn
 
-from evit_patch.macs import _at_size, count_macs
+from evit_patch.macs import at_input_size, count_macs
 from evit_patch.patch import apply_evit, is_patched, remove_evit, set_keep_rate
 
 _RESOLUTION = 1e-4  # keep-rate precision of the search; token counts move in steps of 1/n > 1e-3
@@ -23,7 +23,7 @@ def _unpatched_copy(model: nn.Module, img_size: int | tuple[int, int] | None) ->
     work = copy.deepcopy(model)
     if is_patched(work):
         remove_evit(work)
-    return work if img_size is None else _at_size(work, img_size)
+    return work if img_size is None else at_input_size(work, img_size)
 
 
 def keep_rate_for_budget(model: nn.Module, target_macs: float, layers: Sequence[int],

@@ -7,11 +7,10 @@ import math
 from typing import Any
 
 import torch
-from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
 from evit_patch.inspection import model_name, native_input_shape
-from evit_patch.patch import _eval_mode
+from evit_patch.modes import eval_mode
 
 
 def _sdpa_macs(inputs: list[Any], outputs: list[Any]) -> int:
@@ -20,7 +19,7 @@ def _sdpa_macs(inputs: list[Any], outputs: list[Any]) -> int:
     return math.prod(query[:-1]) * key[-2] * (query[-1] + value[-1])
 
 
-def _at_size(model: nn.Module, img_size: int | tuple[int, int]) -> nn.Module:
+def at_input_size(model: nn.Module, img_size: int | tuple[int, int]) -> nn.Module:
     """``model`` itself, or a resized copy when ``img_size`` differs from its native size."""
     shape = native_input_shape(model)
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -45,16 +44,18 @@ def count_macs(model: nn.Module, img_size: int | tuple[int, int] | None = None) 
     For a patched model this is the cost of the token counts its layers really run on.
     ``img_size`` defaults to the model's native input size.
     """
+    from fvcore.nn import FlopCountAnalysis  # imported here: fvcore's import warns about torch.jit
+
     shape = native_input_shape(model)
     if shape is None:
         raise ValueError(f"cannot tell the input size of {model_name(model)}; pass img_size")
     if img_size is None:
         img_size = shape[1:]
-    measured = _at_size(model, img_size)
+    measured = at_input_size(model, img_size)
     height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
     parameter = next(measured.parameters())
     image = torch.zeros(1, shape[0], height, width, device=parameter.device, dtype=parameter.dtype)
-    with torch.no_grad(), _eval_mode(measured):
+    with torch.no_grad(), eval_mode(measured):
         analysis = FlopCountAnalysis(measured, image)
         analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
         analysis.unsupported_ops_warnings(False)

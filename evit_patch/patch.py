@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Sequence, TypeVar
+from typing import Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -11,6 +10,7 @@ from torch import nn
 from evit_patch.block_rewrite import reorganizing_block
 from evit_patch.errors import UnsupportedModelError
 from evit_patch.inspection import model_name, native_input_shape, prefix_token_count, score_mode, transformer_blocks
+from evit_patch.modes import eval_mode
 from evit_patch.state import EvitState, TokenReorganizer
 from evit_patch.validation import validated_keep_rates, validated_layers
 
@@ -101,17 +101,6 @@ def set_keep_rate(model: nn.Module, keep_rate: float | Sequence[float]) -> None:
     state.keep_rates[:] = validated_keep_rates(keep_rate, len(state.layers))
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    flags = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags.items():
-            module.training = training
-
-
 def _probe_failure(model: nn.Module, state: EvitState | None) -> Exception | None:
     """Run one image through ``model`` with tokens actually dropped and return the error,
     if any: a model whose later layers cannot take a shorter sequence fails at patch
@@ -126,7 +115,7 @@ def _probe_failure(model: nn.Module, state: EvitState | None) -> Exception | Non
     if state:
         state.keep_rates[:] = [min(rate, 0.5) for rate in rates]
     try:
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             model(image)
     except Exception as error:  # any failure of the model is reported to the caller
         return error

@@ -210,3 +210,13 @@ def test_set_keep_rate_and_remove_need_a_patched_model() -> None:
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         evit_patch.set_keep_rate(model, 0)
     assert model.evit_state.keep_rates == [0.5]
+
+
+def test_dynamic_image_size_reorganizes_at_any_resolution() -> None:
+    model = timm.create_model("vit_tiny_patch16_224", depth=4, dynamic_img_size=True).eval()
+    evit_patch.apply_evit(model, [1], 0.5)
+    for size, patches in ((64, 16), (96, 36), (160, 100)):
+        model(images(1, size))
+        (layer,) = evit_patch.kept_tokens(model)
+        assert layer.token_of_patch.shape[1] == patches
+        assert layer.kept_index.shape[1] == patches // 2
