@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch.fx as fx
 from torch import nn
@@ -35,28 +35,25 @@ def extra_forward_parameters(module: nn.Module) -> list[inspect.Parameter]:
     return list(inspect.signature(module.forward).parameters.values())[1:]
 
 
-def ancestors(node: fx.Node) -> set[fx.Node]:
-    """All nodes ``node`` reads from, directly or not."""
+def _reachable(node: fx.Node, step: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:
     seen: set[fx.Node] = set()
-    stack = list(node.all_input_nodes)
+    stack = list(step(node))
     while stack:
         current = stack.pop()
         if current not in seen:
             seen.add(current)
-            stack.extend(current.all_input_nodes)
+            stack.extend(step(current))
     return seen
+
+
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    """All nodes ``node`` reads from, directly or not."""
+    return _reachable(node, lambda current: current.all_input_nodes)
 
 
 def descendants(node: fx.Node) -> set[fx.Node]:
     """All nodes that read ``node``, directly or not."""
-    seen: set[fx.Node] = set()
-    stack = list(node.users)
-    while stack:
-        current = stack.pop()
-        if current not in seen:
-            seen.add(current)
-            stack.extend(current.users)
-    return seen
+    return _reachable(node, lambda current: current.users)
 
 
 def find_nodes(graph: fx.Graph, op: str, targets: Iterable[Any]) -> list[fx.Node]:
