@@ -1,0 +1,209 @@
+"""Fine-tuning recipes: YAML validated into typed dataclasses before any work starts.
+
+An unknown key names the closest valid one; a wrong type names the expected one; a file
+the recipe points at must exist. ``--set a.b=c`` overrides are applied before checking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    pretrained: bool = False  # timm's published weights from the hub
+    pretrained_file: Optional[str] = None  # the same from a local file, through timm's loader (resizes pos-embed)
+    checkpoint: Optional[str] = None  # this exact architecture's state_dict (.safetensors / .pth), loaded weights-only
+    kwargs: dict = field(default_factory=dict)  # timm.create_model keywords (img_size, depth, ...)
+
+
+@dataclass
+class EvitConfig:
+    enabled: bool = True
+    layers: list[int] = field(default_factory=lambda: [3, 6, 9])
+    keep_rate: float = 0.7
+    fuse: bool = True
+
+
+@dataclass
+class KeepRateScheduleConfig:
+    kind: Literal["constant", "cosine"] = "constant"
+    start_epoch: float = 0.0  # keep rate 1.0 before this epoch
+    epochs: float = 0.0  # then cosine from 1.0 to the target over this many epochs
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["fashion_mnist", "imagefolder"] = "fashion_mnist"
+    root: Optional[str] = None  # fashion_mnist: folder of IDX files; imagefolder: folder with train/ and val/
+    download: bool = False  # fashion_mnist only: allowed to fetch it when absent
+    train_split: str = "train"
+    eval_split: str = "val"
+    train_subset: Optional[int] = None  # first N training images (quick runs)
+    eval_subset: Optional[int] = None
+    workers: int = 0
+    auto_augment: Optional[str] = None  # timm's name, e.g. "rand-m9-mstd0.5-inc1"
+    random_erasing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 2e-5  # per 512 images of batch (linear scaling)
+    min_lr: float = 2e-6
+    weight_decay: float = 1e-6
+    warmup_epochs: float = 0.0
+    warmup_lr: float = 1e-7
+    clip_grad: Optional[float] = None
+
+
+@dataclass
+class TeacherConfig:
+    name: str
+    pretrained: bool = False
+    pretrained_file: Optional[str] = None
+    checkpoint: Optional[str] = None
+    kwargs: dict = field(default_factory=dict)
+    kind: Literal["soft", "hard"] = "soft"
+    alpha: float = 0.5  # weight of the distillation term
+    tau: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 256
+    max_steps_per_epoch: Optional[int] = None
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    ema_decay: Optional[float] = None
+    seed: int = 0
+    output_dir: str = "runs/evit"
+    eval_batch_size: int = 256
+    benchmark_batch_size: int = 32
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig
+    evit: EvitConfig = field(default_factory=EvitConfig)
+    keep_rate_schedule: KeepRateScheduleConfig = field(default_factory=KeepRateScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    teacher: Optional[TeacherConfig] = None
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _check_type(value, next(a for a in args if a is not type(None)), key)
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{key}: expected a list, got {value!r}")
+        return [_check_type(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    expected = dict if origin is dict else hint
+    if not isinstance(value, expected) or (expected in (int, float) and isinstance(value, bool)):
+        raise RecipeError(f"{key}: expected {getattr(expected, '__name__', expected)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise RecipeError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {names}"
+            raise RecipeError(f"unknown recipe key '{prefix}{key}'{hint}")
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise RecipeError(f"recipe is missing required key(s) {[prefix + m for m in missing]}")
+    return cls(**{key: _check_type(value, hints[key], f"{prefix}{key}") for key, value in values.items()})
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """``a.b=c`` pairs into the nested mapping; values are read as YAML scalars."""
+    for override in overrides:
+        path, separator, raw = override.partition("=")
+        if not separator:
+            raise RecipeError(f"--set expects key.sub=value, got {override!r}")
+        *parents, last = path.split(".")
+        node = values
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {override!r}: {part!r} is not a section")
+        node[last] = yaml.safe_load(raw)
+    return values
+
+
+def _resolve_files(recipe: Recipe, base: Path) -> None:
+    """Make weight paths absolute and check that the files exist."""
+    for section_name in ("model", "teacher"):
+        section = getattr(recipe, section_name)
+        for key in ("checkpoint", "pretrained_file"):
+            path = section and getattr(section, key)
+            if path:
+                resolved = _resolve(path, base)
+                if not resolved.is_file():
+                    raise RecipeError(f"{section_name}.{key}: file {path!r} does not exist")
+                setattr(section, key, str(resolved))
+
+
+def _resolve(path: str, base: Path) -> Path:
+    candidate = Path(path).expanduser()
+    return candidate if candidate.is_absolute() or candidate.exists() else base / candidate
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; relative file paths are taken from the
+    current folder, else from the project root the recipe lives under."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {str(path)!r} does not exist")
+    values = yaml.safe_load(path.read_text()) or {}
+    recipe = _build(Recipe, apply_overrides(values, overrides or []), "")
+    _resolve_files(recipe, path.resolve().parent.parent)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def recipe_from_dict(values: dict) -> Recipe:
+    return _build(Recipe, values, "")

@@ -1,0 +1,62 @@
+"""Recipes fail early and clearly; overrides apply; shipped recipes are valid."""
+
+from pathlib import Path
+
+import pytest
+
+from evit_patch.config import RecipeError, load_recipe
+from evit_patch.schedule import keep_rate_at
+from evit_patch.config import KeepRateScheduleConfig
+from finetune_helpers import tiny_recipe, write_recipe
+
+RECIPES = sorted(Path(__file__).resolve().parent.parent.glob("recipes/*.yaml"))
+
+
+def test_typo_key_names_the_key_and_the_closest_valid_one(tmp_path) -> None:
+    with pytest.raises(RecipeError, match=r"unknown recipe key 'train.epoch'; did you mean 'train.epochs'\?"):
+        tiny_recipe(tmp_path, {"train": {"epoch": 3}})
+    with pytest.raises(RecipeError, match=r"'optimiser'.*did you mean 'optimizer'"):
+        load_recipe(write_recipe(tmp_path, {"optimiser": {"lr": 1.0}}))
+
+
+def test_wrong_types_and_missing_files_fail_before_any_work(tmp_path) -> None:
+    with pytest.raises(RecipeError, match=r"train.batch_size: expected int"):
+        tiny_recipe(tmp_path, {"train": {"batch_size": "big"}})
+    with pytest.raises(RecipeError, match=r"evit.layers\[0\]: expected int"):
+        tiny_recipe(tmp_path, {"evit": {"layers": ["one"]}})
+    with pytest.raises(RecipeError, match=r"train.amp: 'fp8' is not one of"):
+        tiny_recipe(tmp_path, {"train": {"amp": "fp8"}})
+    with pytest.raises(RecipeError, match=r"model.checkpoint: file 'nowhere.safetensors' does not exist"):
+        tiny_recipe(tmp_path, {"model": {"checkpoint": "nowhere.safetensors"}})
+    (tmp_path / "bare.yaml").write_text("train: {epochs: 1}\n")
+    with pytest.raises(RecipeError, match=r"missing required key\(s\) \['model'\]"):
+        load_recipe(tmp_path / "bare.yaml")
+
+
+def test_overrides_apply_as_yaml_values(tmp_path) -> None:
+    recipe = load_recipe(write_recipe(tmp_path), ["train.epochs=7", "evit.layers=[0, 2]", "evit.fuse=false",
+                                                  "optimizer.lr=1e-3"])
+    assert (recipe.train.epochs, recipe.evit.layers, recipe.evit.fuse) == (7, [0, 2], False)
+    assert recipe.optimizer.lr == 1e-3
+    with pytest.raises(RecipeError, match="did you mean 'train.epochs'"):
+        load_recipe(write_recipe(tmp_path), ["train.epohcs=7"])
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_shipped_recipes_are_valid(path) -> None:
+    recipe = load_recipe(path)
+    assert recipe.train.epochs > 0
+
+
+def test_cosine_keep_rate_schedule_follows_the_formula() -> None:
+    import math
+
+    schedule = KeepRateScheduleConfig(kind="cosine", start_epoch=10, epochs=100)
+    assert keep_rate_at(0, 0.7, schedule) == 1.0
+    assert keep_rate_at(10, 0.7, schedule) == 1.0
+    for epoch in (10.5, 35.25, 60, 99.9):
+        expected = 0.7 + 0.3 * (1 + math.cos(math.pi * (epoch - 10) / 100)) / 2
+        assert keep_rate_at(epoch, 0.7, schedule) == pytest.approx(expected, abs=1e-12)
+    assert keep_rate_at(60, 0.7, schedule) == pytest.approx(0.85)
+    assert keep_rate_at(110, 0.7, schedule) == keep_rate_at(300, 0.7, schedule) == 0.7
+    assert keep_rate_at(0, 0.7, KeepRateScheduleConfig()) == 0.7
