@@ -2,6 +2,7 @@
 
     python -m evit_patch.visualize --model deit_small_patch16_224 --checkpoint w.safetensors \\
         --layers 3 6 9 --keep-rate 0.7 --image cat.jpg --out kept.png
+    python -m evit_patch.visualize --run runs/fashion_mnist --fashion-mnist 0 1 2 --scale 8
 
 The PNG is a row of panels: the input, then one panel per layer in which kept patches
 show the image, fused patches are dimmed and tinted blue, and dropped patches are black.
@@ -16,9 +17,14 @@ from typing import Sequence
 import numpy as np
 import timm
 import torch
+import yaml
 from PIL import Image
 from torch import nn
 
+from evit_patch.checkpoint import load_weights
+from evit_patch.config import recipe_from_dict
+from evit_patch.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST
+from evit_patch.evaluate import rebuild
 from evit_patch.inspection import native_input_shape
 from evit_patch.patch import apply_evit, is_patched
 from evit_patch.provenance import DROPPED, FUSED, kept_tokens
@@ -80,8 +86,6 @@ def load_image(path: Path, model: nn.Module) -> tuple[torch.Tensor, np.ndarray]:
 
 
 def _parse_model_args(pairs: Sequence[str]) -> dict:
-    import yaml
-
     parsed = {}
     for pair in pairs:
         key, separator, value = pair.partition("=")
@@ -91,37 +95,51 @@ def _parse_model_args(pairs: Sequence[str]) -> dict:
     return parsed
 
 
-def _load_weights(model: nn.Module, path: Path) -> None:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def _model(args: argparse.Namespace) -> nn.Module:
+    """A patched model: rebuilt from a fine-tuning run, or a timm name plus weights."""
+    if args.run:
+        recipe = recipe_from_dict(yaml.safe_load((args.run / "recipe.yaml").read_text()))
+        return rebuild(recipe, args.run / "model.safetensors")
+    if not args.model:
+        raise SystemExit("error: give --run DIR or --model NAME")
+    model = timm.create_model(args.model, **_parse_model_args(args.model_arg)).eval()
+    if args.checkpoint:
+        load_weights(model, args.checkpoint)
+    if not is_patched(model):
+        apply_evit(model, args.layers, args.keep_rate, fuse=not args.no_fuse)
+    return model
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+
+def _inputs(args: argparse.Namespace, model: nn.Module) -> list[tuple[torch.Tensor, np.ndarray]]:
+    if args.image:
+        return [load_image(args.image, model)]
+    test = FashionMNIST("test")
+    return [(test[i][0], display_image(test[i][0], FASHION_MNIST_MEAN, FASHION_MNIST_STD)) for i in args.fashion_mnist]
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="timm model name")
+    parser.add_argument("--run", type=Path, help="output folder of a fine-tuning run (recipe.yaml + model.safetensors)")
+    parser.add_argument("--model", help="timm model name (when not --run)")
     parser.add_argument("--model-arg", action="append", default=[], help="create_model keyword, key=value")
     parser.add_argument("--checkpoint", type=Path, help="weights (.safetensors or .pth state_dict)")
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9])
     parser.add_argument("--keep-rate", type=float, default=0.7)
     parser.add_argument("--no-fuse", action="store_true")
-    parser.add_argument("--image", type=Path, required=True, help="PNG or JPEG file")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", type=Path, help="PNG or JPEG file")
+    source.add_argument("--fashion-mnist", type=int, nargs="+", metavar="INDEX", help="Fashion-MNIST test images")
     parser.add_argument("--scale", type=int, default=1, help="integer upscaling of the drawing")
     parser.add_argument("--out", type=Path, default=Path("kept_tokens.png"))
     args = parser.parse_args(argv)
 
-    model = timm.create_model(args.model, **_parse_model_args(args.model_arg)).eval()
-    if args.checkpoint:
-        _load_weights(model, args.checkpoint)
-    if not is_patched(model):
-        apply_evit(model, args.layers, args.keep_rate, fuse=not args.no_fuse)
-    tensor, shown = load_image(args.image, model)
-    statuses = [maps[0] for maps in status_maps(model, tensor.unsqueeze(0))]
-    Image.fromarray(render(shown, statuses, args.scale)).save(args.out)
+    model = _model(args)
+    rows = []
+    for tensor, shown in _inputs(args, model):
+        statuses = [maps[0] for maps in status_maps(model, tensor.unsqueeze(0))]
+        rows.append(render(shown, statuses, args.scale))
+    spacer = np.full((PANEL_GAP, rows[0].shape[1], 3), 255, dtype=np.uint8)
+    Image.fromarray(np.concatenate([part for row in rows for part in (row, spacer)][:-1])).save(args.out)
     print(f"wrote {args.out}")
     return args.out
 

@@ -52,3 +52,14 @@ def test_command_line_draws_an_image_file(tmp_path) -> None:
         np.all(second[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16, 2] >= 150) for r in range(4) for c in range(4)
     )
     assert blue_patches == 16 - 8  # 16 patches at keep 0.5: 8 fused into the blue token
+
+
+def test_command_line_draws_fashion_mnist_samples_from_a_run(tmp_path) -> None:
+    from finetune_helpers import tiny_recipe
+
+    import evit_patch.finetune as finetune
+
+    run = finetune.train(tiny_recipe(tmp_path, {"train": {"epochs": 1, "max_steps_per_epoch": 1}}), show_progress=False)
+    out = main(["--run", str(run), "--fashion-mnist", "0", "1", "--scale", "2", "--out", str(tmp_path / "fm.png")])
+    drawn = np.asarray(Image.open(out))
+    assert drawn.shape == (2 * 56 + PANEL_GAP, 2 * 56 + PANEL_GAP, 3)  # 2 rows; input + 1 layer each
