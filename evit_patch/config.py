@@ -117,7 +117,9 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
         return _check_type(value, next(a for a in args if a is not type(None)), key)
     if origin is Literal:
         if value not in args:
-            raise RecipeError(f"{key}: {value!r} is not one of {list(args)}")
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise RecipeError(f"{key}: {value!r} is not one of {list(args)}{hint}")
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -182,6 +184,26 @@ def _resolve_files(recipe: Recipe, base: Path) -> None:
                 if not resolved.is_file():
                     raise RecipeError(f"{section_name}.{key}: file {path!r} does not exist")
                 setattr(section, key, str(resolved))
+    _check_data_folders(recipe.data, base)
+
+
+def _check_data_folders(data: DataConfig, base: Path) -> None:
+    """The data folders a recipe names must exist (Fashion-MNIST may be downloaded if allowed)."""
+    if data.dataset == "imagefolder":
+        if not data.root:
+            raise RecipeError("data.root: an imagefolder dataset needs the folder holding its train/ and val/ splits")
+        root = _resolve(data.root, base)
+        for key in ("train_split", "eval_split"):
+            if not (root / getattr(data, key)).is_dir():
+                raise RecipeError(f"data.{key}: folder {str(root / getattr(data, key))!r} does not exist "
+                                  f"(data.root={data.root!r}; set data.root, or --set data.{key}=NAME)")
+        data.root = str(root)
+    elif data.root and not data.download:
+        root = _resolve(data.root, base)
+        if not root.is_dir():
+            raise RecipeError(f"data.root: folder {data.root!r} does not exist; point it at the Fashion-MNIST IDX "
+                              "files, drop it to use /usr/share/datasets/fashion-mnist, or set data.download: true")
+        data.root = str(root)
 
 
 def _resolve(path: str, base: Path) -> Path:

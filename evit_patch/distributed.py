@@ -53,6 +53,25 @@ def sum_across(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     return values
 
 
+def any_across(flags: list[bool], runtime: Runtime) -> list[bool]:
+    """Each flag true on any process: ranks decide together to stop (a NaN loss or Ctrl-C
+    seen by one rank only would otherwise leave the others waiting in a collective)."""
+    if not runtime.distributed:
+        return flags
+    values = torch.tensor([float(flag) for flag in flags], device=runtime.device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(value) for value in values.tolist()]
+
+
+def gather(value: object, runtime: Runtime) -> list:
+    """One picklable value from every process, in rank order (``[value]`` when alone)."""
+    if not runtime.distributed:
+        return [value]
+    values: list = [None] * runtime.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def barrier(runtime: Runtime) -> None:
     if runtime.distributed:
         dist.barrier()

@@ -32,9 +32,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from evit_patch import distributed
-from evit_patch.checkpoint import load_checkpoint, save_atomic, save_weights
+from evit_patch.checkpoint import CheckpointError, load_checkpoint, save_atomic, save_weights
 from evit_patch.config import Recipe, RecipeError, load_recipe, recipe_to_dict
 from evit_patch.data import build_dataset
+from evit_patch.errors import UnsupportedModelError
 from evit_patch.evaluation import accuracy, autocast
 from evit_patch.patch import apply_evit, set_keep_rate
 from evit_patch.schedule import keep_rate_at
@@ -86,7 +87,8 @@ def prepare_model(recipe: Recipe) -> nn.Module:
     return model
 
 
-def _checkpoint_state(model, optimizer, scheduler, scaler, ema, position: Position, recipe: Recipe) -> dict:
+def _checkpoint_state(model, optimizer, scheduler, scaler, ema, position: Position, recipe: Recipe,
+                      rng: list[dict]) -> dict:
     return {
         "model": _unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -94,7 +96,7 @@ def _checkpoint_state(model, optimizer, scheduler, scaler, ema, position: Positi
         "scaler": scaler.state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
         "position": vars(position).copy(),
-        "rng": rng_state(),
+        "rng": rng,  # one entry per rank: each process draws its own augmentation
         "recipe": recipe_to_dict(recipe),
     }
 
@@ -112,6 +114,8 @@ def run_training(recipe: Recipe, resume: Optional[str], runtime: distributed.Run
                  show_progress: bool = True) -> tuple[Path, nn.Module]:
     """The training loop in an already started runtime: the output folder and the model."""
     output = Path(recipe.train.output_dir)
+    if recipe.train.amp == "fp16" and runtime.device.type != "cuda":
+        raise RecipeError("train.amp: fp16 needs a CUDA GPU; use bf16 (or none) on a CPU")
     seed_everything(recipe.train.seed + runtime.rank)
     model = prepare_model(recipe).to(runtime.device)
     train_set = build_dataset(recipe.data, model, training=True)
@@ -141,7 +145,7 @@ def run_training(recipe: Recipe, resume: Optional[str], runtime: distributed.Run
         if ema is not None and state["ema"] is not None:
             ema.load_state_dict(state["ema"])
         position = Position(**state["position"])
-        set_rng_state(state["rng"])
+        set_rng_state(_own_rng(state["rng"], runtime))
     if runtime.distributed:
         model = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
 
@@ -151,22 +155,22 @@ def run_training(recipe: Recipe, resume: Optional[str], runtime: distributed.Run
     checkpoint_path = output / "checkpoint.pth"
 
     def save() -> None:
+        rng = distributed.gather(rng_state(), runtime)
         if runtime.is_main:
-            save_atomic(_checkpoint_state(model, optimizer, scheduler, scaler, ema, position, recipe), checkpoint_path)
+            save_atomic(_checkpoint_state(model, optimizer, scheduler, scaler, ema, position, recipe, rng),
+                        checkpoint_path)
         distributed.barrier(runtime)
 
     with _Interrupt() as interrupt:
         while position.epoch < recipe.train.epochs:
-            loader = train_loader(train_set, recipe, runtime, position.epoch)
+            loader = train_loader(train_set, recipe, runtime, position.epoch, skip_batches=position.step_in_epoch)
             model.train()
             progress = tqdm(total=steps_per_epoch, initial=position.step_in_epoch, disable=not (show_progress and runtime.is_main),
                             desc=f"epoch {position.epoch + 1}/{recipe.train.epochs}", dynamic_ncols=True)
             losses, seen, started = [], 0, time.perf_counter()
-            for index, (images, targets) in enumerate(loader):
+            for index, (images, targets) in enumerate(loader, start=position.step_in_epoch):
                 if index >= steps_per_epoch:
                     break
-                if index < position.step_in_epoch:
-                    continue  # consumed before the interruption this run resumes from
                 images, targets = images.to(runtime.device), targets.to(runtime.device)
                 keep_rate = keep_rate_at(position.epoch + index / steps_per_epoch, recipe.evit.keep_rate,
                                          recipe.keep_rate_schedule)
@@ -178,9 +182,12 @@ def run_training(recipe: Recipe, resume: Optional[str], runtime: distributed.Run
                     images, targets = mixup(images, targets)
                 with autocast(runtime.device, recipe.train.amp):
                     loss = criterion(images, model(images), targets)
-                if not math.isfinite(loss.item()):
+                diverged, interrupted = distributed.any_across(
+                    [not math.isfinite(loss.item()), interrupt.requested], runtime)
+                if diverged:
+                    value = loss.item() if not math.isfinite(loss.item()) else "not finite on another process"
                     raise TrainingDiverged(
-                        f"loss is {loss.item()} at epoch {position.epoch + 1}, step {index + 1}; nothing of this step was "
+                        f"loss is {value} at epoch {position.epoch + 1}, step {index + 1}; nothing of this step was "
                         f"applied and the last good checkpoint is {checkpoint_path}. Lower optimizer.lr, set "
                         "optimizer.clip_grad, or use train.amp: none"
                     )
@@ -202,7 +209,7 @@ def run_training(recipe: Recipe, resume: Optional[str], runtime: distributed.Run
                                      keep=f"{keep_rate:.3f}" if recipe.evit.enabled else "-",
                                      img_s=f"{seen / (time.perf_counter() - started):.0f}")
                 progress.update(1)
-                if interrupt.requested:
+                if interrupted:
                     save()
                     progress.close()
                     print(f"interrupted: saved {checkpoint_path}; continue with --resume {checkpoint_path}")
@@ -229,6 +236,16 @@ def run_training(recipe: Recipe, resume: Optional[str], runtime: distributed.Run
     return output, _unwrap(model)
 
 
+def _own_rng(states: dict | list[dict], runtime: distributed.Runtime) -> dict:
+    """This rank's saved RNG state; a resume on another number of processes keeps going
+    (from rank 0's state) but can no longer repeat the uninterrupted run exactly."""
+    states = states if isinstance(states, list) else [states]
+    if len(states) != runtime.world_size and runtime.is_main:
+        print(f"warning: checkpoint written by {len(states)} process(es), resumed on {runtime.world_size}: "
+              "data order and augmentation differ from an uninterrupted run", file=sys.stderr)
+    return states[runtime.rank] if len(states) == runtime.world_size else states[0]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", help="YAML recipe (see recipes/)")
@@ -241,7 +258,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         recipe = load_recipe(args.recipe, args.overrides)
     except RecipeError as error:
         parser.exit(2, f"error: {error}\n")
-    output = train(recipe, args.resume)
+    try:
+        output = train(recipe, args.resume)
+    except (RecipeError, CheckpointError, TrainingDiverged, UnsupportedModelError, FileNotFoundError) as error:
+        parser.exit(1, f"error: {error}\n")
     if not args.no_report and recipe.evit.enabled and int(os.environ.get("RANK", "0")) == 0:
         from evit_patch.evaluate import compare_with_base
 

@@ -3,22 +3,19 @@
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import evit_patch
+import numpy as np
+from PIL import Image
 import evit_patch.finetune as finetune
 from evit_patch.checkpoint import CheckpointError, load_checkpoint
 from evit_patch.evaluate import main as evaluate_main
 from finetune_helpers import tiny_recipe, write_recipe
 
-TESTS = Path(__file__).resolve().parent
 REAL_INTERRUPT = finetune._Interrupt
 
 
@@ -134,22 +131,47 @@ def test_evaluate_rebuilds_the_patched_model_from_the_run(tmp_path, capsys) -> N
     assert "| unpatched |" in printed and "| EViT keep 0.5 |" in printed
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def image_folder(root: Path, per_class: int = 24) -> Path:
+    """An ImageNet-style folder of small RGB images, two classes told apart by brightness."""
+    generator = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label, (name, base) in enumerate((("dark", 40), ("light", 180))):
+            (root / split / name).mkdir(parents=True)
+            for index in range(per_class):
+                pixels = np.clip(generator.normal(base, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{index}.png")
+    return root
 
 
-def test_torchrun_with_two_cpu_processes_ends_with_identical_weights(tmp_path) -> None:
-    recipe = write_recipe(tmp_path, {"train": {"epochs": 1, "max_steps_per_epoch": 3}})
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), str(TESTS / "ddp_worker.py"), str(recipe)],
-        check=True, env=environment, timeout=240, capture_output=True,
-    )
-    rank0 = load_file(str(tmp_path / "run" / "rank0.safetensors"))
-    rank1 = load_file(str(tmp_path / "run" / "rank1.safetensors"))
-    untrained = evit_patch.finetune.prepare_model(tiny_recipe(tmp_path)).state_dict()
-    assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
-    assert any(not torch.equal(rank0[key], untrained[key]) for key in rank0)
+def test_mid_epoch_resume_with_random_augmentation_is_exact(tmp_path, monkeypatch) -> None:
+    """RandAugment, random crops and erasing draw random numbers per image: resuming must
+    not load (and so augment) the images trained on before the interruption."""
+    overrides = {
+        "model": {"kwargs": {"img_size": 28, "patch_size": 7, "num_classes": 2, "embed_dim": 32, "depth": 3,
+                             "num_heads": 2}},
+        "data": {"dataset": "imagefolder", "root": str(image_folder(tmp_path / "images")),
+                 "auto_augment": "rand-m9-mstd0.5-inc1", "random_erasing": 0.5, "train_subset": None,
+                 "eval_subset": None},
+        "train": {"batch_size": 8, "eval_batch_size": 16},
+    }
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = finetune.train(tiny_recipe(tmp_path / "a", overrides), show_progress=False)
+    recipe = tiny_recipe(tmp_path / "b", overrides)
+    monkeypatch.setattr(finetune, "_Interrupt", InterruptAfter(2))
+    with pytest.raises(SystemExit):
+        finetune.train(recipe, show_progress=False)
+    monkeypatch.undo()
+    assert load_checkpoint(Path(recipe.train.output_dir) / "checkpoint.pth")["position"]["step_in_epoch"] == 3
+    resumed = finetune.train(recipe, resume=str(Path(recipe.train.output_dir) / "checkpoint.pth"), show_progress=False)
+    expected, actual = weights(straight), weights(resumed)
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+def test_command_line_reports_a_corrupt_resume_checkpoint(tmp_path) -> None:
+    recipe = tiny_recipe(tmp_path)
+    (tmp_path / "broken.pth").write_bytes(b"PK\x03\x04 half a zip")
+    with pytest.raises(SystemExit) as stopped:
+        finetune.main([str(tmp_path / "recipe.yaml"), "--resume", str(tmp_path / "broken.pth"), "--no-report"])
+    assert stopped.value.code == 1
+    assert not (Path(recipe.train.output_dir) / "checkpoint.pth").exists()

@@ -1,5 +1,7 @@
 """Recipes fail early and clearly; overrides apply; shipped recipes are valid."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,8 @@ from evit_patch.schedule import keep_rate_at
 from evit_patch.config import KeepRateScheduleConfig
 from finetune_helpers import tiny_recipe, write_recipe
 
-RECIPES = sorted(Path(__file__).resolve().parent.parent.glob("recipes/*.yaml"))
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted(ROOT.glob("recipes/*.yaml"))
 
 
 def test_typo_key_names_the_key_and_the_closest_valid_one(tmp_path) -> None:
@@ -43,9 +46,36 @@ def test_overrides_apply_as_yaml_values(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
-def test_shipped_recipes_are_valid(path) -> None:
-    recipe = load_recipe(path)
+def test_shipped_recipes_are_valid(path, tmp_path) -> None:
+    for split in ("train", "val"):
+        (tmp_path / split / "class_a").mkdir(parents=True)
+    recipe = load_recipe(path, [f"data.root={tmp_path}"] if "deit" in path.name else [])
     assert recipe.train.epochs > 0
+
+
+def test_missing_data_folders_fail_before_any_work(tmp_path) -> None:
+    with pytest.raises(RecipeError, match=r"data.train_split: folder '.*nowhere/train' does not exist"):
+        tiny_recipe(tmp_path, {"data": {"dataset": "imagefolder", "root": str(tmp_path / "nowhere")}})
+    with pytest.raises(RecipeError, match=r"data.root: an imagefolder dataset needs"):
+        tiny_recipe(tmp_path, {"data": {"dataset": "imagefolder"}})
+    with pytest.raises(RecipeError, match=r"data.root: folder .* does not exist.*data.download: true"):
+        tiny_recipe(tmp_path, {"data": {"root": str(tmp_path / "no-fashion-mnist")}})
+
+
+def test_misspelt_choice_suggests_the_valid_one(tmp_path) -> None:
+    with pytest.raises(RecipeError, match=r"keep_rate_schedule.kind: 'cosin' is not one of.*did you mean 'cosine'"):
+        tiny_recipe(tmp_path, {"keep_rate_schedule": {"kind": "cosin"}})
+
+
+def test_command_line_reports_a_bad_recipe_without_a_traceback(tmp_path) -> None:
+    recipe = write_recipe(tmp_path)
+    completed = subprocess.run(
+        [sys.executable, "-m", "evit_patch.finetune", str(recipe), "--set", "evit.keep_rat=0.5"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert completed.returncode == 2
+    assert "unknown recipe key 'evit.keep_rat'; did you mean 'evit.keep_rate'?" in completed.stderr
+    assert "Traceback" not in completed.stderr
 
 
 def test_cosine_keep_rate_schedule_follows_the_formula() -> None:
