@@ -217,7 +217,8 @@ def run_training(recipe: Recipe, resume: Optional[str], runtime: distributed.Run
             progress.close()
             metrics = {"epoch": position.epoch + 1, "train_loss": sum(losses) / max(len(losses), 1),
                        "lr": optimizer.param_groups[0]["lr"], "keep_rate": keep_rate_at(
-                           position.epoch + 1, recipe.evit.keep_rate, recipe.keep_rate_schedule),
+                           position.epoch + 1, recipe.evit.keep_rate, recipe.keep_rate_schedule)
+                       if recipe.evit.enabled else None,
                        "train_images_per_second": seen / (time.perf_counter() - started),
                        **accuracy(model, evaluation, runtime, recipe.train.amp)}
             if ema is not None:
