@@ -5,7 +5,7 @@
     python -m evit_patch.visualize --run runs/fashion_mnist --fashion-mnist 0 1 2 --scale 8
 
 The PNG is a row of panels: the input, then one panel per layer in which kept patches
-show the image, fused patches are dimmed and tinted blue, and dropped patches are black.
+show the image, fused patches are dimmed and tinted blue, and dropped patches are grey.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from evit_patch.patch import apply_evit, is_patched
 from evit_patch.provenance import DROPPED, FUSED, kept_tokens
 
 FUSED_TINT = np.array([40, 90, 255], dtype=np.float32)
+DROPPED_GREY = 128  # not black: a kept patch of a dark background must not look dropped
 PANEL_GAP = 4
 
 
@@ -60,7 +61,7 @@ def render(image: np.ndarray, statuses: Sequence[torch.Tensor], scale: int = 1) 
         panel = image.astype(np.float32)
         fused = per_pixel == FUSED
         panel[fused] = 0.4 * panel[fused] + 0.6 * FUSED_TINT
-        panel[per_pixel == DROPPED] = 0
+        panel[per_pixel == DROPPED] = DROPPED_GREY
         panels.append(panel.round().astype(np.uint8))
     gap = np.full((height, PANEL_GAP, 3), 255, dtype=np.uint8)
     strip = [part for panel in panels for part in (panel, gap)][:-1]

@@ -7,7 +7,7 @@ from PIL import Image
 
 import evit_patch
 from evit_patch import DROPPED, FUSED, KEPT
-from evit_patch.visualize import FUSED_TINT, PANEL_GAP, main, render, status_maps
+from evit_patch.visualize import DROPPED_GREY, FUSED_TINT, PANEL_GAP, main, render, status_maps
 
 
 def test_png_masks_agree_with_kept_indices(tmp_path) -> None:
@@ -34,7 +34,7 @@ def test_png_masks_agree_with_kept_indices(tmp_path) -> None:
             if value == KEPT:
                 assert np.array_equal(region, source)
             elif value == DROPPED:
-                assert not region.any()
+                assert (region == DROPPED_GREY).all()
             else:
                 assert value == FUSED
                 np.testing.assert_array_equal(region, (0.4 * source + 0.6 * FUSED_TINT).round().astype(np.uint8))
