@@ -55,8 +55,8 @@ def reference_lvvit(model, images, layers, keep_rate, fuse) -> tuple[torch.Tenso
 
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
-    model = timm.create_model("lvvit_s", img_size=64, patch_size=8, num_classes=7, embed_dim=48, depth=6, num_heads=4,
-                              stem_chans=16).double().eval()
+    model = timm.create_model("lvvit_s", img_size=64, patch_size=8, num_classes=7, embed_dim=48, depth=6,
+                              num_heads=4, stem_chans=16).double().eval()
     with torch.no_grad():  # wider weights than the init: attention that prefers some tokens
         for block in model.blocks:
             block.attn.qkv.weight.normal_(0, 0.3)
