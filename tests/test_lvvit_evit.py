@@ -82,7 +82,7 @@ def test_patched_lvvit_matches_eager_reference(fuse: bool, fused_attention: bool
     for hook in hooks:
         hook.remove()
     assert counts == expected_counts and counts[-1] < 64
-    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-10)
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9)
     assert (actual - unpatched).abs().max() > 1e-6  # tokens were really reorganized
 
 
@@ -92,5 +92,5 @@ def test_reference_without_reorganization_is_the_model() -> None:
     images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         expected, counts = reference_lvvit(model, images, [], 1.0, True)
-        torch.testing.assert_close(model(images), expected, rtol=0, atol=1e-10)
+        torch.testing.assert_close(model(images), expected, rtol=1e-9, atol=1e-9)
     assert counts == [64] * 6

@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 from evit_patch.models.lvvit_weights import checkpoint_filter_fn
 
-DEFAULT_EVIT_LAYERS = {"lvvit_t": (4, 7, 10), "lvvit_s": (4, 8, 12), "lvvit_m": (5, 10, 15)}
-"""0-indexed reorganization blocks per variant, where DynamicViT prunes LV-ViT (S, M);
-for the 12-block T, DeiT's spacing shifted one block later, as for S."""
+DEFAULT_EVIT_LAYERS = {"lvvit_t": (3, 6, 9), "lvvit_s": (4, 8, 12), "lvvit_m": (5, 10, 15)}
+"""0-indexed reorganization blocks per variant: where DynamicViT prunes LV-ViT-S and -M;
+for the 12-block T, those of DeiT, which has its depth."""
 
 
 class ConvPatchEmbed(nn.Module):
