@@ -5,6 +5,7 @@
 >>> evit_patch.apply_evit(model, layers=[3, 6, 9], keep_rate=0.7)
 """
 
+import evit_patch.models  # noqa: F401  (registers lvvit_* in timm's registry)
 from evit_patch.budget import keep_rate_for_budget, keep_rate_for_resolution
 from evit_patch.errors import UnsupportedModelError
 from evit_patch.macs import count_macs
