@@ -11,6 +11,8 @@ from evit_patch.block_rewrite import reorganizing_block
 from evit_patch.errors import UnsupportedModelError
 from evit_patch.inspection import model_name, native_input_shape, prefix_token_count, score_mode, transformer_blocks
 from evit_patch.modes import eval_mode
+from evit_patch.reducers.base import TokenReducer
+from evit_patch.reducers.evit import EvitReducer
 from evit_patch.state import EvitState, TokenReorganizer
 from evit_patch.validation import validated_keep_rates, validated_layers
 
@@ -47,6 +49,19 @@ def apply_evit(model: ModelT, layers: Sequence[int], keep_rate: float | Sequence
     No parameter or buffer is added: ``state_dict()`` is unchanged. On any error the
     model is left exactly as it was.
     """
+    if not isinstance(fuse, bool):
+        raise TypeError(f"fuse must be True or False, got {fuse!r}")
+    return apply_token_reducer(model, layers, keep_rate, EvitReducer(fuse))
+
+
+def apply_token_reducer(model: ModelT, layers: Sequence[int], keep_rate: float | Sequence[float],
+                        reducer: TokenReducer) -> ModelT:
+    """Patch ``model`` in place with any token reducer at EViT's insertion point.
+
+    ``reducer`` is one of :mod:`evit_patch.reducers` (EViT with or without fusion,
+    random drop, ToMe-style merging, oracle-guided EViT); ``layers`` and ``keep_rate``
+    mean what they mean for :func:`apply_evit`, so methods compare at equal token counts.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a timm ViT), got {type(model).__name__}")
     if is_patched(model):
@@ -54,13 +69,13 @@ def apply_evit(model: ModelT, layers: Sequence[int], keep_rate: float | Sequence
             f"{model_name(model)} is already patched; use set_keep_rate(model, rate) to change the rate, "
             "or remove_evit(model) before patching again"
         )
-    if not isinstance(fuse, bool):
-        raise TypeError(f"fuse must be True or False, got {fuse!r}")
+    if not isinstance(reducer, TokenReducer):
+        raise TypeError(f"reducer must be a TokenReducer from evit_patch.reducers, got {type(reducer).__name__}")
     name = model_name(model)
     blocks = transformer_blocks(model)
     layers = validated_layers(layers, len(blocks))
     keep_rates = validated_keep_rates(keep_rate, len(layers))
-    state = EvitState(layers, keep_rates, fuse, prefix_token_count(model), score_mode(model))
+    state = EvitState(layers, keep_rates, reducer, prefix_token_count(model), score_mode(model))
     patched = {
         index: reorganizing_block(blocks[index], TokenReorganizer(state, position), name)
         for position, index in enumerate(layers)
@@ -83,6 +98,7 @@ def _install(model: nn.Module, patched: dict[int, nn.Module], state: EvitState) 
     for index, block in patched.items():
         blocks[index] = block
     setattr(model, STATE_ATTRIBUTE, state)
+    state.forward_hook = model.register_forward_pre_hook(state.start_forward)
 
 
 def remove_evit(model: ModelT) -> ModelT:
@@ -91,6 +107,7 @@ def remove_evit(model: ModelT) -> ModelT:
     blocks = transformer_blocks(model)
     for index, block in state.original_blocks.items():
         blocks[index] = block
+    state.forward_hook.remove()
     delattr(model, STATE_ATTRIBUTE)
     return model
 

@@ -1,4 +1,4 @@
-"""Which input patches each reorganization layer kept, fused or dropped."""
+"""Which input patches each reduction layer kept, fused or dropped."""
 
 from __future__ import annotations
 
@@ -14,16 +14,16 @@ KEPT, FUSED, DROPPED = 0, 1, 2
 
 @dataclass(frozen=True)
 class LayerTokens:
-    """Token provenance after one reorganization layer (batch-first tensors).
+    """Token provenance after one reduction layer (batch-first tensors).
 
     Attributes:
-        block_index: the block that reorganized.
+        block_index: the block that reduced.
         kept_index: ``(B, k)`` indices of the kept tokens among the image tokens entering
-            this layer, highest score first.
+            this layer, highest score first (merging: the token representing each output).
         token_of_patch: ``(B, num_patches)`` position, among this layer's output image
             tokens, of the token that holds each input patch; -1 where it was dropped.
         status: ``(B, num_patches)`` KEPT (the patch is still its own token), FUSED
-            (inside a fused token) or DROPPED (discarded without fusion).
+            (inside a fused or merged token) or DROPPED (discarded).
     """
 
     block_index: int
@@ -33,29 +33,38 @@ class LayerTokens:
 
 
 def kept_tokens(model: nn.Module) -> list[LayerTokens]:
-    """Provenance of the last forward of a patched model, one entry per layer."""
+    """Provenance of the last forward of a patched model, one entry per layer.
+
+    Each layer's map from incoming to outgoing tokens is composed with the ones before
+    it, so any reducer (selection, fusion, merging) is followed back to the input patches.
+    """
     state = evit_state(model)
-    if any(index is None for index in state.kept_indices):
+    if any(record is None for record in state.records):
         raise RuntimeError("no token record yet: run a forward pass through the patched model first")
-    first = state.kept_indices[0]
-    batch, num_patches = first.shape[0], state.incoming_counts[0]
-    token_of_patch = torch.arange(num_patches, device=first.device).expand(batch, num_patches)
-    token_is_fused = torch.zeros(batch, num_patches, dtype=torch.bool, device=first.device)
+    first = state.records[0]
+    batch, num_patches = first.reduction.destination.shape[0], first.incoming
+    device = first.reduction.destination.device
+    token_of_patch = torch.arange(num_patches, device=device).expand(batch, num_patches)
+    token_is_mixed = torch.zeros(batch, num_patches, dtype=torch.bool, device=device)
     layers = []
-    for block_index, kept_index, incoming in zip(state.layers, state.kept_indices, state.incoming_counts):
-        keep = kept_index.shape[1]
-        has_fused_token = state.fuse and keep < incoming
-        destination = torch.full((batch, incoming), keep if has_fused_token else -1, device=first.device)
-        destination.scatter_(1, kept_index, torch.arange(keep, device=first.device).expand(batch, keep))
-        token_is_fused = token_is_fused.gather(1, kept_index)
-        if has_fused_token:
-            token_is_fused = torch.cat([token_is_fused, token_is_fused.new_ones(batch, 1)], dim=1)
+    for block_index, record in zip(state.layers, state.records):
+        reduction = record.reduction
         alive = token_of_patch >= 0
-        token_of_patch = torch.where(alive, destination.gather(1, token_of_patch.clamp(min=0)), -1)
+        # a mixed token stays mixed wherever it goes
+        token_is_mixed = _carry_mixed(token_is_mixed, reduction.destination, reduction.mixed)
+        token_of_patch = torch.where(alive, reduction.destination.gather(1, token_of_patch.clamp(min=0)), -1)
         alive = token_of_patch >= 0
-        in_fused = token_is_fused.gather(1, token_of_patch.clamp(min=0)) & alive
+        in_mixed = token_is_mixed.gather(1, token_of_patch.clamp(min=0)) & alive
         status = torch.full_like(token_of_patch, KEPT)
-        status[in_fused] = FUSED
+        status[in_mixed] = FUSED
         status[~alive] = DROPPED
-        layers.append(LayerTokens(block_index, kept_index, token_of_patch, status))
+        layers.append(LayerTokens(block_index, reduction.kept_index, token_of_patch, status))
     return layers
+
+
+def _carry_mixed(incoming_mixed: Tensor, destination: Tensor, mixed: Tensor) -> Tensor:
+    """Output tokens that hold a mixture: mixed by this layer, or receiving a mixed token."""
+    carried = torch.zeros_like(mixed, dtype=torch.long)
+    sources = incoming_mixed.long().masked_fill(destination < 0, 0)
+    carried.scatter_add_(1, destination.clamp(min=0), sources)
+    return mixed | (carried > 0)

@@ -1,20 +1,28 @@
-"""Runtime state shared by the reorganization layers of one patched model."""
+"""Runtime state shared by the reduction layers of one patched model."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
-import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-from evit_patch.reducers.evit import kept_token_count, reorganize_tokens
-from evit_patch.scores import AttentionTensors, ScoreMode, token_scores
+from evit_patch.reducers.base import LayerContext, Reduction, TokenReducer
+from evit_patch.scores import AttentionTensors, ScoreMode
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """What one reduction layer did in the last forward (for provenance)."""
+
+    incoming: int
+    reduction: Reduction
 
 
 @dataclass(eq=False)
 class EvitState:
-    """What every reorganization layer of a model reads and writes.
+    """What every reduction layer of a model reads and writes.
 
     One object per patched model (not globals), so two patched models, or a model
     and its EMA copy, never see each other's keep rate.
@@ -22,26 +30,36 @@ class EvitState:
 
     layers: list[int]
     keep_rates: list[float]
-    fuse: bool
+    reducer: TokenReducer
     num_prefix_tokens: int
     score_mode: ScoreMode
     original_blocks: dict[int, nn.Module] = field(default_factory=dict)
-    kept_indices: list[Optional[Tensor]] = field(default_factory=list)
-    incoming_counts: list[Optional[int]] = field(default_factory=list)
+    records: list[Optional[LayerRecord]] = field(default_factory=list)
+    forward_hook: Optional[RemovableHandle] = None  # the model's pre-hook calling start_forward
 
     def __post_init__(self) -> None:
         self.clear_record()
 
     def clear_record(self) -> None:
-        self.kept_indices = [None] * len(self.layers)
-        self.incoming_counts = [None] * len(self.layers)
+        self.records = [None] * len(self.layers)
+
+    def start_forward(self, model: nn.Module, args: tuple[Any, ...]) -> None:
+        """Forward pre-hook of the patched model: a new forward, a new record."""
+        self.clear_record()
+        if args and isinstance(args[0], Tensor):
+            self.reducer.start_forward(args[0])
+
+    def context(self, position: int) -> LayerContext:
+        return LayerContext(position, self.layers[position], self.keep_rates[position], self.num_prefix_tokens,
+                            self.score_mode)
 
 
 class TokenReorganizer(nn.Module):
     """The module inserted between a block's attention residual and its MLP.
 
-    It holds no parameter or buffer; it reads its keep rate from the shared state and
-    records which tokens it kept, for :func:`evit_patch.kept_tokens`.
+    It holds no parameter or buffer; it hands the tokens to the model's reducer with
+    this layer's context and records what the reducer did, for
+    :func:`evit_patch.kept_tokens`.
     """
 
     def __init__(self, state: EvitState, position: int) -> None:
@@ -57,17 +75,12 @@ class TokenReorganizer(nn.Module):
                 "cannot be applied; call the model without them, or remove_evit(model) first"
             )
         state = self.state
-        num_image = x.shape[1] - state.num_prefix_tokens
-        keep_rate = state.keep_rates[self.position]
-        state.incoming_counts[self.position] = num_image
-        if kept_token_count(num_image, keep_rate) >= num_image:  # nothing to drop: skip the scores
-            state.kept_indices[self.position] = torch.arange(num_image, device=x.device).expand(x.shape[0], -1)
-            return x
-        scores = token_scores(attention, state.score_mode, state.num_prefix_tokens)
-        reorganized, state.kept_indices[self.position] = reorganize_tokens(
-            x, scores, state.num_prefix_tokens, keep_rate, state.fuse
-        )
-        return reorganized
+        reduction = state.reducer.reduce(x, attention, state.context(self.position))
+        state.records[self.position] = LayerRecord(x.shape[1] - state.num_prefix_tokens, reduction)
+        return reduction.tokens
 
     def extra_repr(self) -> str:
-        return f"block={self.state.layers[self.position]}, keep_rate={self.state.keep_rates[self.position]}, fuse={self.state.fuse}"
+        state = self.state
+        return f"block={state.layers[self.position]}, keep_rate={state.keep_rates[self.position]}, " \
+               f"reducer={state.reducer.describe()}"
+

@@ -41,7 +41,7 @@ def _token_patches(model: torch.nn.Module) -> torch.Tensor:
     for layer in layers:
         incoming = patch.shape[1]
         patch = patch.gather(1, layer.kept_index)
-        if model.evit_state.fuse and patch.shape[1] < incoming:
+        if model.evit_state.reducer.fuse and patch.shape[1] < incoming:
             patch = torch.cat([patch, torch.full((len(patch), 1), -1)], dim=1)
     return patch
 

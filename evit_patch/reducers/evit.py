@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
+
+from evit_patch.reducers.base import LayerContext, Reduction, TokenReducer, identity_reduction, selection_reduction
+from evit_patch.scores import AttentionTensors
 
 
 def kept_token_count(num_tokens: int, keep_rate: float) -> int:
@@ -18,9 +20,8 @@ def kept_token_count(num_tokens: int, keep_rate: float) -> int:
     return min(num_tokens, math.ceil(round(keep_rate * num_tokens, 6)))
 
 
-def reorganize_tokens(
-    x: Tensor, scores: Tensor, num_prefix_tokens: int, keep_rate: float, fuse: bool = True
-) -> tuple[Tensor, Tensor]:
+def evit_reduction(x: Tensor, scores: Tensor, num_prefix_tokens: int, keep_rate: float,
+                   fuse: bool = True) -> Reduction:
     """Keep the top-scored image tokens and (optionally) fuse the others into one token.
 
     Args:
@@ -31,22 +32,38 @@ def reorganize_tokens(
         keep_rate: fraction in (0, 1]; ``ceil(keep_rate * n)`` tokens are kept.
         fuse: append the fused token (EViT) or drop the unkept tokens (EViT w/o fusion).
 
-    Returns:
-        ``[prefix, kept (highest score first), fused]`` and the kept tokens' indices
-        ``(B, k)`` into the incoming image tokens. When every token is kept, ``x`` is
-        returned unchanged with the identity index.
+    The result is ``[prefix, kept (highest score first), fused]``; when every token is
+    kept, ``x`` itself with the identity index.
     """
-    batch, total, channels = x.shape
-    num_image = total - num_prefix_tokens
+    num_image = x.shape[1] - num_prefix_tokens
     keep = kept_token_count(num_image, keep_rate)
     if keep >= num_image:
-        return x, torch.arange(num_image, device=x.device).expand(batch, num_image)
-
-    prefix, image = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
+        return identity_reduction(x, num_prefix_tokens)
     kept_index = scores.topk(keep, dim=1).indices
-    kept = image.gather(1, kept_index.unsqueeze(-1).expand(-1, -1, channels))
-    parts = [prefix, kept]
-    if fuse:
-        unkept_weights = scores.scatter(1, kept_index, 0.0).to(image.dtype)
-        parts.append(torch.bmm(unkept_weights.unsqueeze(1), image))
-    return torch.cat(parts, dim=1), kept_index
+    fused_weights = scores.scatter(1, kept_index, 0.0) if fuse else None
+    return selection_reduction(x, num_prefix_tokens, kept_index, fused_weights)
+
+
+def reorganize_tokens(x: Tensor, scores: Tensor, num_prefix_tokens: int, keep_rate: float,
+                      fuse: bool = True) -> tuple[Tensor, Tensor]:
+    """:func:`evit_reduction` as ``(tokens, kept_index)``."""
+    reduction = evit_reduction(x, scores, num_prefix_tokens, keep_rate, fuse)
+    return reduction.tokens, reduction.kept_index
+
+
+class EvitReducer(TokenReducer):
+    """The paper's method (``fuse=True``) or "EViT w/o fusion" (``fuse=False``).
+
+    Scores are computed only when the layer really drops tokens, so a layer at keep
+    rate 1.0 costs nothing.
+    """
+
+    def __init__(self, fuse: bool = True) -> None:
+        self.fuse = fuse
+        self.name = "evit" if fuse else "evit-no-fusion"
+
+    def reduce(self, x: Tensor, attention: AttentionTensors, context: LayerContext) -> Reduction:
+        num_image = x.shape[1] - context.num_prefix_tokens
+        if kept_token_count(num_image, context.keep_rate) >= num_image:
+            return identity_reduction(x, context.num_prefix_tokens)
+        return evit_reduction(x, context.scores(attention), context.num_prefix_tokens, context.keep_rate, self.fuse)
