@@ -9,11 +9,12 @@ import evit_patch.models  # noqa: F401  (registers lvvit_* in timm's registry)
 from evit_patch.budget import keep_rate_for_budget, keep_rate_for_resolution
 from evit_patch.errors import UnsupportedModelError
 from evit_patch.macs import count_macs
-from evit_patch.patch import apply_evit, is_patched, remove_evit, set_keep_rate
+from evit_patch.patch import apply_evit, apply_token_reducer, is_patched, remove_evit, set_keep_rate
 from evit_patch.provenance import DROPPED, FUSED, KEPT, LayerTokens, kept_tokens
 
 __all__ = [
     "apply_evit",
+    "apply_token_reducer",
     "remove_evit",
     "set_keep_rate",
     "is_patched",

@@ -49,9 +49,9 @@ class EvitState:
         if args and isinstance(args[0], Tensor):
             self.reducer.start_forward(args[0])
 
-    def context(self, position: int) -> LayerContext:
+    def context(self, position: int, training: bool) -> LayerContext:
         return LayerContext(position, self.layers[position], self.keep_rates[position], self.num_prefix_tokens,
-                            self.score_mode)
+                            self.score_mode, training)
 
 
 class TokenReorganizer(nn.Module):
@@ -75,7 +75,7 @@ class TokenReorganizer(nn.Module):
                 "cannot be applied; call the model without them, or remove_evit(model) first"
             )
         state = self.state
-        reduction = state.reducer.reduce(x, attention, state.context(self.position))
+        reduction = state.reducer.reduce(x, attention, state.context(self.position, self.training))
         state.records[self.position] = LayerRecord(x.shape[1] - state.num_prefix_tokens, reduction)
         return reduction.tokens
 

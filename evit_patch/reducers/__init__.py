@@ -1,5 +1,23 @@
-"""Token reducers: pure tensor functions applied between attention and MLP."""
+"""Token reducers: parameter-free methods applied between attention and MLP.
 
-from evit_patch.reducers.evit import kept_token_count, reorganize_tokens
+Each is a :class:`TokenReducer` for :func:`evit_patch.apply_token_reducer`; the tensor
+work is in pure functions that property tests hold.
+"""
 
-__all__ = ["kept_token_count", "reorganize_tokens"]
+from evit_patch.reducers.base import LayerContext, Reduction, TokenReducer
+from evit_patch.reducers.evit import EvitReducer, evit_reduction, kept_token_count, reorganize_tokens
+from evit_patch.reducers.random import RandomDrop
+from evit_patch.reducers.tome import ToMeMerge, bipartite_merge, merged_token_count
+
+__all__ = [
+    "TokenReducer", "LayerContext", "Reduction", "EvitReducer", "RandomDrop", "ToMeMerge", "OracleGuided",
+    "evit_reduction", "reorganize_tokens", "kept_token_count", "bipartite_merge", "merged_token_count",
+]
+
+
+def __getattr__(name: str):
+    if name == "OracleGuided":  # it patches its oracle, and the patch module imports this package
+        from evit_patch.reducers.oracle import OracleGuided
+
+        return OracleGuided
+    raise AttributeError(name)

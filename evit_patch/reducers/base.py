@@ -27,6 +27,7 @@ class LayerContext:
     keep_rate: float
     num_prefix_tokens: int
     score_mode: ScoreMode
+    training: bool
 
     def scores(self, attention: AttentionTensors) -> Tensor:
         """The paper's attentiveness score of each image token ``(B, n)``."""

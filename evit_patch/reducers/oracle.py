@@ -1,0 +1,104 @@
+"""Oracle-guided EViT: a trained model decides which tokens are attentive.
+
+The paper's analysis: a frozen, fully trained ViT (the oracle) sees every patch, and its
+class attention at each reorganization layer says which tokens the student keeps and
+with which weights it fuses the rest; the student starts from the oracle's weights.
+A token the student holds at a layer is scored by the oracle's attention to the patches
+inside it, so a fused token is scored as the sum of its patches.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from evit_patch.modes import eval_mode
+from evit_patch.reducers.base import LayerContext, Reduction, TokenReducer, identity_reduction
+from evit_patch.reducers.evit import evit_reduction, kept_token_count
+from evit_patch.scores import AttentionTensors
+
+
+class ScoreRecorder(TokenReducer):
+    """Keeps every token and records each layer's attentiveness scores (the oracle's side)."""
+
+    name = "score-recorder"
+
+    def __init__(self) -> None:
+        self.scores: dict[int, Tensor] = {}
+
+    def start_forward(self, images: Tensor) -> None:
+        self.scores = {}
+
+    def reduce(self, x: Tensor, attention: AttentionTensors, context: LayerContext) -> Reduction:
+        self.scores[context.position] = context.scores(attention)
+        return identity_reduction(x, context.num_prefix_tokens)
+
+
+def oracle_scorer(oracle: nn.Module, layers: Sequence[int]) -> tuple[nn.Module, ScoreRecorder]:
+    """A frozen copy of ``oracle`` that records its scores at ``layers`` on every forward."""
+    from evit_patch.patch import apply_token_reducer  # patch imports the reducers
+
+    recorder = ScoreRecorder()
+    frozen = copy.deepcopy(oracle).eval().requires_grad_(False)
+    apply_token_reducer(frozen, layers, 1.0, recorder)
+    return frozen, recorder
+
+
+class OracleGuided(TokenReducer):
+    """EViT whose keep and fuse decisions follow a frozen oracle's class attention.
+
+    Args:
+        oracle: an unpatched, trained model of the student's token grid; a frozen copy is
+            kept (outside the student's ``state_dict``).
+        layers: the student's reorganization layers; the oracle is read at the same blocks.
+        at_eval: use the oracle in eval mode too (the paper's analysis); False falls back
+            to the student's own class attention there, which is what deployment runs.
+    """
+
+    def __init__(self, oracle: nn.Module, layers: Sequence[int], at_eval: bool = True) -> None:
+        self.oracle, self.recorder = oracle_scorer(oracle, layers)
+        self.at_eval = at_eval
+        self.name = "oracle" + ("" if at_eval else "(own attention at eval)")
+        self.patch_token: Optional[Tensor] = None
+
+    def start_forward(self, images: Tensor) -> None:
+        self.patch_token = None
+        parameter = next(self.oracle.parameters())
+        if (parameter.device, parameter.dtype) != (images.device, images.dtype):  # follows the student's .to()
+            self.oracle.to(images.device, images.dtype)
+        with torch.no_grad(), eval_mode(self.oracle):
+            self.oracle(images)
+
+    def uses_oracle(self, context: LayerContext) -> bool:
+        return context.training or self.at_eval
+
+    def current_scores(self, oracle_scores: Tensor, num_tokens: int) -> Tensor:
+        """The oracle's score of each token the student holds now ``(B, n)``."""
+        if self.patch_token is None:
+            self.patch_token = torch.arange(oracle_scores.shape[1], device=oracle_scores.device).expand_as(
+                oracle_scores)
+        alive = self.patch_token >= 0
+        scores = oracle_scores.new_zeros(oracle_scores.shape[0], num_tokens)
+        return scores.scatter_add(1, self.patch_token.clamp(min=0), oracle_scores * alive)
+
+    def reduce(self, x: Tensor, attention: AttentionTensors, context: LayerContext) -> Reduction:
+        num_image = x.shape[1] - context.num_prefix_tokens
+        if kept_token_count(num_image, context.keep_rate) >= num_image:
+            reduction = identity_reduction(x, context.num_prefix_tokens)
+        elif self.uses_oracle(context):
+            oracle_scores = self.recorder.scores.get(context.position)
+            if oracle_scores is None or oracle_scores.shape[0] != x.shape[0]:
+                raise RuntimeError("the oracle has not seen these images: call the patched model itself "
+                                   "(model(images)), whose forward runs the oracle first")
+            scores = self.current_scores(oracle_scores, num_image)
+            reduction = evit_reduction(x, scores.to(x.dtype), context.num_prefix_tokens, context.keep_rate)
+        else:
+            reduction = evit_reduction(x, context.scores(attention), context.num_prefix_tokens, context.keep_rate)
+        if self.patch_token is not None:
+            alive = self.patch_token >= 0
+            moved = reduction.destination.gather(1, self.patch_token.clamp(min=0))
+            self.patch_token = torch.where(alive, moved, -1)
+        return reduction
