@@ -35,7 +35,11 @@ class EvitConfig:
     enabled: bool = True
     layers: list[int] = field(default_factory=lambda: [3, 6, 9])
     keep_rate: float = 0.7
-    fuse: bool = True
+    fuse: bool = True  # reducer evit: fuse the unkept tokens (false: "EViT w/o fusion")
+    reducer: Literal["evit", "random", "tome", "oracle"] = "evit"  # the method at these layers and counts
+    seed: int = 0  # reducer random: its generator's seed
+    proportional_attention: bool = True  # reducer tome: keys weighted by the patches each token holds
+    oracle_at_eval: bool = True  # reducer oracle: the oracle decides at evaluation too (else the model's own attention)
 
 
 @dataclass
@@ -107,6 +111,7 @@ class Recipe:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     teacher: Optional[TeacherConfig] = None
+    oracle: Optional[ModelConfig] = None  # reducer oracle: the trained model that scores tokens (default: `model`)
 
 
 def _check_type(value: Any, hint: Any, key: str) -> Any:
@@ -175,7 +180,7 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
 
 def _resolve_files(recipe: Recipe, base: Path) -> None:
     """Make weight paths absolute and check that the files exist."""
-    for section_name in ("model", "teacher"):
+    for section_name in ("model", "teacher", "oracle"):
         section = getattr(recipe, section_name)
         for key in ("checkpoint", "pretrained_file"):
             path = section and getattr(section, key)
@@ -185,6 +190,18 @@ def _resolve_files(recipe: Recipe, base: Path) -> None:
                     raise RecipeError(f"{section_name}.{key}: file {path!r} does not exist")
                 setattr(section, key, str(resolved))
     _check_data_folders(recipe.data, base)
+    _check_oracle(recipe)
+
+
+def _check_oracle(recipe: Recipe) -> None:
+    """An oracle must know which tokens matter: trained weights, not a random start."""
+    if not (recipe.evit.enabled and recipe.evit.reducer == "oracle") or recipe.oracle is not None:
+        return
+    model = recipe.model
+    if not (model.pretrained or model.pretrained_file or model.checkpoint):
+        raise RecipeError("evit.reducer: oracle needs a trained oracle: add an `oracle:` section (name and "
+                          "checkpoint / pretrained_file), or start `model` from trained weights, which then "
+                          "serve as the oracle")
 
 
 def _check_data_folders(data: DataConfig, base: Path) -> None:

@@ -22,16 +22,17 @@ from evit_patch.data import build_dataset
 from evit_patch.evaluation import accuracy, images_per_second
 from evit_patch.export import example_input
 from evit_patch.macs import count_macs
-from evit_patch.patch import apply_evit, remove_evit
+from evit_patch.methods import apply_recipe_reducer, method_label
+from evit_patch.patch import remove_evit
 from evit_patch.training import build_model, eval_loader
 
 
 def rebuild(recipe: Recipe, weights: Path) -> nn.Module:
-    """The recipe's architecture with EViT applied and the saved weights loaded."""
+    """The recipe's architecture with its reducer applied and the saved weights loaded."""
     model = build_model(ModelConfig(name=recipe.model.name, kwargs=recipe.model.kwargs))
     load_weights(model, weights)
     if recipe.evit.enabled:
-        apply_evit(model, recipe.evit.layers, recipe.evit.keep_rate, fuse=recipe.evit.fuse)
+        apply_recipe_reducer(model, recipe)
     return model.eval()
 
 
@@ -51,14 +52,15 @@ def table(models: dict[str, nn.Module], recipe: Recipe, runtime: distributed.Run
 
 
 def compare_with_base(recipe: Recipe, weights: Path) -> str:
-    """Base model (the recipe's starting weights) against it with EViT, before and after fine-tuning."""
+    """Base model (the recipe's starting weights) against it with the recipe's reducer, before and after
+    fine-tuning."""
     runtime = distributed.Runtime(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     base = build_model(recipe.model).eval()
-    off_the_shelf = apply_evit(copy.deepcopy(base), recipe.evit.layers, recipe.evit.keep_rate, fuse=recipe.evit.fuse)
+    off_the_shelf = apply_recipe_reducer(copy.deepcopy(base), recipe)
     tuned = rebuild(recipe, weights)
-    keep = recipe.evit.keep_rate
-    return table({"base (unpatched)": base, f"EViT keep {keep}, not fine-tuned": off_the_shelf,
-                  f"EViT keep {keep}, fine-tuned": tuned}, recipe, runtime)
+    label = method_label(recipe)
+    return table({"base (unpatched)": base, f"{label}, not fine-tuned": off_the_shelf,
+                  f"{label}, fine-tuned": tuned}, recipe, runtime)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -74,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     runtime = distributed.Runtime(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     models = {"unpatched": remove_evit(copy.deepcopy(patched)) if recipe.evit.enabled else patched}
     if recipe.evit.enabled:
-        models[f"EViT keep {recipe.evit.keep_rate}"] = patched
+        models[method_label(recipe)] = patched
     print(table(models, recipe, runtime))
 
 

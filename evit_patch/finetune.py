@@ -37,7 +37,8 @@ from evit_patch.config import Recipe, RecipeError, load_recipe, recipe_to_dict
 from evit_patch.data import build_dataset
 from evit_patch.errors import UnsupportedModelError
 from evit_patch.evaluation import accuracy, autocast
-from evit_patch.patch import apply_evit, set_keep_rate
+from evit_patch.methods import apply_recipe_reducer
+from evit_patch.patch import set_keep_rate
 from evit_patch.schedule import keep_rate_at
 from evit_patch.training import (
     DistillationLoss, build_mixup, build_model, build_optimizer, build_scheduler, eval_loader, rng_state,
@@ -79,11 +80,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def prepare_model(recipe: Recipe) -> nn.Module:
-    """The recipe's model with EViT applied at the schedule's starting keep rate."""
+    """The recipe's model with its reducer (EViT by default) at the schedule's starting keep rate."""
     model = build_model(recipe.model)
     if recipe.evit.enabled:
         start = keep_rate_at(0.0, recipe.evit.keep_rate, recipe.keep_rate_schedule)
-        apply_evit(model, recipe.evit.layers, start, fuse=recipe.evit.fuse)
+        apply_recipe_reducer(model, recipe, start, starting_model=model)
     return model
 
 
