@@ -39,9 +39,10 @@ def accuracy(model: nn.Module, loader: DataLoader, runtime: Runtime, amp: str = 
 
 
 @torch.inference_mode()
-def images_per_second(models: dict[str, nn.Module], images: torch.Tensor, repeats: int = 5,
-                      amp: str = "none") -> dict[str, float]:
-    """Median images/s of each model, timed interleaved in rotating order."""
+def interleaved_images_per_second(models: dict[str, nn.Module], images: torch.Tensor, repeats: int = 5,
+                                  amp: str = "none") -> dict[str, list[float]]:
+    """Images/s of each model in every repeat, timed interleaved in rotating order, so
+    drift of the machine hits all alike and per-repeat ratios can be paired."""
     names = list(models)
     for model in models.values():
         model.eval()
@@ -58,4 +59,11 @@ def images_per_second(models: dict[str, nn.Module], images: torch.Tensor, repeat
             if images.is_cuda:
                 torch.cuda.synchronize()
             timings[name].append(images.shape[0] / (time.perf_counter() - start))
+    return timings
+
+
+def images_per_second(models: dict[str, nn.Module], images: torch.Tensor, repeats: int = 5,
+                      amp: str = "none") -> dict[str, float]:
+    """Median images/s of each model, timed interleaved in rotating order."""
+    timings = interleaved_images_per_second(models, images, repeats, amp)
     return {name: statistics.median(values) for name, values in timings.items()}

@@ -47,7 +47,7 @@ class EvitState:
         """Forward pre-hook of the patched model: a new forward, a new record."""
         self.clear_record()
         if args and isinstance(args[0], Tensor):
-            self.reducer.start_forward(args[0])
+            self.reducer.start_forward(args[0], model.training)
 
     def context(self, position: int, training: bool) -> LayerContext:
         return LayerContext(position, self.layers[position], self.keep_rates[position], self.num_prefix_tokens,

@@ -178,6 +178,7 @@ def test_oracle_at_eval_can_give_way_to_the_students_own_attention(deit_tiny):
     images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     guided.double(), oracle.double(), deit_tiny.double()
     guided.eval()(images)
+    assert guided.evit_state.reducer.recorder.scores == {}  # the oracle did not even run
     own = _oracle_scores(deit_tiny, images, 1)
     assert torch.equal(kept_tokens(guided)[0].kept_index, own.topk(8, dim=1).indices)
     guided.train()(images)

@@ -67,8 +67,8 @@ class TokenReducer(ABC):
     def reduce(self, x: Tensor, attention: AttentionTensors, context: LayerContext) -> Reduction:
         """Shorten ``x`` ``(B, P + n, C)`` at one layer."""
 
-    def start_forward(self, images: Tensor) -> None:
-        """Called with the model's input before every forward of the patched model."""
+    def start_forward(self, images: Tensor, training: bool) -> None:
+        """Called with the model's input and train/eval mode before every forward."""
 
     def describe(self) -> str:
         return self.name

@@ -29,7 +29,7 @@ class ScoreRecorder(TokenReducer):
     def __init__(self) -> None:
         self.scores: dict[int, Tensor] = {}
 
-    def start_forward(self, images: Tensor) -> None:
+    def start_forward(self, images: Tensor, training: bool) -> None:
         self.scores = {}
 
     def reduce(self, x: Tensor, attention: AttentionTensors, context: LayerContext) -> Reduction:
@@ -64,16 +64,16 @@ class OracleGuided(TokenReducer):
         self.name = "oracle" + ("" if at_eval else "(own attention at eval)")
         self.patch_token: Optional[Tensor] = None
 
-    def start_forward(self, images: Tensor) -> None:
+    def start_forward(self, images: Tensor, training: bool) -> None:
         self.patch_token = None
+        self.recorder.scores = {}
+        if not (training or self.at_eval):  # the student's own attention decides: no oracle forward
+            return
         parameter = next(self.oracle.parameters())
         if (parameter.device, parameter.dtype) != (images.device, images.dtype):  # follows the student's .to()
             self.oracle.to(images.device, images.dtype)
         with torch.no_grad(), eval_mode(self.oracle):
             self.oracle(images)
-
-    def uses_oracle(self, context: LayerContext) -> bool:
-        return context.training or self.at_eval
 
     def current_scores(self, oracle_scores: Tensor, num_tokens: int) -> Tensor:
         """The oracle's score of each token the student holds now ``(B, n)``."""
@@ -88,7 +88,7 @@ class OracleGuided(TokenReducer):
         num_image = x.shape[1] - context.num_prefix_tokens
         if kept_token_count(num_image, context.keep_rate) >= num_image:
             reduction = identity_reduction(x, context.num_prefix_tokens)
-        elif self.uses_oracle(context):
+        elif context.training or self.at_eval:
             oracle_scores = self.recorder.scores.get(context.position)
             if oracle_scores is None or oracle_scores.shape[0] != x.shape[0]:
                 raise RuntimeError("the oracle has not seen these images: call the patched model itself "

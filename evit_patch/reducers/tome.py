@@ -89,7 +89,7 @@ class ToMeMerge(TokenReducer):
         self.name = "tome" + ("" if proportional_attention else "(no proportional attention)")
         self.sizes: Optional[Tensor] = None
 
-    def start_forward(self, images: Tensor) -> None:
+    def start_forward(self, images: Tensor, training: bool) -> None:
         self.sizes = None
 
     def key_weights(self) -> Optional[Tensor]:
