@@ -43,6 +43,22 @@ class EvitConfig:
 
 
 @dataclass
+class PrunedShapeConfig:
+    heads: list[int]  # attention heads kept, per block
+    mlp_hidden: list[int]  # MLP hidden channels kept, per block
+
+
+@dataclass
+class StructuralConfig:
+    """Width pruning (heads, MLP channels) in place of EViT, to the same MACs; turns EViT off."""
+    enabled: bool = False
+    target_macs: Optional[float] = None  # MACs of one image; null: EViT's cost (match_evit)
+    match_evit: bool = True  # budget = the model's cost with EViT at evit.layers / evit.keep_rate (only read for that)
+    importance: Literal["magnitude", "random"] = "magnitude"
+    shape: Optional[PrunedShapeConfig] = None  # the widths to prune to; a run records the ones it found here
+
+
+@dataclass
 class KeepRateScheduleConfig:
     kind: Literal["constant", "cosine"] = "constant"
     start_epoch: float = 0.0  # keep rate 1.0 before this epoch
@@ -112,6 +128,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     teacher: Optional[TeacherConfig] = None
     oracle: Optional[ModelConfig] = None  # reducer oracle: the trained model that scores tokens (default: `model`)
+    structural: StructuralConfig = field(default_factory=StructuralConfig)
 
 
 def _check_type(value: Any, hint: Any, key: str) -> Any:
@@ -204,6 +221,16 @@ def _check_oracle(recipe: Recipe) -> None:
                           "serve as the oracle")
 
 
+def _check_structural(recipe: Recipe) -> None:
+    """A structurally pruned run needs a budget, and runs without EViT."""
+    structural = recipe.structural
+    if structural.enabled and structural.shape is None and structural.target_macs is None and not structural.match_evit:
+        raise RecipeError("structural: enabled without a budget; set structural.target_macs, "
+                          "or structural.match_evit: true to take the cost of the evit settings")
+    if structural.enabled:
+        recipe.evit.enabled = False
+
+
 def _check_data_folders(data: DataConfig, base: Path) -> None:
     """The data folders a recipe names must exist (Fashion-MNIST may be downloaded if allowed)."""
     if data.dataset == "imagefolder":
@@ -237,6 +264,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     values = yaml.safe_load(path.read_text()) or {}
     recipe = _build(Recipe, apply_overrides(values, overrides or []), "")
     _resolve_files(recipe, path.resolve().parent.parent)
+    _check_structural(recipe)
     return recipe
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -17,19 +18,26 @@ from torch import nn
 
 from evit_patch import distributed
 from evit_patch.checkpoint import load_weights
-from evit_patch.config import ModelConfig, Recipe, recipe_from_dict
+from evit_patch.config import ModelConfig, Recipe, RecipeError, recipe_from_dict
 from evit_patch.data import build_dataset
 from evit_patch.evaluation import accuracy, images_per_second
 from evit_patch.export import example_input
 from evit_patch.macs import count_macs
 from evit_patch.methods import apply_recipe_reducer, method_label
 from evit_patch.patch import remove_evit
+from evit_patch.structural import apply_pruned_shape
 from evit_patch.training import build_model, eval_loader
 
 
 def rebuild(recipe: Recipe, weights: Path) -> nn.Module:
-    """The recipe's architecture with its reducer applied and the saved weights loaded."""
+    """The recipe's architecture (width-pruned to ``structural.shape`` when structural
+    pruning is on) with its token reducer applied and the saved weights loaded."""
     model = build_model(ModelConfig(name=recipe.model.name, kwargs=recipe.model.kwargs))
+    if recipe.structural.enabled:
+        if recipe.structural.shape is None:
+            raise RecipeError("structural.shape: a width-pruned run's recipe.yaml records the widths it was "
+                              "pruned to; rebuild from that file")
+        apply_pruned_shape(model, dataclasses.asdict(recipe.structural.shape))
     load_weights(model, weights)
     if recipe.evit.enabled:
         apply_recipe_reducer(model, recipe)
@@ -52,15 +60,19 @@ def table(models: dict[str, nn.Module], recipe: Recipe, runtime: distributed.Run
 
 
 def compare_with_base(recipe: Recipe, weights: Path) -> str:
-    """Base model (the recipe's starting weights) against it with the recipe's reducer, before and after
-    fine-tuning."""
+    """Base model (the recipe's starting weights) against it with the recipe's reducer, or
+    width-pruned, before and after fine-tuning."""
     runtime = distributed.Runtime(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     base = build_model(recipe.model).eval()
-    off_the_shelf = apply_recipe_reducer(copy.deepcopy(base), recipe)
     tuned = rebuild(recipe, weights)
-    label = method_label(recipe)
-    return table({"base (unpatched)": base, f"{label}, not fine-tuned": off_the_shelf,
-                  f"{label}, fine-tuned": tuned}, recipe, runtime)
+    if recipe.structural.enabled:
+        reduced = apply_pruned_shape(copy.deepcopy(base), dataclasses.asdict(recipe.structural.shape),
+                                     importance=recipe.structural.importance)
+    else:
+        reduced = apply_recipe_reducer(copy.deepcopy(base), recipe)
+    name = method_label(recipe)
+    return table({"base (unpatched)": base, f"{name}, not fine-tuned": reduced, f"{name}, fine-tuned": tuned},
+                 recipe, runtime)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -74,7 +86,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     recipe = recipe_from_dict(yaml.safe_load(recipe_file.read_text()))
     patched = rebuild(recipe, args.run / args.weights)
     runtime = distributed.Runtime(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    models = {"unpatched": remove_evit(copy.deepcopy(patched)) if recipe.evit.enabled else patched}
+    name = "width-pruned" if recipe.structural.enabled else "unpatched"
+    models = {name: remove_evit(copy.deepcopy(patched)) if recipe.evit.enabled else patched}
     if recipe.evit.enabled:
         models[method_label(recipe)] = patched
     print(table(models, recipe, runtime))

@@ -14,6 +14,8 @@ stops before the update, the last good checkpoint intact. The final weights go t
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -33,13 +35,15 @@ from tqdm import tqdm
 
 from evit_patch import distributed
 from evit_patch.checkpoint import CheckpointError, load_checkpoint, save_atomic, save_weights
-from evit_patch.config import Recipe, RecipeError, load_recipe, recipe_to_dict
+from evit_patch.config import PrunedShapeConfig, Recipe, RecipeError, load_recipe, recipe_to_dict
 from evit_patch.data import build_dataset
 from evit_patch.errors import UnsupportedModelError
 from evit_patch.evaluation import accuracy, autocast
+from evit_patch.macs import count_macs
 from evit_patch.methods import apply_recipe_reducer
-from evit_patch.patch import set_keep_rate
+from evit_patch.patch import apply_evit, set_keep_rate
 from evit_patch.schedule import keep_rate_at
+from evit_patch.structural import apply_pruned_shape, prune_to_macs, pruned_shape
 from evit_patch.training import (
     DistillationLoss, build_mixup, build_model, build_optimizer, build_scheduler, eval_loader, rng_state,
     seed_everything, set_rng_state, train_loader,
@@ -80,12 +84,34 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def prepare_model(recipe: Recipe) -> nn.Module:
-    """The recipe's model with its reducer (EViT by default) at the schedule's starting keep rate."""
+    """The recipe's model with its token reducer (EViT by default) at the schedule's
+    starting keep rate, or width-pruned to the structural budget instead."""
     model = build_model(recipe.model)
-    if recipe.evit.enabled:
+    if recipe.structural.enabled:
+        _prune_width(model, recipe)
+    elif recipe.evit.enabled:
         start = keep_rate_at(0.0, recipe.evit.keep_rate, recipe.keep_rate_schedule)
         apply_recipe_reducer(model, recipe, start, starting_model=model)
     return model
+
+
+def _prune_width(model: nn.Module, recipe: Recipe) -> None:
+    """Prune heads and MLP channels to ``structural.shape``, else to ``target_macs``, else
+    to the cost of EViT at ``evit.layers``/``evit.keep_rate``; the widths are recorded in
+    ``structural.shape``, so the run's recipe.yaml rebuilds this architecture."""
+    structural = recipe.structural
+    try:
+        if structural.shape is not None:
+            apply_pruned_shape(model, dataclasses.asdict(structural.shape), importance=structural.importance)
+        else:
+            target = structural.target_macs
+            if target is None:
+                evit = recipe.evit
+                target = count_macs(apply_evit(copy.deepcopy(model), evit.layers, evit.keep_rate, fuse=evit.fuse))
+            prune_to_macs(model, target, importance=structural.importance)
+    except ValueError as error:
+        raise RecipeError(f"structural: {error}") from error
+    structural.shape = PrunedShapeConfig(**pruned_shape(model))
 
 
 def _checkpoint_state(model, optimizer, scheduler, scaler, ema, position: Position, recipe: Recipe,
@@ -264,7 +290,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         output = train(recipe, args.resume)
     except (RecipeError, CheckpointError, TrainingDiverged, UnsupportedModelError, FileNotFoundError) as error:
         parser.exit(1, f"error: {error}\n")
-    if not args.no_report and recipe.evit.enabled and int(os.environ.get("RANK", "0")) == 0:
+    if not args.no_report and (recipe.evit.enabled or recipe.structural.enabled) and int(os.environ.get("RANK", "0")) == 0:
         from evit_patch.evaluate import compare_with_base
 
         print(compare_with_base(recipe, output / "model.safetensors"))

@@ -35,7 +35,9 @@ def apply_recipe_reducer(model: nn.Module, recipe: Recipe, keep_rate: float | No
 
 
 def method_label(recipe: Recipe) -> str:
-    """A table label for the recipe's reducer, e.g. ``EViT keep 0.7``."""
+    """A table label for the recipe's method, e.g. ``EViT keep 0.7``."""
+    if recipe.structural.enabled:
+        return "width-pruned"
     config = recipe.evit
     names = {"evit": "EViT" if config.fuse else "EViT w/o fusion", "random": "random drop",
              "tome": "ToMe-style merging", "oracle": "oracle-guided EViT"}
