@@ -47,6 +47,7 @@ METHODS: dict[str, tuple[list[str], str, bool]] = {
     "random": (["evit.reducer=random"], "random drop", True),
     "tome": (["evit.reducer=tome"], "ToMe-style merging", True),
     "oracle": (["evit.reducer=oracle"], "oracle-guided EViT", True),
+    "structural": (["structural.enabled=true"], "width pruning (torch-pruning)", True),
 }
 
 
