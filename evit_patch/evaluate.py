@@ -19,6 +19,7 @@ from evit_patch import distributed
 from evit_patch.checkpoint import load_weights
 from evit_patch.config import ModelConfig, Recipe, recipe_from_dict
 from evit_patch.data import build_dataset
+from evit_patch.dynamicvit import apply_dynamicvit, is_dynamicvit, remove_dynamicvit
 from evit_patch.evaluation import accuracy, images_per_second
 from evit_patch.export import example_input
 from evit_patch.macs import count_macs
@@ -27,12 +28,26 @@ from evit_patch.training import build_model, eval_loader
 
 
 def rebuild(recipe: Recipe, weights: Path) -> nn.Module:
-    """The recipe's architecture with EViT applied and the saved weights loaded."""
+    """The recipe's architecture with DynamicViT or EViT applied and the saved weights
+    (DynamicViT's predictors included) loaded."""
     model = build_model(ModelConfig(name=recipe.model.name, kwargs=recipe.model.kwargs))
+    if recipe.dynamicvit.enabled:
+        apply_dynamicvit(model, recipe.dynamicvit.layers, recipe.dynamicvit.keep_ratio)
     load_weights(model, weights)
     if recipe.evit.enabled:
         apply_evit(model, recipe.evit.layers, recipe.evit.keep_rate, fuse=recipe.evit.fuse)
     return model.eval()
+
+
+def _method(recipe: Recipe) -> Optional[str]:
+    """How the recipe prunes tokens, as a table row names it (None: it does not)."""
+    if recipe.dynamicvit.enabled:
+        return f"DynamicViT keep ratio {recipe.dynamicvit.keep_ratio}"
+    return f"EViT keep {recipe.evit.keep_rate}" if recipe.evit.enabled else None
+
+
+def _unpatched_copy(model: nn.Module) -> nn.Module:
+    return remove_dynamicvit(copy.deepcopy(model)) if is_dynamicvit(model) else remove_evit(copy.deepcopy(model))
 
 
 def table(models: dict[str, nn.Module], recipe: Recipe, runtime: distributed.Runtime) -> str:
@@ -51,9 +66,13 @@ def table(models: dict[str, nn.Module], recipe: Recipe, runtime: distributed.Run
 
 
 def compare_with_base(recipe: Recipe, weights: Path) -> str:
-    """Base model (the recipe's starting weights) against it with EViT, before and after fine-tuning."""
+    """Base model (the recipe's starting weights) against it with EViT, before and after
+    fine-tuning, or against the fine-tuned DynamicViT (untrained predictors prune at random)."""
     runtime = distributed.Runtime(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     base = build_model(recipe.model).eval()
+    if recipe.dynamicvit.enabled:
+        return table({"base (unpatched)": base, f"{_method(recipe)}, fine-tuned": rebuild(recipe, weights)},
+                     recipe, runtime)
     off_the_shelf = apply_evit(copy.deepcopy(base), recipe.evit.layers, recipe.evit.keep_rate, fuse=recipe.evit.fuse)
     tuned = rebuild(recipe, weights)
     keep = recipe.evit.keep_rate
@@ -72,9 +91,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     recipe = recipe_from_dict(yaml.safe_load(recipe_file.read_text()))
     patched = rebuild(recipe, args.run / args.weights)
     runtime = distributed.Runtime(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    models = {"unpatched": remove_evit(copy.deepcopy(patched)) if recipe.evit.enabled else patched}
-    if recipe.evit.enabled:
-        models[f"EViT keep {recipe.evit.keep_rate}"] = patched
+    method = _method(recipe)
+    models = {"unpatched": _unpatched_copy(patched) if method else patched}
+    if method:
+        models[method] = patched
     print(table(models, recipe, runtime))
 
 
