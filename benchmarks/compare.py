@@ -47,6 +47,8 @@ METHODS: dict[str, tuple[list[str], str, bool]] = {
     "random": (["evit.reducer=random"], "random drop", True),
     "tome": (["evit.reducer=tome"], "ToMe-style merging", True),
     "oracle": (["evit.reducer=oracle"], "oracle-guided EViT", True),
+    "dynamicvit": (["evit.enabled=false", "dynamicvit.enabled=true", "dynamicvit.freeze_epochs=0"],
+                   "DynamicViT (learned predictors)", False),
     "structural": (["structural.enabled=true"], "width pruning (torch-pruning)", True),
 }
 
@@ -75,8 +77,10 @@ def method_recipe(args: argparse.Namespace, method: str, keep_rate: Optional[flo
     overrides, _, _ = METHODS[method]
     tag = method if keep_rate is None else f"{method}_{keep_rate}"
     run = [f"train.epochs=1", f"train.max_steps_per_epoch={args.steps}", f"train.output_dir={args.out.parent / 'runs' / tag}"]
-    budget = [] if keep_rate is None else [f"evit.keep_rate={keep_rate}"]
-    return load_recipe(args.recipe, [*args.overrides, *overrides, *budget, *run])
+    budget = [] if keep_rate is None else [f"evit.keep_rate={keep_rate}", f"dynamicvit.keep_ratio={keep_rate}"]
+    recipe = load_recipe(args.recipe, [*args.overrides, *overrides, *budget, *run])
+    recipe.dynamicvit.layers = list(recipe.evit.layers)  # DynamicViT's stages where EViT reorganizes
+    return recipe
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -62,16 +62,48 @@ def _drop_specialized_inputs(graph: fx.Graph) -> None:
     graph._tracer_extras = {}
 
 
-def _fused_attention_tensors(graph: fx.Graph, sdpa: fx.Node, attention: nn.Module) -> tuple:
-    """``(q, k, scale, None)`` of a fused attention call; its dropout made live again."""
-    query = sdpa.args[0] if len(sdpa.args) > 0 else sdpa.kwargs["query"]
-    key = sdpa.args[1] if len(sdpa.args) > 1 else sdpa.kwargs["key"]
+def _make_dropout_live(graph: fx.Graph, sdpa: fx.Node, attention: nn.Module) -> None:
+    """Read the fused call's dropout rate from ``attn_drop`` at run time, not at trace time."""
     dropout = getattr(attention, "attn_drop", None)
     if isinstance(dropout, nn.Dropout) and dropout.p > 0:
         with graph.inserting_before(sdpa):
             rate = graph.call_function(active_dropout_rate, (graph.get_attr("attn_drop"),))
         sdpa.update_kwarg("dropout_p", rate)
-    return (query, key, sdpa.kwargs.get("scale"), None)
+
+
+def is_fused_attention(node: fx.Node) -> bool:
+    """Whether ``node`` is a ``scaled_dot_product_attention`` call (else an explicit softmax)."""
+    return node.op == "call_function" and node.target is F.scaled_dot_product_attention
+
+
+def attention_node(graph: fx.Graph, owner: str, model_name: str) -> fx.Node:
+    """The graph's one attention computation: a fused call or an explicit softmax."""
+    fused = find_nodes(graph, "call_function", [F.scaled_dot_product_attention])
+    softmax = find_nodes(graph, "call_method", ["softmax"]) + find_nodes(graph, "call_function", _SOFTMAX_FUNCTIONS)
+    if len(fused) + len(softmax) != 1:
+        raise UnsupportedModelError(
+            model_name,
+            f"its attention {owner} does not compute one softmax attention "
+            f"(found {len(fused)} fused and {len(softmax)} explicit softmax calls)",
+        )
+    return (fused + softmax)[0]
+
+
+def attention_graph(attention: nn.Module, model_name: str) -> tuple[fx.Graph, fx.Node]:
+    """The attention module's own graph (mask inputs fixed at their defaults, dropout
+    following ``train()``/``eval()``) and its one attention node, for rewrites to extend."""
+    try:
+        graph = _trace_in_eval_mode(attention)
+    except UnsupportedModelError as error:
+        raise UnsupportedModelError(model_name, error.reason) from None
+    except Exception as error:  # torch.fx raises many kinds of errors on untraceable code
+        raise UnsupportedModelError(
+            model_name, f"its attention {type(attention).__name__} cannot be traced by torch.fx ({error})"
+        ) from error
+    node = attention_node(graph, type(attention).__name__, model_name)
+    if is_fused_attention(node):
+        _make_dropout_live(graph, node, attention)
+    return graph, node
 
 
 def scored_attention(attention: nn.Module, model_name: str) -> fx.GraphModule:
@@ -81,27 +113,13 @@ def scored_attention(attention: nn.Module, model_name: str) -> fx.GraphModule:
     computes anyway; no operation is added, so a layer that keeps every token costs
     nothing extra.
     """
-    try:
-        graph = _trace_in_eval_mode(attention)
-    except UnsupportedModelError as error:
-        raise UnsupportedModelError(model_name, error.reason) from None
-    except Exception as error:  # torch.fx raises many kinds of errors on untraceable code
-        raise UnsupportedModelError(
-            model_name, f"its attention {type(attention).__name__} cannot be traced by torch.fx ({error})"
-        ) from error
-
-    fused = find_nodes(graph, "call_function", [F.scaled_dot_product_attention])
-    softmax = find_nodes(graph, "call_method", ["softmax"]) + find_nodes(graph, "call_function", _SOFTMAX_FUNCTIONS)
-    if len(fused) == 1 and not softmax:
-        tensors = _fused_attention_tensors(graph, fused[0], attention)
-    elif len(softmax) == 1 and not fused:
-        tensors = (None, None, None, softmax[0])
+    graph, node = attention_graph(attention, model_name)
+    if is_fused_attention(node):
+        query = node.args[0] if len(node.args) > 0 else node.kwargs["query"]
+        key = node.args[1] if len(node.args) > 1 else node.kwargs["key"]
+        tensors = (query, key, node.kwargs.get("scale"), None)
     else:
-        raise UnsupportedModelError(
-            model_name,
-            f"its attention {type(attention).__name__} does not compute one softmax attention "
-            f"(found {len(fused)} fused and {len(softmax)} explicit softmax calls)",
-        )
+        tensors = (None, None, None, node)
 
     output = next(node for node in graph.nodes if node.op == "output")
     output.args = ((output.args[0], tensors),)

@@ -29,7 +29,8 @@ _KNOWN_POSITION_INPUTS = {
 _ADD_TARGETS = (operator.add, operator.iadd, torch.add)
 
 
-def _check_block_inputs(block: nn.Module, model_name: str) -> None:
+def check_block_inputs(block: nn.Module, model_name: str) -> None:
+    """Refuse blocks that take inputs sized to the full token sequence (rotary or relative positions)."""
     for parameter in extra_forward_parameters(block):
         if parameter.name in _KNOWN_POSITION_INPUTS:
             raise UnsupportedModelError(model_name, _KNOWN_POSITION_INPUTS[parameter.name])
@@ -61,7 +62,7 @@ def reorganizing_block(block: nn.Module, reorganizer: nn.Module, model_name: str
     attention = getattr(block, "attn", None)
     if not isinstance(attention, nn.Module):
         raise UnsupportedModelError(model_name, f"its block {type(block).__name__} has no `attn` submodule")
-    _check_block_inputs(block, model_name)
+    check_block_inputs(block, model_name)
     try:
         graph = trace_own_forward(block)
     except Exception as error:  # torch.fx raises many kinds of errors on untraceable code

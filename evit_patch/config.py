@@ -59,6 +59,18 @@ class StructuralConfig:
 
 
 @dataclass
+class DynamicViTConfig:
+    enabled: bool = False  # learned pruning (DynamicViT) instead of EViT; needs evit.enabled: false
+    layers: list[int] = field(default_factory=lambda: [3, 6, 9])
+    keep_ratio: float = 0.7  # stage s keeps keep_ratio**s of the image tokens
+    backbone_lr_scale: float = 0.01  # backbone lr = optimizer lr x this; predictors get the full lr
+    freeze_epochs: int = 5  # backbone frozen for the first epochs
+    ratio_weight: float = 2.0
+    distill_weight: float = 0.5  # KL to the unpruned teacher's logits
+    token_distill_weight: float = 0.5  # MSE to its final tokens at the kept ones
+
+
+@dataclass
 class KeepRateScheduleConfig:
     kind: Literal["constant", "cosine"] = "constant"
     start_epoch: float = 0.0  # keep rate 1.0 before this epoch
@@ -122,6 +134,7 @@ class TrainConfig:
 class Recipe:
     model: ModelConfig
     evit: EvitConfig = field(default_factory=EvitConfig)
+    dynamicvit: DynamicViTConfig = field(default_factory=DynamicViTConfig)
     keep_rate_schedule: KeepRateScheduleConfig = field(default_factory=KeepRateScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -263,6 +276,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"recipe file {str(path)!r} does not exist")
     values = yaml.safe_load(path.read_text()) or {}
     recipe = _build(Recipe, apply_overrides(values, overrides or []), "")
+    if recipe.dynamicvit.enabled and recipe.evit.enabled:
+        raise RecipeError("dynamicvit.enabled and evit.enabled are both true; a run prunes with one method: "
+                          "set evit.enabled: false (or dynamicvit.enabled: false)")
     _resolve_files(recipe, path.resolve().parent.parent)
     _check_structural(recipe)
     return recipe

@@ -20,6 +20,7 @@ from evit_patch import distributed
 from evit_patch.checkpoint import load_weights
 from evit_patch.config import ModelConfig, Recipe, RecipeError, recipe_from_dict
 from evit_patch.data import build_dataset
+from evit_patch.dynamicvit import apply_dynamicvit, is_dynamicvit, remove_dynamicvit
 from evit_patch.evaluation import accuracy, images_per_second
 from evit_patch.export import example_input
 from evit_patch.macs import count_macs
@@ -31,17 +32,24 @@ from evit_patch.training import build_model, eval_loader
 
 def rebuild(recipe: Recipe, weights: Path) -> nn.Module:
     """The recipe's architecture (width-pruned to ``structural.shape`` when structural
-    pruning is on) with its token reducer applied and the saved weights loaded."""
+    pruning is on) with DynamicViT or its token reducer applied and the saved weights
+    (DynamicViT's predictors included) loaded."""
     model = build_model(ModelConfig(name=recipe.model.name, kwargs=recipe.model.kwargs))
     if recipe.structural.enabled:
         if recipe.structural.shape is None:
             raise RecipeError("structural.shape: a width-pruned run's recipe.yaml records the widths it was "
                               "pruned to; rebuild from that file")
         apply_pruned_shape(model, dataclasses.asdict(recipe.structural.shape))
+    if recipe.dynamicvit.enabled:
+        apply_dynamicvit(model, recipe.dynamicvit.layers, recipe.dynamicvit.keep_ratio)
     load_weights(model, weights)
     if recipe.evit.enabled:
         apply_recipe_reducer(model, recipe)
     return model.eval()
+
+
+def _unpatched_copy(model: nn.Module) -> nn.Module:
+    return remove_dynamicvit(copy.deepcopy(model)) if is_dynamicvit(model) else remove_evit(copy.deepcopy(model))
 
 
 def table(models: dict[str, nn.Module], recipe: Recipe, runtime: distributed.Runtime) -> str:
@@ -61,9 +69,13 @@ def table(models: dict[str, nn.Module], recipe: Recipe, runtime: distributed.Run
 
 def compare_with_base(recipe: Recipe, weights: Path) -> str:
     """Base model (the recipe's starting weights) against it with the recipe's reducer, or
-    width-pruned, before and after fine-tuning."""
+    width-pruned, before and after fine-tuning; or against the fine-tuned DynamicViT
+    (untrained predictors would prune at random)."""
     runtime = distributed.Runtime(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     base = build_model(recipe.model).eval()
+    if recipe.dynamicvit.enabled:
+        return table({"base (unpatched)": base, f"{method_label(recipe)}, fine-tuned": rebuild(recipe, weights)},
+                     recipe, runtime)
     tuned = rebuild(recipe, weights)
     if recipe.structural.enabled:
         reduced = apply_pruned_shape(copy.deepcopy(base), dataclasses.asdict(recipe.structural.shape),
@@ -86,10 +98,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     recipe = recipe_from_dict(yaml.safe_load(recipe_file.read_text()))
     patched = rebuild(recipe, args.run / args.weights)
     runtime = distributed.Runtime(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    name = "width-pruned" if recipe.structural.enabled else "unpatched"
-    models = {name: remove_evit(copy.deepcopy(patched)) if recipe.evit.enabled else patched}
-    if recipe.evit.enabled:
-        models[method_label(recipe)] = patched
+    method = method_label(recipe)
+    reduces_tokens = method is not None and not recipe.structural.enabled
+    models = {"unpatched": _unpatched_copy(patched)} if reduces_tokens else {}
+    models[method or "unpatched"] = patched
     print(table(models, recipe, runtime))
 
 

@@ -37,10 +37,11 @@ from evit_patch import distributed
 from evit_patch.checkpoint import CheckpointError, load_checkpoint, save_atomic, save_weights
 from evit_patch.config import PrunedShapeConfig, Recipe, RecipeError, load_recipe, recipe_to_dict
 from evit_patch.data import build_dataset
+from evit_patch.dynamicvit import DynamicViTLoss, apply_dynamicvit, set_backbone_frozen, unpruned_copy
 from evit_patch.errors import UnsupportedModelError
 from evit_patch.evaluation import accuracy, autocast
 from evit_patch.macs import count_macs
-from evit_patch.methods import apply_recipe_reducer
+from evit_patch.methods import apply_recipe_reducer, method_label
 from evit_patch.patch import apply_evit, set_keep_rate
 from evit_patch.schedule import keep_rate_at
 from evit_patch.structural import apply_pruned_shape, prune_to_macs, pruned_shape
@@ -85,10 +86,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def prepare_model(recipe: Recipe) -> nn.Module:
     """The recipe's model with its token reducer (EViT by default) at the schedule's
-    starting keep rate, or width-pruned to the structural budget instead."""
+    starting keep rate, DynamicViT, or width-pruned to the structural budget instead."""
     model = build_model(recipe.model)
     if recipe.structural.enabled:
         _prune_width(model, recipe)
+    elif recipe.dynamicvit.enabled:
+        apply_dynamicvit(model, recipe.dynamicvit.layers, recipe.dynamicvit.keep_ratio)
     elif recipe.evit.enabled:
         start = keep_rate_at(0.0, recipe.evit.keep_rate, recipe.keep_rate_schedule)
         apply_recipe_reducer(model, recipe, start, starting_model=model)
@@ -112,6 +115,16 @@ def _prune_width(model: nn.Module, recipe: Recipe) -> None:
     except ValueError as error:
         raise RecipeError(f"structural: {error}") from error
     structural.shape = PrunedShapeConfig(**pruned_shape(model))
+
+
+def build_criterion(recipe: Recipe, model: nn.Module, teacher: Optional[nn.Module]) -> nn.Module:
+    """DynamicViT's loss (teacher: the recipe's, else the unpruned starting model), or
+    cross-entropy with optional DeiT-style distillation."""
+    if not recipe.dynamicvit.enabled:
+        return DistillationLoss(recipe.data, teacher, recipe.teacher)
+    config = recipe.dynamicvit
+    return DynamicViTLoss(model, teacher if teacher is not None else unpruned_copy(model), config.ratio_weight,
+                          config.distill_weight, config.token_distill_weight, recipe.data.label_smoothing)
 
 
 def _checkpoint_state(model, optimizer, scheduler, scaler, ema, position: Position, recipe: Recipe,
@@ -158,7 +171,7 @@ def run_training(recipe: Recipe, resume: Optional[str], runtime: distributed.Run
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=recipe.train.amp == "fp16")
     ema = ModelEmaV3(model, decay=recipe.train.ema_decay) if recipe.train.ema_decay else None
     teacher = build_model(recipe.teacher).to(runtime.device).eval() if recipe.teacher else None
-    criterion = DistillationLoss(recipe.data, teacher, recipe.teacher)
+    criterion = build_criterion(recipe, model, teacher)
     mixup = build_mixup(recipe.data, _unwrap(model).num_classes)
     if getattr(model, "set_distilled_training", None) and teacher is not None:
         model.set_distilled_training(True)
@@ -173,8 +186,10 @@ def run_training(recipe: Recipe, resume: Optional[str], runtime: distributed.Run
             ema.load_state_dict(state["ema"])
         position = Position(**state["position"])
         set_rng_state(_own_rng(state["rng"], runtime))
-    if runtime.distributed:
-        model = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    scheduler.step_update(position.global_step)  # per-group lr_scale from the first step on
+    if runtime.distributed:  # DynamicViT freezes the backbone for some epochs: frozen parameters go unused
+        model = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+                                        find_unused_parameters=recipe.dynamicvit.enabled)
 
     if runtime.is_main:
         output.mkdir(parents=True, exist_ok=True)
@@ -192,6 +207,8 @@ def run_training(recipe: Recipe, resume: Optional[str], runtime: distributed.Run
         while position.epoch < recipe.train.epochs:
             loader = train_loader(train_set, recipe, runtime, position.epoch, skip_batches=position.step_in_epoch)
             model.train()
+            if recipe.dynamicvit.enabled:
+                set_backbone_frozen(_unwrap(model), position.epoch < recipe.dynamicvit.freeze_epochs)
             progress = tqdm(total=steps_per_epoch, initial=position.step_in_epoch, disable=not (show_progress and runtime.is_main),
                             desc=f"epoch {position.epoch + 1}/{recipe.train.epochs}", dynamic_ncols=True)
             losses, seen, started = [], 0, time.perf_counter()
@@ -290,7 +307,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         output = train(recipe, args.resume)
     except (RecipeError, CheckpointError, TrainingDiverged, UnsupportedModelError, FileNotFoundError) as error:
         parser.exit(1, f"error: {error}\n")
-    if not args.no_report and (recipe.evit.enabled or recipe.structural.enabled) and int(os.environ.get("RANK", "0")) == 0:
+    if not args.no_report and method_label(recipe) is not None and int(os.environ.get("RANK", "0")) == 0:
         from evit_patch.evaluate import compare_with_base
 
         print(compare_with_base(recipe, output / "model.safetensors"))

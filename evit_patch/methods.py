@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import nn
 
 from evit_patch.config import Recipe
@@ -34,10 +36,14 @@ def apply_recipe_reducer(model: nn.Module, recipe: Recipe, keep_rate: float | No
     return apply_token_reducer(model, recipe.evit.layers, rate, recipe_reducer(recipe, starting_model))
 
 
-def method_label(recipe: Recipe) -> str:
-    """A table label for the recipe's method, e.g. ``EViT keep 0.7``."""
+def method_label(recipe: Recipe) -> Optional[str]:
+    """A table label for the recipe's method, e.g. ``EViT keep 0.7`` (None: the plain model)."""
     if recipe.structural.enabled:
         return "width-pruned"
+    if recipe.dynamicvit.enabled:
+        return f"DynamicViT keep ratio {recipe.dynamicvit.keep_ratio}"
+    if not recipe.evit.enabled:
+        return None
     config = recipe.evit
     names = {"evit": "EViT" if config.fuse else "EViT w/o fusion", "random": "random drop",
              "tome": "ToMe-style merging", "oracle": "oracle-guided EViT"}

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from evit_patch.checkpoint import load_weights
 from evit_patch.config import DataConfig, ModelConfig, Recipe, TeacherConfig
 from evit_patch.distributed import Runtime
+from evit_patch.dynamicvit import dynamicvit_param_groups
 
 
 def build_model(config: ModelConfig | TeacherConfig) -> nn.Module:
@@ -88,8 +89,11 @@ def scaled_lr(lr: float, recipe: Recipe, runtime: Runtime) -> float:
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe, runtime: Runtime) -> torch.optim.Optimizer:
+    """timm's optimizer; with DynamicViT, the backbone's groups at ``backbone_lr_scale`` of the rate."""
     optimizer = recipe.optimizer
-    return timm.optim.create_optimizer_v2(model, opt=optimizer.name, lr=scaled_lr(optimizer.lr, recipe, runtime),
+    parameters = dynamicvit_param_groups(model, optimizer.weight_decay, recipe.dynamicvit.backbone_lr_scale) \
+        if recipe.dynamicvit.enabled else model
+    return timm.optim.create_optimizer_v2(parameters, opt=optimizer.name, lr=scaled_lr(optimizer.lr, recipe, runtime),
                                           weight_decay=optimizer.weight_decay)
 
 

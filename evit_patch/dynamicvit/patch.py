@@ -1,0 +1,193 @@
+"""apply_dynamicvit / remove_dynamicvit: DynamicViT's learned token pruning on a timm ViT.
+
+The original blocks stay in place (``state_dict`` keys unchanged): each stage block gets
+a forward pre-hook that runs its predictor, every attention from the first stage on is
+rewritten to weight its keys by the current keep decisions, and the predictors live in
+one new submodule, ``model.dynamicvit_predictors``.
+"""
+
+from __future__ import annotations
+
+import copy
+import numbers
+from typing import Sequence, TypeVar
+
+import torch
+from torch import nn
+
+from evit_patch.block_rewrite import check_block_inputs
+from evit_patch.dynamicvit.predictor import KeepPredictor
+from evit_patch.dynamicvit.stages import FinalTokens, StagePruner
+from evit_patch.dynamicvit.state import DynamicViTState
+from evit_patch.errors import UnsupportedModelError
+from evit_patch.inspection import model_name, native_input_shape, prefix_token_count, score_mode, transformer_blocks
+from evit_patch.key_weighting import KeyWeights, weighted_key_attention
+from evit_patch.modes import eval_mode
+from evit_patch.patch import is_patched
+from evit_patch.validation import validated_layers
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+STATE_ATTRIBUTE = "dynamicvit_state"
+PREDICTORS_ATTRIBUTE = "dynamicvit_predictors"
+
+
+def is_dynamicvit(model: nn.Module) -> bool:
+    """Whether :func:`apply_dynamicvit` has patched ``model``."""
+    return isinstance(getattr(model, STATE_ATTRIBUTE, None), DynamicViTState)
+
+
+def dynamicvit_state(model: nn.Module) -> DynamicViTState:
+    """The shared state of a patched model; a clear error for an unpatched one."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not is_dynamicvit(model):
+        raise ValueError(f"{model_name(model)} has no DynamicViT pruning; call apply_dynamicvit(model) first")
+    return getattr(model, STATE_ATTRIBUTE)
+
+
+def predictors(model: nn.Module) -> nn.ModuleList:
+    """The keep predictors of a patched model, one per stage."""
+    dynamicvit_state(model)
+    return getattr(model, PREDICTORS_ATTRIBUTE)
+
+
+def dynamicvit_extra_parameters(model: nn.Module) -> int:
+    """Parameters DynamicViT adds to the model (its predictors)."""
+    return sum(parameter.numel() for parameter in predictors(model).parameters())
+
+
+def _validated_keep_ratio(keep_ratio: float) -> float:
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real):
+        raise TypeError(f"keep_ratio must be a float in (0, 1], got {keep_ratio!r}")
+    if not 0.0 < float(keep_ratio) <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1] (stage s keeps keep_ratio**s of the image tokens), "
+                         f"got {keep_ratio!r}")
+    return float(keep_ratio)
+
+
+def _check_class_token_head(model: nn.Module, name: str) -> None:
+    """While training, dropped tokens stay in the sequence and are hidden from attention
+    only; a head that pools all tokens would still read them."""
+    pool = getattr(model, "global_pool", None)
+    if score_mode(model) != "class" or pool != "token" or getattr(model, "attn_pool", None) is not None:
+        raise UnsupportedModelError(
+            name, f"its head does not read the class token alone (global_pool={pool!r}); DynamicViT hides "
+            "dropped tokens from attention only while training, so the head must be a class-token head "
+            "(timm global_pool='token')")
+
+
+def _required_module(owner: nn.Module, attribute: str, name: str, purpose: str) -> nn.Module:
+    module = getattr(owner, attribute, None)
+    if not isinstance(module, nn.Module):
+        raise UnsupportedModelError(name, f"its {type(owner).__name__} has no `{attribute}` module ({purpose})")
+    return module
+
+
+def _embedding_width(model: nn.Module, name: str) -> int:
+    width = getattr(model, "embed_dim", None)
+    if not isinstance(width, int) or isinstance(width, bool):
+        raise UnsupportedModelError(name, "it has no integer `embed_dim` telling the predictors the token width")
+    return width
+
+
+def apply_dynamicvit(model: ModelT, layers: Sequence[int] = (3, 6, 9), keep_ratio: float = 0.7) -> ModelT:
+    """Patch ``model`` in place with DynamicViT token pruning and return it.
+
+    Args:
+        model: a timm ViT with a class-token head (``blocks``, ``num_prefix_tokens``).
+        layers: 0-indexed blocks before which a predictor decides (DeiT: 3, 6, 9).
+        keep_ratio: rho; stage s keeps ``int(N * rho**s)`` of the N original image tokens.
+
+    In ``train()`` mode tokens are masked out of attention (hard Gumbel-softmax
+    decisions); in ``eval()`` mode they are removed. Class, distillation and register
+    tokens are never pruned. On any error the model is left exactly as it was.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a timm ViT), got {type(model).__name__}")
+    if is_dynamicvit(model):
+        raise ValueError(f"{model_name(model)} already has DynamicViT pruning; remove_dynamicvit(model) first")
+    if is_patched(model):
+        raise ValueError(f"{model_name(model)} is patched with EViT; remove_evit(model) before apply_dynamicvit")
+    name = model_name(model)
+    blocks = transformer_blocks(model)
+    layers = validated_layers(layers, len(blocks))
+    keep_ratio = _validated_keep_ratio(keep_ratio)
+    num_prefix_tokens = prefix_token_count(model)
+    _check_class_token_head(model, name)
+    norm = _required_module(model, "norm", name, "the final norm whose tokens token distillation reads")
+    width = _embedding_width(model, name)
+    holder = KeyWeights(self_loop=True)
+    for block in blocks:
+        check_block_inputs(block, name)
+    originals = {index: _required_module(blocks[index], "attn", name, "its attention")
+                 for index in range(layers[0], len(blocks))}
+    weighted = {index: weighted_key_attention(attention, holder, name) for index, attention in originals.items()}
+    parameter = next(model.parameters())
+    stage_predictors = nn.ModuleList(KeepPredictor(width) for _ in layers).to(parameter.device, parameter.dtype)
+    stage_predictors.train(model.training)
+    state = DynamicViTState(layers, keep_ratio, num_prefix_tokens, holder, originals)
+    _install(model, weighted, stage_predictors, state, norm)
+    failure = _forward_failure(model)
+    if failure is not None:
+        remove_dynamicvit(model)
+        if _forward_failure(model) is None:
+            raise UnsupportedModelError(
+                name, f"the pruned model failed a test forward ({type(failure).__name__}: {failure})"
+            ) from failure
+        _install(model, weighted, stage_predictors, state, norm)  # the unpatched model fails too: not ours to judge
+    return model
+
+
+def _install(model: nn.Module, weighted: dict[int, nn.Module], stage_predictors: nn.ModuleList,
+             state: DynamicViTState, norm: nn.Module) -> None:
+    blocks = transformer_blocks(model)
+    for index, attention in weighted.items():
+        blocks[index].attn = attention
+    setattr(model, PREDICTORS_ATTRIBUTE, stage_predictors)
+    state.handles = [
+        blocks[index].register_forward_pre_hook(StagePruner(state, stage_predictors[stage], stage))
+        for stage, index in enumerate(state.layers)
+    ]
+    state.handles.append(norm.register_forward_hook(FinalTokens(state)))
+    setattr(model, STATE_ATTRIBUTE, state)
+
+
+def remove_dynamicvit(model: ModelT) -> ModelT:
+    """Remove the predictors, hooks and attention rewrites: the model computes exactly as
+    never patched (its own weights as they are now)."""
+    state = dynamicvit_state(model)
+    for handle in state.handles:
+        handle.remove()
+    blocks = transformer_blocks(model)
+    for index, attention in state.original_attentions.items():
+        attention.training = blocks[index].attn.training  # model.train()/eval() since patching reached the rewrite only
+        blocks[index].attn = attention
+    state.key_weights.weights = None
+    delattr(model, PREDICTORS_ATTRIBUTE)
+    delattr(model, STATE_ATTRIBUTE)
+    return model
+
+
+def unpruned_copy(model: nn.Module) -> nn.Module:
+    """A frozen copy of a patched model without DynamicViT, in eval mode: the teacher
+    DynamicViT distills from when none is given."""
+    teacher = remove_dynamicvit(copy.deepcopy(model)).eval()
+    return teacher.requires_grad_(False)
+
+
+def _forward_failure(model: nn.Module) -> Exception | None:
+    """Run one image through ``model`` in eval mode (tokens really dropped) and return the
+    error, if any: a model whose later layers cannot take a shorter sequence is refused
+    at patch time, not in the middle of training."""
+    shape = native_input_shape(model)
+    parameter = next(model.parameters(), None)
+    if shape is None or parameter is None or parameter.device.type == "meta":
+        return None
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn((1, *shape), generator=generator).to(parameter.device, parameter.dtype)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(image)
+    except Exception as error:  # any failure of the model is reported to the caller
+        return error
+    return None
