@@ -52,16 +52,20 @@ class KeyWeights(nn.Module):
         return f"self_loop={self.self_loop}, eps={self.eps}"
 
 
-def weighted_softmax(logits: Tensor, weights: Tensor, self_loop: bool = False, eps: float = 0.0) -> Tensor:
-    """``exp(l_ij) w_j / (sum_k exp(l_ik) w_k + eps)`` over the last axis of ``(B, H, Nq, Nk)``
-    logits with ``(B, Nk)`` key weights, in at least float32; gradients reach the weights.
-    ``self_loop`` counts ``w_ii`` as 1."""
-    batch, _, queries, keys = logits.shape
+def _check_weights_shape(weights: Tensor, batch: int, keys: int) -> None:
     if weights.shape != (batch, keys):
         raise ValueError(
             f"KeyWeights.weights has shape {tuple(weights.shape)}, but the attention has a batch of {batch} "
             f"with {keys} keys; set weights of shape ({batch}, {keys}), prefix tokens included"
         )
+
+
+def weighted_softmax(logits: Tensor, weights: Tensor, self_loop: bool = False, eps: float = 0.0) -> Tensor:
+    """``exp(l_ij) w_j / (sum_k exp(l_ik) w_k + eps)`` over the last axis of ``(B, H, Nq, Nk)``
+    logits with ``(B, Nk)`` key weights, in at least float32; gradients reach the weights.
+    ``self_loop`` counts ``w_ii`` as 1."""
+    batch, _, queries, keys = logits.shape
+    _check_weights_shape(weights, batch, keys)
     precision = torch.promote_types(logits.dtype, torch.float32)
     logits = logits.to(precision)
     weights = weights.to(precision)[:, None, None, :]
@@ -75,14 +79,21 @@ def weighted_softmax(logits: Tensor, weights: Tensor, self_loop: bool = False, e
 def key_weighted_sdpa(holder: KeyWeights, query: Tensor, key: Tensor, value: Tensor,
                       attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0, is_causal: bool = False,
                       scale: Optional[float] = None, **options: Any) -> Tensor:
-    """``F.scaled_dot_product_attention`` itself without weights, else the weighted
-    attention computed explicitly (so gradients reach the weights)."""
+    """``F.scaled_dot_product_attention`` itself without weights; with weights that need
+    gradients or a self-loop, the weighted attention computed explicitly; with constant
+    weights, the same attention with ``log w`` added to the logits (``eps`` unused)."""
     if holder.weights is None:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, **options)
     if attn_mask is not None or is_causal or any(options.values()):
         raise ValueError("key-weighted attention takes no attn_mask, is_causal or other attention options; "
                          "set KeyWeights.weights = None to call the attention with them")
+    weights = holder.weights
+    if not (weights.requires_grad or holder.self_loop):  # e.g. token sizes: log-weights as a mask, fused kernel kept
+        _check_weights_shape(weights, query.shape[0], key.shape[-2])
+        log_weights = weights.to(query.dtype).clamp_min(torch.finfo(query.dtype).tiny).log()
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=log_weights[:, None, None, :],
+                                              dropout_p=dropout_p, scale=scale)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     probabilities = weighted_softmax((query @ key.transpose(-2, -1)) * scale, holder.weights, holder.self_loop,
                                      holder.eps)

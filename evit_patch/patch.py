@@ -9,6 +9,7 @@ from torch import nn
 
 from evit_patch.block_rewrite import reorganizing_block
 from evit_patch.errors import UnsupportedModelError
+from evit_patch.key_weighting import weighted_key_attention
 from evit_patch.inspection import model_name, native_input_shape, prefix_token_count, score_mode, transformer_blocks
 from evit_patch.modes import eval_mode
 from evit_patch.reducers.base import TokenReducer
@@ -81,6 +82,8 @@ def apply_token_reducer(model: ModelT, layers: Sequence[int], keep_rate: float |
         for position, index in enumerate(layers)
     }
     state.original_blocks.update({index: blocks[index] for index in layers})
+    if reducer.key_weights is not None:
+        _weight_attention_keys(blocks, patched, state, name)
     _install(model, patched, state)
     failure = _probe_failure(model, state)
     if failure is not None:
@@ -93,10 +96,27 @@ def apply_token_reducer(model: ModelT, layers: Sequence[int], keep_rate: float |
     return model
 
 
+def _weight_attention_keys(blocks: nn.Sequential | nn.ModuleList, patched: dict[int, nn.Module],
+                           state: EvitState, name: str) -> None:
+    """Every attention from the first reduction layer on reads the reducer's key weights
+    (e.g. token sizes for proportional attention): the reducing blocks' own rewritten
+    attention, and the other blocks' attention swapped for a weighted copy."""
+    for index in range(state.layers[0], len(blocks)):
+        owner = patched.get(index, blocks[index])
+        weighted = weighted_key_attention(owner.attn, state.reducer.key_weights, name)
+        if index in patched:
+            owner.attn = weighted
+        else:
+            state.original_attentions[index] = owner.attn
+            state.weighted_attentions[index] = weighted
+
+
 def _install(model: nn.Module, patched: dict[int, nn.Module], state: EvitState) -> None:
     blocks = transformer_blocks(model)
     for index, block in patched.items():
         blocks[index] = block
+    for index, attention in state.weighted_attentions.items():
+        blocks[index].attn = attention
     setattr(model, STATE_ATTRIBUTE, state)
     state.forward_hook = model.register_forward_pre_hook(state.start_forward)
 
@@ -107,6 +127,9 @@ def remove_evit(model: ModelT) -> ModelT:
     blocks = transformer_blocks(model)
     for index, block in state.original_blocks.items():
         blocks[index] = block
+    for index, attention in state.original_attentions.items():
+        attention.training = blocks[index].attn.training  # train()/eval() since patching reached the copy only
+        blocks[index].attn = attention
     state.forward_hook.remove()
     delattr(model, STATE_ATTRIBUTE)
     return model

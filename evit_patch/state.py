@@ -34,6 +34,8 @@ class EvitState:
     num_prefix_tokens: int
     score_mode: ScoreMode
     original_blocks: dict[int, nn.Module] = field(default_factory=dict)
+    original_attentions: dict[int, nn.Module] = field(default_factory=dict)  # of blocks that only weight keys
+    weighted_attentions: dict[int, nn.Module] = field(default_factory=dict)
     records: list[Optional[LayerRecord]] = field(default_factory=list)
     forward_hook: Optional[RemovableHandle] = None  # the model's pre-hook calling start_forward
 

@@ -184,3 +184,54 @@ def test_oracle_at_eval_can_give_way_to_the_students_own_attention(deit_tiny):
     guided.train()(images)
     assert torch.equal(kept_tokens(guided)[0].kept_index, _oracle_scores(oracle, images, 1).topk(8, dim=1).indices)
     deit_tiny.float()
+
+
+def _tome_reference(model, images, layers, keep_rate, proportional):
+    """An eager ToMe forward: explicit attention with log(size) added to the logits of every
+    block after the first merge, keys averaged over heads as the matching metric."""
+    prefix = model.num_prefix_tokens
+    x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
+    sizes = None
+    for index, block in enumerate(model.blocks):
+        h = _layer_norm(x, block.norm1)
+        batch, tokens, _ = h.shape
+        q, k, v = block.attn.qkv(h).reshape(batch, tokens, 3, block.attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        logits = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+        if sizes is not None and proportional:
+            logits = logits + torch.cat([torch.ones(batch, prefix, dtype=sizes.dtype), sizes], 1).log()[:, None, None]
+        out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(batch, tokens, -1)
+        x = x + _layer_scale(block.attn.proj(out), block.ls1)
+        if index in layers:
+            count = tokens - prefix
+            sizes = torch.ones(batch, count, dtype=x.dtype) if sizes is None else sizes
+            merged, sizes, _ = bipartite_merge(x[:, prefix:], k.mean(1)[:, prefix:], sizes,
+                                               count - kept_count(count, keep_rate) - 1)
+            x = torch.cat([x[:, :prefix], merged], 1)
+        x = x + _layer_scale(block.mlp(_layer_norm(x, block.norm2)), block.ls2)
+    return model.forward_head(model.norm(x))
+
+
+@pytest.mark.parametrize("proportional", [True, False])
+def test_tome_on_a_model_equals_an_eager_reference_with_proportional_attention(deit_tiny, proportional):
+    model = copy.deepcopy(deit_tiny).double()
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    expected = _tome_reference(model, images, [1, 3], 0.7, proportional)
+    other = _tome_reference(model, images, [1, 3], 0.7, not proportional)
+    assert not torch.allclose(other, expected, rtol=1e-6, atol=1e-6)  # the size weighting does change the output
+    patched = apply_token_reducer(model, [1, 3], 0.7, ToMeMerge(proportional))
+    torch.testing.assert_close(patched(images), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_tome_keeps_no_key_weights_between_forwards_and_removes_cleanly(deit_tiny):
+    model = copy.deepcopy(deit_tiny)
+    images = torch.randn(2, 3, 64, 64)
+    reference = model(images)
+    patched = apply_token_reducer(model, [1, 3], 0.7, ToMeMerge())
+    first = patched(images[:1])
+    second = patched(images[:1])  # a new forward starts without the last one's sizes
+    assert torch.equal(first, second)
+    from evit_patch import remove_evit
+
+    remove_evit(patched)
+    assert torch.equal(patched(images), reference)
+    assert all(type(block.attn).__name__ == "Attention" for block in patched.blocks)

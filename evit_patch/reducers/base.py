@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from evit_patch.key_weighting import KeyWeights
 from evit_patch.scores import AttentionTensors, ScoreMode, token_scores
 
 
@@ -62,6 +63,7 @@ class TokenReducer(ABC):
     """
 
     name = "reducer"
+    key_weights: Optional[KeyWeights] = None  # set: attention from the first layer on weights keys by it
 
     @abstractmethod
     def reduce(self, x: Tensor, attention: AttentionTensors, context: LayerContext) -> Reduction:

@@ -6,7 +6,7 @@ Tokens alternate into sets A and B; each A token's most similar B token (cosine
 similarity of the keys averaged over heads) is its partner, and the A tokens with the
 most similar partners are averaged into them, weighted by how many patches each holds.
 Those sizes are carried through the forward, for later merges and for proportional
-attention (:meth:`ToMeMerge.key_weights`).
+attention (every attention from the first merging block on weights its keys by them).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from evit_patch.key_weighting import KeyWeights
 from evit_patch.reducers.base import LayerContext, Reduction, TokenReducer, identity_reduction
 from evit_patch.reducers.evit import kept_token_count
 from evit_patch.scores import AttentionTensors
@@ -81,20 +82,19 @@ class ToMeMerge(TokenReducer):
 
     With ``proportional_attention``, blocks after the first merge weight each key by the
     number of patches its token holds (ToMe's ``log(size)`` added to the attention
-    logits), read through :meth:`key_weights`.
+    logits): :func:`evit_patch.apply_token_reducer` rewrites those attentions to read
+    :attr:`key_weights`.
     """
 
     def __init__(self, proportional_attention: bool = True) -> None:
-        self.proportional_attention = proportional_attention
         self.name = "tome" + ("" if proportional_attention else "(no proportional attention)")
+        self.key_weights = KeyWeights() if proportional_attention else None
         self.sizes: Optional[Tensor] = None
 
     def start_forward(self, images: Tensor, training: bool) -> None:
         self.sizes = None
-
-    def key_weights(self) -> Optional[Tensor]:
-        """``(B, n)`` patches per image token since the last merge, or None before it."""
-        return self.sizes if self.proportional_attention else None
+        if self.key_weights is not None:
+            self.key_weights.weights = None
 
     def reduce(self, x: Tensor, attention: AttentionTensors, context: LayerContext) -> Reduction:
         prefix_count = context.num_prefix_tokens
@@ -109,4 +109,6 @@ class ToMeMerge(TokenReducer):
         metric = keys.mean(dim=1)[:, prefix_count:] if keys is not None else x[:, prefix_count:]
         merged, self.sizes, reduction = bipartite_merge(x[:, prefix_count:], metric, sizes, num_merged)
         tokens = torch.cat([x[:, :prefix_count], merged], dim=1)
+        if self.key_weights is not None:  # later attention counts a token as the patches it holds
+            self.key_weights.weights = torch.cat([self.sizes.new_ones(x.shape[0], prefix_count), self.sizes], dim=1)
         return Reduction(tokens, reduction.kept_index, reduction.destination, reduction.mixed)
