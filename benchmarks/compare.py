@@ -6,7 +6,7 @@ is measured the same way: top-1 before and after fine-tuning on the full evaluat
 split, GMACs (fvcore), parameters, and images/s of all fine-tuned models timed side by
 side, interleaved, in this one process (speed-up = median of per-repeat ratios to the
 unpatched model). Budgets are EViT's cost at each keep rate: token methods run at
-EViT's layers and token counts, DynamicViT at keep ratio = keep rate, structural
+EViT's layers and token counts, DynamicViT at the keep ratio whose MACs match, width
 pruning to EViT's MACs.
 
     python benchmarks/compare.py                                   # the embedded default, ~45 min on 2 cores
@@ -29,9 +29,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from evit_patch import count_macs, distributed
+from evit_patch import apply_evit, count_macs, distributed
 from evit_patch.config import Recipe, load_recipe
 from evit_patch.data import build_dataset
+from evit_patch.dynamicvit import apply_dynamicvit, dynamicvit_state
 from evit_patch.evaluation import accuracy, interleaved_images_per_second
 from evit_patch.export import example_input
 from evit_patch.finetune import prepare_model, run_training
@@ -59,7 +60,8 @@ class Row:
 
     method: str
     family: str  # the method's label without its budget
-    keep_rate: Optional[float]
+    keep_rate: Optional[float]  # EViT's keep rate whose MACs are the budget
+    setting: str  # what the method runs with to meet it
     macs: float
     parameters: int
     top1_before: Optional[float]
@@ -79,8 +81,39 @@ def method_recipe(args: argparse.Namespace, method: str, keep_rate: Optional[flo
     run = [f"train.epochs=1", f"train.max_steps_per_epoch={args.steps}", f"train.output_dir={args.out.parent / 'runs' / tag}"]
     budget = [] if keep_rate is None else [f"evit.keep_rate={keep_rate}", f"dynamicvit.keep_ratio={keep_rate}"]
     recipe = load_recipe(args.recipe, [*args.overrides, *overrides, *budget, *run])
-    recipe.dynamicvit.layers = list(recipe.evit.layers)  # DynamicViT's stages where EViT reorganizes
+    if recipe.dynamicvit.enabled:  # stages where EViT reorganizes, keep ratio at EViT's cost
+        recipe.dynamicvit.layers = list(recipe.evit.layers)
+        recipe.dynamicvit.keep_ratio = dynamicvit_ratio_for(recipe, evit_macs(recipe))
     return recipe
+
+
+def evit_macs(recipe: Recipe) -> float:
+    """The budget: the recipe's model with EViT at its layers and keep rate."""
+    return count_macs(apply_evit(build_model(recipe.model), recipe.evit.layers, recipe.evit.keep_rate))
+
+
+def dynamicvit_ratio_for(recipe: Recipe, target_macs: float) -> float:
+    """The largest DynamicViT keep ratio whose inference costs at most ``target_macs``.
+
+    Its predictors sit before their blocks, so at EViT's rate it prunes a block earlier
+    and costs less; bisection on the exact count matches the budget instead."""
+    model = apply_dynamicvit(build_model(recipe.model), recipe.dynamicvit.layers, 1.0).eval()
+    state = dynamicvit_state(model)
+    low, high = 0.01, 1.0
+    while high - low > 1e-3:
+        state.keep_ratio = (low + high) / 2
+        low, high = (state.keep_ratio, high) if count_macs(model) <= target_macs else (low, state.keep_ratio)
+    return round(low, 3)
+
+
+def method_setting(recipe: Recipe) -> str:
+    """What a method runs with: keep rate, DynamicViT's keep ratio, or pruned widths."""
+    if recipe.structural.enabled:
+        shape = recipe.structural.shape
+        return f"heads {shape.heads[0]}, MLP {shape.mlp_hidden[0]} per block"
+    if recipe.dynamicvit.enabled:
+        return f"keep ratio {recipe.dynamicvit.keep_ratio}"
+    return f"keep {recipe.evit.keep_rate}" if recipe.evit.enabled else "all tokens, full width"
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -103,15 +136,16 @@ def evaluate_method(args: argparse.Namespace, method: str, keep_rate: Optional[f
         reducer = model.evit_state.reducer
         oracle_macs, oracle_parameters = count_macs(reducer.oracle), parameter_count(reducer.oracle)
         reducer.at_eval = False
-        own = Row(method, f"{label}, own attention at eval", keep_rate, count_macs(model), parameter_count(model),
+        own = Row(method, f"{label}, own attention at eval", keep_rate, method_setting(recipe), count_macs(model), parameter_count(model),
                   None, accuracy(model, loader, runtime)["top1"], minutes)
         own_model = copy.deepcopy(model)
         reducer.at_eval = True
-        rows = [Row(method, f"{label}, oracle at eval", keep_rate, own.macs + oracle_macs,
+        rows = [Row(method, f"{label}, oracle at eval", keep_rate, own.setting, own.macs + oracle_macs,
                     own.parameters + oracle_parameters, before, after, minutes), own]
         models = {rows[0].label: model, own.label: own_model}
     else:
-        rows = [Row(method, label, keep_rate, count_macs(model), parameter_count(model), before, after, minutes)]
+        rows = [Row(method, label, keep_rate, method_setting(recipe), count_macs(model), parameter_count(model),
+                    before, after, minutes)]
         models = {rows[0].label: model}
     print(json.dumps({"method": rows[0].label, "top1_before": before, "top1_after": after, "minutes": round(minutes, 2)}),
           flush=True)
@@ -135,13 +169,14 @@ def markdown(rows: list[Row], setup: dict) -> str:
         f"{setup['benchmark_batch_size']} on {setup['device']} ({setup['threads']} threads), median of "
         f"{setup['repeats']} interleaved repeats; speed-up = median of per-repeat ratios to the unpatched model.",
         "",
-        "| method | budget (keep) | GMACs | params (M) | top-1 before FT | top-1 after FT | images/s | speed-up |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | budget: EViT's MACs at keep | runs with | GMACs | params (M) | top-1 before FT | top-1 after FT "
+        "| images/s | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         before = f"{row.top1_before:.2f}" if row.top1_before is not None else "—"
         keep = f"{row.keep_rate}" if row.keep_rate is not None else "—"
-        lines.append(f"| {row.family} | {keep} | {row.macs / 1e9:.4f} | {row.parameters / 1e6:.3f} | {before} | "
+        lines.append(f"| {row.family} | {keep} | {row.setting} | {row.macs / 1e9:.4f} | {row.parameters / 1e6:.3f} | {before} | "
                      f"{row.top1_after:.2f} | {statistics.median(row.images_per_second):.0f} | {row.speedup:.2f}x |")
     return "\n".join(lines)
 
