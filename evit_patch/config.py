@@ -16,6 +16,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from evit_patch.models import DEFAULT_EVIT_LAYERS
+
 
 class RecipeError(ValueError):
     """A recipe that cannot run; the message names the key and the fix."""
@@ -113,8 +115,17 @@ class TeacherConfig:
     checkpoint: Optional[str] = None
     kwargs: dict = field(default_factory=dict)
     kind: Literal["soft", "hard"] = "soft"
-    alpha: float = 0.5  # weight of the distillation term
+    alpha: float = 0.5  # weight of the distillation term (unused when token labeling is on)
     tau: float = 1.0
+
+
+@dataclass
+class TokenLabelingConfig:
+    """LV-ViT token labeling: the recipe's teacher (an unpatched LV-ViT) labels every patch."""
+
+    enabled: bool = False
+    dense_weight: float = 0.5  # weight of the kept tokens' loss against their patches' labels
+    cls_weight: float = 1.0  # weight of the class token's loss against the image label
 
 
 @dataclass
@@ -142,6 +153,7 @@ class Recipe:
     teacher: Optional[TeacherConfig] = None
     oracle: Optional[ModelConfig] = None  # reducer oracle: the trained model that scores tokens (default: `model`)
     structural: StructuralConfig = field(default_factory=StructuralConfig)
+    token_labeling: TokenLabelingConfig = field(default_factory=TokenLabelingConfig)
 
 
 def _check_type(value: Any, hint: Any, key: str) -> Any:
@@ -263,6 +275,31 @@ def _check_data_folders(data: DataConfig, base: Path) -> None:
         data.root = str(root)
 
 
+def _check_token_labeling(recipe: Recipe) -> None:
+    """Token labeling needs LV-ViTs on both sides and a teacher with trained weights: its
+    per-token predictions are the labels, so a missing or untrained one is refused here."""
+    if not recipe.token_labeling.enabled:
+        return
+    lvvits = sorted(DEFAULT_EVIT_LAYERS)  # one entry per LV-ViT variant
+    teacher = recipe.teacher
+    if recipe.model.name.split(".")[0] not in lvvits:
+        raise RecipeError(f"token_labeling: model.name {recipe.model.name!r} has no token-labeling head; "
+                          f"use an LV-ViT ({', '.join(lvvits)}) or set token_labeling.enabled: false")
+    if teacher is None:
+        raise RecipeError("token_labeling: token labels come from a teacher, and the recipe has none; add a "
+                          f"'teacher' section: an unpatched LV-ViT ({', '.join(lvvits)}) with trained weights")
+    if teacher.name.split(".")[0] not in lvvits:
+        raise RecipeError(f"token_labeling: teacher.name {teacher.name!r} gives no per-token predictions; "
+                          f"use an LV-ViT ({', '.join(lvvits)})")
+    if not (teacher.pretrained or teacher.pretrained_file or teacher.checkpoint):
+        raise RecipeError("token_labeling: the teacher has no trained weights, so its token labels would be "
+                          "noise; set teacher.checkpoint or teacher.pretrained_file")
+    for key in ("dense_weight", "cls_weight"):
+        if getattr(recipe.token_labeling, key) < 0:
+            raise RecipeError(f"token_labeling.{key}: a loss weight must be >= 0, "
+                              f"got {getattr(recipe.token_labeling, key)}")
+
+
 def _resolve(path: str, base: Path) -> Path:
     candidate = Path(path).expanduser()
     return candidate if candidate.is_absolute() or candidate.exists() else base / candidate
@@ -281,6 +318,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
                           "set evit.enabled: false (or dynamicvit.enabled: false)")
     _resolve_files(recipe, path.resolve().parent.parent)
     _check_structural(recipe)
+    _check_token_labeling(recipe)
     return recipe
 
 

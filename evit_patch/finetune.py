@@ -45,6 +45,7 @@ from evit_patch.methods import apply_recipe_reducer, method_label
 from evit_patch.patch import apply_evit, set_keep_rate
 from evit_patch.schedule import keep_rate_at
 from evit_patch.structural import apply_pruned_shape, prune_to_macs, pruned_shape
+from evit_patch.token_labeling_criterion import TokenLabelingCriterion
 from evit_patch.training import (
     DistillationLoss, build_mixup, build_model, build_optimizer, build_scheduler, eval_loader, rng_state,
     seed_everything, set_rng_state, train_loader,
@@ -172,6 +173,8 @@ def run_training(recipe: Recipe, resume: Optional[str], runtime: distributed.Run
     ema = ModelEmaV3(model, decay=recipe.train.ema_decay) if recipe.train.ema_decay else None
     teacher = build_model(recipe.teacher).to(runtime.device).eval() if recipe.teacher else None
     criterion = build_criterion(recipe, model, teacher)
+    token_labeling = (TokenLabelingCriterion(recipe.token_labeling, recipe.data, model, teacher)
+                      if recipe.token_labeling.enabled else None)
     mixup = build_mixup(recipe.data, _unwrap(model).num_classes)
     if getattr(model, "set_distilled_training", None) and teacher is not None:
         model.set_distilled_training(True)
@@ -225,7 +228,8 @@ def run_training(recipe: Recipe, resume: Optional[str], runtime: distributed.Run
                 if mixup is not None:
                     images, targets = mixup(images, targets)
                 with autocast(runtime.device, recipe.train.amp):
-                    loss = criterion(images, model(images), targets)
+                    loss = (token_labeling(model, images, targets) if token_labeling is not None
+                            else criterion(images, model(images), targets))
                 diverged, interrupted = distributed.any_across(
                     [not math.isfinite(loss.item()), interrupt.requested], runtime)
                 if diverged:
