@@ -42,23 +42,22 @@ def kept_tokens(model: nn.Module) -> list[LayerTokens]:
     if any(record is None for record in state.records):
         raise RuntimeError("no token record yet: run a forward pass through the patched model first")
     first = state.records[0]
-    batch, num_patches = first.reduction.destination.shape[0], first.incoming
-    device = first.reduction.destination.device
+    batch, num_patches = first.destination.shape[0], first.incoming
+    device = first.destination.device
     token_of_patch = torch.arange(num_patches, device=device).expand(batch, num_patches)
     token_is_mixed = torch.zeros(batch, num_patches, dtype=torch.bool, device=device)
     layers = []
     for block_index, record in zip(state.layers, state.records):
-        reduction = record.reduction
         alive = token_of_patch >= 0
         # a mixed token stays mixed wherever it goes
-        token_is_mixed = _carry_mixed(token_is_mixed, reduction.destination, reduction.mixed)
-        token_of_patch = torch.where(alive, reduction.destination.gather(1, token_of_patch.clamp(min=0)), -1)
+        token_is_mixed = _carry_mixed(token_is_mixed, record.destination, record.mixed)
+        token_of_patch = torch.where(alive, record.destination.gather(1, token_of_patch.clamp(min=0)), -1)
         alive = token_of_patch >= 0
         in_mixed = token_is_mixed.gather(1, token_of_patch.clamp(min=0)) & alive
         status = torch.full_like(token_of_patch, KEPT)
         status[in_mixed] = FUSED
         status[~alive] = DROPPED
-        layers.append(LayerTokens(block_index, reduction.kept_index, token_of_patch, status))
+        layers.append(LayerTokens(block_index, record.kept_index, token_of_patch, status))
     return layers
 
 

@@ -8,16 +8,19 @@ from typing import Any, Optional
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from evit_patch.reducers.base import LayerContext, Reduction, TokenReducer
+from evit_patch.reducers.base import LayerContext, TokenReducer
 from evit_patch.scores import AttentionTensors, ScoreMode
 
 
 @dataclass(frozen=True)
 class LayerRecord:
-    """What one reduction layer did in the last forward (for provenance)."""
+    """What one reduction layer did in the last forward (for provenance): index tensors
+    only, so a record holds no autograd graph and a patched model deep-copies any time."""
 
     incoming: int
-    reduction: Reduction
+    kept_index: Tensor
+    destination: Tensor
+    mixed: Tensor
 
 
 @dataclass(eq=False)
@@ -78,7 +81,8 @@ class TokenReorganizer(nn.Module):
             )
         state = self.state
         reduction = state.reducer.reduce(x, attention, state.context(self.position, self.training))
-        state.records[self.position] = LayerRecord(x.shape[1] - state.num_prefix_tokens, reduction)
+        state.records[self.position] = LayerRecord(x.shape[1] - state.num_prefix_tokens, reduction.kept_index,
+                                                   reduction.destination, reduction.mixed)
         return reduction.tokens
 
     def extra_repr(self) -> str:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evit_patch import DROPPED, FUSED, KEPT, apply_token_reducer, kept_tokens
-from evit_patch.reducers import LayerContext, RandomDrop, ToMeMerge, bipartite_merge
+from evit_patch.reducers import EvitReducer, LayerContext, RandomDrop, ToMeMerge, bipartite_merge
 from evit_patch.reducers.oracle import OracleGuided
 from reference_evit import _attention, _layer_norm, _layer_scale, kept_count
 
@@ -235,3 +235,17 @@ def test_tome_keeps_no_key_weights_between_forwards_and_removes_cleanly(deit_tin
     remove_evit(patched)
     assert torch.equal(patched(images), reference)
     assert all(type(block.attn).__name__ == "Attention" for block in patched.blocks)
+
+
+@pytest.mark.parametrize("make_reducer", [EvitReducer, lambda: RandomDrop(0), ToMeMerge,
+                                          lambda: OracleGuided(timm.create_model("deit_tiny_patch16_224", img_size=64), [1, 3])],
+                         ids=["evit", "random", "tome", "oracle"])
+def test_a_model_copies_after_a_training_step(deit_tiny, make_reducer):
+    """EMA and the spy in tests deep-copy the model between steps: nothing of a forward's
+    autograd graph may stay in the patch's state."""
+    model = apply_token_reducer(copy.deepcopy(deit_tiny).train(), [1, 3], 0.7, make_reducer())
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    twin = copy.deepcopy(model).eval()
+    images = torch.randn(2, 3, 64, 64)
+    if not isinstance(model.evit_state.reducer, RandomDrop):
+        assert torch.equal(twin(images), model.eval()(images))
