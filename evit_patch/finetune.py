@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import yaml
@@ -118,14 +118,29 @@ def _prune_width(model: nn.Module, recipe: Recipe) -> None:
     structural.shape = PrunedShapeConfig(**pruned_shape(model))
 
 
-def build_criterion(recipe: Recipe, model: nn.Module, teacher: Optional[nn.Module]) -> nn.Module:
-    """DynamicViT's loss (teacher: the recipe's, else the unpruned starting model), or
-    cross-entropy with optional DeiT-style distillation."""
+class _LossOfOutputs:
+    """A loss of ``(images, outputs, targets)`` as a step criterion ``(model, images, targets)``,
+    the form of losses that run the forward themselves (token labeling)."""
+
+    def __init__(self, loss: nn.Module) -> None:
+        self.loss = loss
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss(images, model(images), targets)
+
+
+def build_criterion(recipe: Recipe, model: nn.Module, teacher: Optional[nn.Module]) -> Callable:
+    """The step's ``criterion(model, images, targets)``: token labeling from the LV-ViT
+    teacher; DynamicViT's loss (teacher: the recipe's, else the unpruned starting model);
+    or cross-entropy with optional DeiT-style distillation."""
+    if recipe.token_labeling.enabled:
+        return TokenLabelingCriterion(recipe.token_labeling, recipe.data, model, teacher)
     if not recipe.dynamicvit.enabled:
-        return DistillationLoss(recipe.data, teacher, recipe.teacher)
+        return _LossOfOutputs(DistillationLoss(recipe.data, teacher, recipe.teacher))
     config = recipe.dynamicvit
-    return DynamicViTLoss(model, teacher if teacher is not None else unpruned_copy(model), config.ratio_weight,
-                          config.distill_weight, config.token_distill_weight, recipe.data.label_smoothing)
+    return _LossOfOutputs(DynamicViTLoss(model, teacher if teacher is not None else unpruned_copy(model),
+                                         config.ratio_weight, config.distill_weight, config.token_distill_weight,
+                                         recipe.data.label_smoothing))
 
 
 def _checkpoint_state(model, optimizer, scheduler, scaler, ema, position: Position, recipe: Recipe,
@@ -173,8 +188,6 @@ def run_training(recipe: Recipe, resume: Optional[str], runtime: distributed.Run
     ema = ModelEmaV3(model, decay=recipe.train.ema_decay) if recipe.train.ema_decay else None
     teacher = build_model(recipe.teacher).to(runtime.device).eval() if recipe.teacher else None
     criterion = build_criterion(recipe, model, teacher)
-    token_labeling = (TokenLabelingCriterion(recipe.token_labeling, recipe.data, model, teacher)
-                      if recipe.token_labeling.enabled else None)
     mixup = build_mixup(recipe.data, _unwrap(model).num_classes)
     if getattr(model, "set_distilled_training", None) and teacher is not None:
         model.set_distilled_training(True)
@@ -228,8 +241,7 @@ def run_training(recipe: Recipe, resume: Optional[str], runtime: distributed.Run
                 if mixup is not None:
                     images, targets = mixup(images, targets)
                 with autocast(runtime.device, recipe.train.amp):
-                    loss = (token_labeling(model, images, targets) if token_labeling is not None
-                            else criterion(images, model(images), targets))
+                    loss = criterion(model, images, targets)
                 diverged, interrupted = distributed.any_across(
                     [not math.isfinite(loss.item()), interrupt.requested], runtime)
                 if diverged:

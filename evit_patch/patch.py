@@ -70,6 +70,9 @@ def apply_token_reducer(model: ModelT, layers: Sequence[int], keep_rate: float |
             f"{model_name(model)} is already patched; use set_keep_rate(model, rate) to change the rate, "
             "or remove_evit(model) before patching again"
         )
+    if hasattr(model, "dynamicvit_state"):  # evit_patch.dynamicvit's mark (importing it here would be circular)
+        raise ValueError(f"{model_name(model)} is pruned by DynamicViT; remove_dynamicvit(model) before patching "
+                         "it with a token reducer")
     if not isinstance(reducer, TokenReducer):
         raise TypeError(f"reducer must be a TokenReducer from evit_patch.reducers, got {type(reducer).__name__}")
     name = model_name(model)

@@ -249,3 +249,14 @@ def test_a_model_copies_after_a_training_step(deit_tiny, make_reducer):
     images = torch.randn(2, 3, 64, 64)
     if not isinstance(model.evit_state.reducer, RandomDrop):
         assert torch.equal(twin(images), model.eval()(images))
+
+
+def test_a_dynamicvit_model_is_refused_and_left_as_it_was(deit_tiny):
+    from evit_patch.dynamicvit import apply_dynamicvit
+
+    model = apply_dynamicvit(copy.deepcopy(deit_tiny), [1, 3], 0.7).eval()
+    images = torch.randn(1, 3, 64, 64)
+    before = model(images)
+    with pytest.raises(ValueError, match="pruned by DynamicViT; remove_dynamicvit"):
+        apply_token_reducer(model, [1], 0.7, ToMeMerge())
+    assert torch.equal(model(images), before) and not hasattr(model, "evit_state")
