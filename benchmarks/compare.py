@@ -9,7 +9,7 @@ unpatched model). Budgets are EViT's cost at each keep rate: token methods run a
 EViT's layers and token counts, DynamicViT at the keep ratio whose MACs match, width
 pruning to EViT's MACs.
 
-    python benchmarks/compare.py                                   # the embedded default, ~45 min on 2 cores
+    python benchmarks/compare.py                                   # the embedded default, about an hour on 2 cores
     python benchmarks/compare.py --recipe recipes/deit_s.yaml --set data.root=/data/imagenet --steps 2000
 
 writes ``<out>.md`` (the table), ``<out>.json`` and ``<out>.png`` (top-1 against images/s).
