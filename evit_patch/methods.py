@@ -8,8 +8,7 @@ from torch import nn
 
 from evit_patch.config import Recipe
 from evit_patch.patch import apply_token_reducer
-from evit_patch.reducers import EvitReducer, RandomDrop, ToMeMerge, TokenReducer
-from evit_patch.reducers.oracle import OracleGuided
+from evit_patch.reducers import EvitReducer, OracleGuided, RandomDrop, ToMeMerge, TokenReducer
 from evit_patch.training import build_model
 
 

@@ -6,6 +6,7 @@ work is in pure functions that property tests hold.
 
 from evit_patch.reducers.base import LayerContext, Reduction, TokenReducer
 from evit_patch.reducers.evit import EvitReducer, evit_reduction, kept_token_count, reorganize_tokens
+from evit_patch.reducers.oracle import OracleGuided
 from evit_patch.reducers.random import RandomDrop
 from evit_patch.reducers.tome import ToMeMerge, bipartite_merge, merged_token_count
 
@@ -14,10 +15,3 @@ __all__ = [
     "evit_reduction", "reorganize_tokens", "kept_token_count", "bipartite_merge", "merged_token_count",
 ]
 
-
-def __getattr__(name: str):
-    if name == "OracleGuided":  # it patches its oracle, and the patch module imports this package
-        from evit_patch.reducers.oracle import OracleGuided
-
-        return OracleGuided
-    raise AttributeError(name)

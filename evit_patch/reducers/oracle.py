@@ -39,7 +39,7 @@ class ScoreRecorder(TokenReducer):
 
 def oracle_scorer(oracle: nn.Module, layers: Sequence[int]) -> tuple[nn.Module, ScoreRecorder]:
     """A frozen copy of ``oracle`` that records its scores at ``layers`` on every forward."""
-    from evit_patch.patch import apply_token_reducer  # patch imports the reducers
+    from evit_patch.patch import apply_token_reducer  # evit_patch.patch imports this package
 
     recorder = ScoreRecorder()
     frozen = copy.deepcopy(oracle).eval().requires_grad_(False)
