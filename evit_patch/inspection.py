@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, TypeVar
 
 from torch import nn
 
@@ -15,6 +15,20 @@ def model_name(model: nn.Module) -> str:
     config = getattr(model, "pretrained_cfg", None) or {}
     architecture = config.get("architecture") if isinstance(config, dict) else None
     return f"{architecture} ({type(model).__name__})" if architecture else type(model).__name__
+
+
+StateT = TypeVar("StateT")
+
+
+def attached_state(model: nn.Module, attribute: str, state_type: type[StateT], fix: str) -> StateT:
+    """The state a patch keeps on ``model`` under ``attribute``; a clear error naming
+    ``fix`` when the model is not patched that way."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    state = getattr(model, attribute, None)
+    if not isinstance(state, state_type):
+        raise ValueError(f"{model_name(model)} {fix}")
+    return state
 
 
 def transformer_blocks(model: nn.Module) -> nn.Sequential | nn.ModuleList:

@@ -10,7 +10,7 @@ from torch import nn
 from evit_patch.block_rewrite import reorganizing_block
 from evit_patch.errors import UnsupportedModelError
 from evit_patch.key_weighting import weighted_key_attention
-from evit_patch.inspection import model_name, native_input_shape, prefix_token_count, score_mode, transformer_blocks
+from evit_patch.inspection import attached_state, model_name, native_input_shape, prefix_token_count, score_mode, transformer_blocks
 from evit_patch.modes import eval_mode
 from evit_patch.reducers.base import TokenReducer
 from evit_patch.reducers.evit import EvitReducer
@@ -28,12 +28,8 @@ def is_patched(model: nn.Module) -> bool:
 
 def evit_state(model: nn.Module) -> EvitState:
     """The shared state of a patched model; a clear error for an unpatched one."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    state = getattr(model, STATE_ATTRIBUTE, None)
-    if not isinstance(state, EvitState):
-        raise ValueError(f"{model_name(model)} is not patched; call apply_evit(model, layers, keep_rate) first")
-    return state
+    return attached_state(model, STATE_ATTRIBUTE, EvitState,
+                          "is not patched; call apply_evit(model, layers, keep_rate) first")
 
 
 def apply_evit(model: ModelT, layers: Sequence[int], keep_rate: float | Sequence[float], *,

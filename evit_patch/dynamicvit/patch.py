@@ -20,7 +20,7 @@ from evit_patch.dynamicvit.predictor import KeepPredictor
 from evit_patch.dynamicvit.stages import FinalTokens, StagePruner
 from evit_patch.dynamicvit.state import DynamicViTState
 from evit_patch.errors import UnsupportedModelError
-from evit_patch.inspection import model_name, native_input_shape, prefix_token_count, score_mode, transformer_blocks
+from evit_patch.inspection import attached_state, model_name, native_input_shape, prefix_token_count, score_mode, transformer_blocks
 from evit_patch.key_weighting import KeyWeights, weighted_key_attention
 from evit_patch.modes import eval_mode
 from evit_patch.patch import is_patched
@@ -38,11 +38,8 @@ def is_dynamicvit(model: nn.Module) -> bool:
 
 def dynamicvit_state(model: nn.Module) -> DynamicViTState:
     """The shared state of a patched model; a clear error for an unpatched one."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not is_dynamicvit(model):
-        raise ValueError(f"{model_name(model)} has no DynamicViT pruning; call apply_dynamicvit(model) first")
-    return getattr(model, STATE_ATTRIBUTE)
+    return attached_state(model, STATE_ATTRIBUTE, DynamicViTState,
+                          "has no DynamicViT pruning; call apply_dynamicvit(model) first")
 
 
 def predictors(model: nn.Module) -> nn.ModuleList:
