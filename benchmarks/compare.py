@@ -29,29 +29,30 @@ from typing import Optional
 import torch
 from torch import nn
 
-from evit_patch import apply_evit, count_macs, distributed
-from evit_patch.config import Recipe, load_recipe
-from evit_patch.data import build_dataset
+from evit_patch import apply_evit, count_macs
+from evit_patch.core.model_info import example_images
+from evit_patch.cost import largest_within
 from evit_patch.dynamicvit import apply_dynamicvit, dynamicvit_state
-from evit_patch.evaluation import accuracy, interleaved_images_per_second
-from evit_patch.export import example_input
-from evit_patch.finetune import prepare_model, run_training
-from evit_patch.training import build_model, eval_loader
+from evit_patch.tools.timing import interleaved_images_per_second
+from evit_patch.train import distributed
+from evit_patch.train.assembly import prepare_model
+from evit_patch.train.data import build_dataset
+from evit_patch.train.loaders import eval_loader
+from evit_patch.train.loop import run_training
+from evit_patch.train.methods import METHODS
+from evit_patch.train.metrics import accuracy
+from evit_patch.train.model_source import build_model
+from evit_patch.train.recipe import Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# name -> (recipe overrides, table label, whether the method means anything before training)
-METHODS: dict[str, tuple[list[str], str, bool]] = {
-    "unpatched": (["evit.enabled=false"], "unpatched (same fine-tuning)", True),
-    "evit": ([], "EViT", True),
-    "evit-no-fusion": (["evit.fuse=false"], "EViT w/o fusion", True),
-    "random": (["evit.reducer=random"], "random drop", True),
-    "tome": (["evit.reducer=tome"], "ToMe-style merging", True),
-    "oracle": (["evit.reducer=oracle"], "oracle-guided EViT", True),
-    "dynamicvit": (["evit.enabled=false", "dynamicvit.enabled=true", "dynamicvit.freeze_epochs=0"],
-                   "DynamicViT (learned predictors)", False),
-    "structural": (["structural.enabled=true"], "width pruning (torch-pruning)", True),
-}
+COMPARISON_SETTINGS = {"dynamicvit": ["dynamicvit.freeze_epochs=0"]}  # a short budget: no frozen backbone
+LABELS = {"unpatched": "unpatched (same fine-tuning)", "dynamicvit": "DynamicViT (learned predictors)",
+          "width-pruning": "width pruning (torch-pruning)"}  # the comparison's wording of the registry's labels
+
+
+def label_of(method: str) -> str:
+    return LABELS.get(method, METHODS[method].label)
 
 
 @dataclass
@@ -76,9 +77,9 @@ class Row:
 
 
 def method_recipe(args: argparse.Namespace, method: str, keep_rate: Optional[float]) -> Recipe:
-    overrides, _, _ = METHODS[method]
+    overrides = [*METHODS[method].selection, *COMPARISON_SETTINGS.get(method, [])]
     tag = method if keep_rate is None else f"{method}_{keep_rate}"
-    run = [f"train.epochs=1", f"train.max_steps_per_epoch={args.steps}", f"train.output_dir={args.out.parent / 'runs' / tag}"]
+    run = ["train.epochs=1", f"train.max_steps_per_epoch={args.steps}", f"train.output_dir={args.out.parent / 'runs' / tag}"]
     budget = [] if keep_rate is None else [f"evit.keep_rate={keep_rate}", f"dynamicvit.keep_ratio={keep_rate}"]
     recipe = load_recipe(args.recipe, [*args.overrides, *overrides, *budget, *run])
     if recipe.dynamicvit.enabled:  # stages where EViT reorganizes, keep ratio at EViT's cost
@@ -99,11 +100,12 @@ def dynamicvit_ratio_for(recipe: Recipe, target_macs: float) -> float:
     and costs less; bisection on the exact count matches the budget instead."""
     model = apply_dynamicvit(build_model(recipe.model), recipe.dynamicvit.layers, 1.0).eval()
     state = dynamicvit_state(model)
-    low, high = 0.01, 1.0
-    while high - low > 1e-3:
-        state.keep_ratio = (low + high) / 2
-        low, high = (state.keep_ratio, high) if count_macs(model) <= target_macs else (low, state.keep_ratio)
-    return round(low, 3)
+
+    def macs_at(ratio: float) -> float:
+        state.keep_ratio = ratio
+        return count_macs(model)
+
+    return round(largest_within(macs_at, target_macs, 0.01, 1.0, 1e-3), 3)
 
 
 def method_setting(recipe: Recipe) -> str:
@@ -124,7 +126,7 @@ def evaluate_method(args: argparse.Namespace, method: str, keep_rate: Optional[f
                     runtime: distributed.Runtime) -> tuple[list[Row], dict[str, nn.Module]]:
     """Fine-tune one method at one budget; its table rows and its models for timing."""
     recipe = method_recipe(args, method, keep_rate)
-    _, label, meaningful_untrained = METHODS[method]
+    label, meaningful_untrained = label_of(method), METHODS[method].meaningful_untrained
     loader = eval_loader(build_dataset(recipe.data, build_model(recipe.model), training=False), recipe, runtime)
     before = accuracy(prepare_model(recipe), loader, runtime)["top1"] if meaningful_untrained else None
     started = time.perf_counter()
@@ -154,7 +156,7 @@ def evaluate_method(args: argparse.Namespace, method: str, keep_rate: Optional[f
 
 def time_side_by_side(rows: list[Row], models: dict[str, nn.Module], recipe: Recipe, repeats: int) -> None:
     """Images/s of every fine-tuned model, interleaved; speed-up against the unpatched one."""
-    images = example_input(next(iter(models.values())), recipe.train.benchmark_batch_size).normal_()
+    images = example_images(next(iter(models.values())), recipe.train.benchmark_batch_size, seed=0)
     timings = interleaved_images_per_second(models, images, repeats)
     base = timings[rows[0].label]
     for row in rows:

@@ -11,7 +11,7 @@ from pathlib import Path
 import timm
 
 import evit_patch
-from evit_patch.budget import keep_rate_for_resolution
+from evit_patch.cost import keep_rate_for_resolution
 
 # (model, img_size, layers, keep rate, published GMACs); published figures from the EViT paper
 PUBLISHED = [

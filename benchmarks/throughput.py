@@ -14,11 +14,9 @@ writes ``<out>.json``, ``<out>.md`` and ``<out>.png`` (images/s against keep rat
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +24,8 @@ import timm
 import torch
 
 import evit_patch
-from evit_patch.export import example_input
+from evit_patch.core.model_info import example_images
+from evit_patch.tools.timing import interleaved_images_per_second, timed_forward
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -41,19 +40,6 @@ class Variant:
     macs: float
     images_per_second: list[float] = field(default_factory=list)
     peak_memory_mb: float | None = None
-
-
-def time_forward(model: torch.nn.Module, images: torch.Tensor, dtype: torch.dtype | None) -> float:
-    """Seconds of one forward pass (synchronized on CUDA, autocast for bf16/fp16)."""
-    autocast = torch.autocast(images.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-    if images.is_cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    with autocast:
-        model(images)
-    if images.is_cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def build_models(args: argparse.Namespace, model_name: str) -> dict[str, tuple[float, torch.nn.Module]]:
@@ -76,21 +62,19 @@ def measure(args: argparse.Namespace, model_name: str, batch_size: int) -> list[
     for name, (rate, model) in models.items():
         inner = getattr(model, "_orig_mod", model)
         variants[name] = Variant(name, rate, batch_size, evit_patch.count_macs(inner))
-    images = example_input(next(iter(models.values()))[1], batch_size).normal_()
-    names = list(models)
+    images = example_images(next(iter(models.values()))[1], batch_size, seed=0)
     with torch.inference_mode():
-        for name in names:
+        for name, (_, model) in models.items():
             if images.is_cuda:
                 torch.cuda.reset_peak_memory_stats()
             for _ in range(args.warmup):
-                time_forward(models[name][1], images, dtype)
+                timed_forward(model, images, dtype)
             if images.is_cuda:
                 variants[name].peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20
-        for repeat in range(args.repeats):
-            shift = repeat % len(names)  # rotate the order so no variant always follows the same one
-            for name in names[shift:] + names[:shift]:
-                seconds = time_forward(models[name][1], images, dtype)
-                variants[name].images_per_second.append(batch_size / seconds)
+    timings = interleaved_images_per_second({name: model for name, (_, model) in models.items()}, images,
+                                            args.repeats, dtype, warmup=0)
+    for name, values in timings.items():
+        variants[name].images_per_second = values
     return list(variants.values())
 
 

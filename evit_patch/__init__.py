@@ -3,14 +3,21 @@
 >>> import timm, evit_patch
 >>> model = timm.create_model("deit_small_patch16_224")
 >>> evit_patch.apply_evit(model, layers=[3, 6, 9], keep_rate=0.7)
+
+The package is layered: ``core`` (the patch mechanism) at the bottom; the methods
+(``reducers``, ``dynamicvit``, ``width_pruning``, ``cost``, ``models``) above it;
+``train`` (recipes and the fine-tuning loop) above those; ``tools`` (command lines) on
+top. Importing this package loads the mechanism, the methods and LV-ViT's timm
+registration, never the training code.
 """
 
 import evit_patch.models  # noqa: F401  (registers lvvit_* in timm's registry)
-from evit_patch.budget import keep_rate_for_budget, keep_rate_for_resolution
+from evit_patch.core.lifecycle import is_patched
+from evit_patch.core.provenance import DROPPED, FUSED, KEPT, LayerTokens, kept_tokens
+from evit_patch.core.token_patch import apply_token_reducer, remove_evit, set_keep_rate
+from evit_patch.cost import count_macs, keep_rate_for_budget, keep_rate_for_resolution
 from evit_patch.errors import UnsupportedModelError
-from evit_patch.macs import count_macs
-from evit_patch.patch import apply_evit, apply_token_reducer, is_patched, remove_evit, set_keep_rate
-from evit_patch.provenance import DROPPED, FUSED, KEPT, LayerTokens, kept_tokens
+from evit_patch.reducers.evit import apply_evit
 
 __all__ = [
     "apply_evit",

@@ -1,4 +1,4 @@
-"""Errors raised by evit_patch."""
+"""Errors evit_patch raises for a model or a file it cannot use; each message names the fix."""
 
 
 class UnsupportedModelError(TypeError):
@@ -12,3 +12,7 @@ class UnsupportedModelError(TypeError):
         super().__init__(f"evit_patch cannot patch {model_name}: {reason}")
         self.model_name = model_name
         self.reason = reason
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or weights file that cannot be read or does not fit; the message names the file and why."""

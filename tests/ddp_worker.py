@@ -10,13 +10,14 @@ from pathlib import Path
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-import evit_patch.finetune as finetune
-from evit_patch import distributed
-from evit_patch.config import load_recipe
+import evit_patch.train.loop as loop
+from evit_patch.train import distributed
+from evit_patch.train.criterion import DistillationLoss
+from evit_patch.train.recipe import load_recipe
 
 
 def poison_rank_one(step: int) -> None:
-    original = finetune.DistillationLoss.forward
+    original = DistillationLoss.forward
     calls = {"n": 0}
 
     def forward(self, images, outputs, targets):
@@ -24,7 +25,7 @@ def poison_rank_one(step: int) -> None:
         loss = original(self, images, outputs, targets)
         return loss * float("nan") if dist.get_rank() == 1 and calls["n"] == step else loss
 
-    finetune.DistillationLoss.forward = forward
+    DistillationLoss.forward = forward
 
 
 def main() -> None:
@@ -37,10 +38,10 @@ def main() -> None:
     if args.nan_at:
         poison_rank_one(args.nan_at)
     try:
-        output, model = finetune.run_training(recipe, None, runtime, show_progress=False)
+        output, model = loop.run_training(recipe, None, runtime, show_progress=False)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(Path(output) / f"rank{dist.get_rank()}.safetensors"))
-    except finetune.TrainingDiverged as error:
+    except loop.TrainingDiverged as error:
         print(f"rank {dist.get_rank()} stopped: {error}", flush=True)
         raise SystemExit(3)
     finally:

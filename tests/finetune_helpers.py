@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from evit_patch.config import Recipe, load_recipe
+from evit_patch.train.recipe import Recipe, load_recipe
 
 TINY = {
     "model": {"name": "vit_tiny_patch16_224",

@@ -4,7 +4,7 @@ import pytest
 import timm
 
 import evit_patch
-from evit_patch.budget import keep_rate_for_budget, keep_rate_for_resolution
+from evit_patch.cost import keep_rate_for_budget, keep_rate_for_resolution
 
 LAYERS = [1, 2, 3]
 

@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 import torch
+from finetune_helpers import tiny_recipe, write_recipe
 from safetensors.torch import load_file
 
-from evit_patch.checkpoint import load_checkpoint
-from evit_patch.finetune import prepare_model
-from finetune_helpers import tiny_recipe, write_recipe
+from evit_patch.train.assembly import prepare_model
+from evit_patch.train.checkpoint import load_checkpoint
 
 TESTS = Path(__file__).resolve().parent
 

@@ -11,10 +11,14 @@ from torch import nn
 import evit_patch
 import evit_patch.dynamicvit.stages as stages
 from evit_patch import UnsupportedModelError
-from evit_patch.checkpoint import save_weights, load_weights
 from evit_patch.dynamicvit import (
-    apply_dynamicvit, dynamicvit_extra_parameters, dynamicvit_state, is_dynamicvit, remove_dynamicvit,
+    apply_dynamicvit,
+    dynamicvit_extra_parameters,
+    dynamicvit_state,
+    is_dynamicvit,
+    remove_dynamicvit,
 )
+from evit_patch.train.checkpoint import load_weights, save_weights
 
 
 def small_vit(name: str = "deit_tiny_patch16_224", **kwargs) -> nn.Module:
@@ -275,12 +279,12 @@ def test_unsupported_models_are_refused_unchanged(build, message) -> None:
 
 def test_patching_twice_or_over_evit_is_refused() -> None:
     model = apply_dynamicvit(small_vit(), layers=[1])
-    with pytest.raises(ValueError, match="already has DynamicViT pruning; remove_dynamicvit"):
+    with pytest.raises(ValueError, match="already patched with DynamicViT; call remove_dynamicvit"):
         apply_dynamicvit(model, layers=[2])
     with pytest.raises(TypeError, match="torch.nn.Module"):
         apply_dynamicvit("deit", layers=[1])
     evit = evit_patch.apply_evit(small_vit(), [1], 0.5)
-    with pytest.raises(ValueError, match="patched with EViT; remove_evit"):
+    with pytest.raises(ValueError, match="patched with EViT.s token reorganization .*call remove_evit"):
         apply_dynamicvit(evit, layers=[2])
     with pytest.raises(ValueError, match="no DynamicViT pruning; call apply_dynamicvit"):
         remove_dynamicvit(small_vit())

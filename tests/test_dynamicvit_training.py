@@ -9,20 +9,26 @@ import timm.optim
 import timm.scheduler
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
-from torch import nn
-
-import evit_patch.finetune as finetune
-from evit_patch.config import RecipeError
-from evit_patch.dynamicvit import (
-    DynamicViTLoss, apply_dynamicvit, dynamicvit_param_groups, dynamicvit_state, ratio_loss, set_backbone_frozen,
-    unpruned_copy,
-)
-from evit_patch.evaluate import main as evaluate_main
-from evit_patch.training import seed_everything
 from finetune_helpers import tiny_recipe, write_recipe
+from safetensors.torch import load_file
 from test_distributed import torchrun
 from test_finetune import InterruptAfter
+from torch import nn
+
+import evit_patch.train.loop as loop
+from evit_patch.dynamicvit import (
+    DynamicViTLoss,
+    apply_dynamicvit,
+    dynamicvit_param_groups,
+    dynamicvit_state,
+    ratio_loss,
+    set_backbone_frozen,
+    unpruned_copy,
+)
+from evit_patch.tools.evaluate import main as evaluate_main
+from evit_patch.train.assembly import prepare_model
+from evit_patch.train.recipe import RecipeError
+from evit_patch.train.reproducibility import seed_everything
 
 DYNAMICVIT = {"evit": {"enabled": False},
               "dynamicvit": {"enabled": True, "layers": [1, 2], "keep_ratio": 0.5, "freeze_epochs": 1}}
@@ -135,13 +141,13 @@ def test_recipe_runs_with_a_frozen_then_trained_backbone(tmp_path, monkeypatch, 
     recipe = tiny_recipe(tmp_path, {**DYNAMICVIT, "data": {"eval_subset": 64},
                                     "train": {"epochs": 2, "max_steps_per_epoch": 3, "benchmark_batch_size": 8}})
     seed_everything(recipe.train.seed)
-    initial = finetune.prepare_model(recipe).state_dict()
+    initial = prepare_model(recipe).state_dict()
     saved = []
-    original_save = finetune.save_atomic
-    monkeypatch.setattr(finetune, "save_atomic", lambda state, path: (
+    original_save = loop.save_atomic
+    monkeypatch.setattr(loop, "save_atomic", lambda state, path: (
         saved.append({k: v.clone() for k, v in state["model"].items()}),
         saved.append(state["optimizer"]["param_groups"]), original_save(state, path)))
-    run = finetune.train(recipe, show_progress=False)
+    run = loop.train(recipe, show_progress=False)
     first, groups, second = saved[0], saved[1], saved[2]
     backbone = [key for key in initial if not key.startswith("dynamicvit_predictors.")]
     predictor = [key for key in initial if key.startswith("dynamicvit_predictors.")]
@@ -163,13 +169,13 @@ def test_resume_reproduces_the_uninterrupted_run_with_ema_and_mixup(tmp_path, mo
                                                                  "ema_decay": 0.9}}
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    straight = finetune.train(tiny_recipe(tmp_path / "a", overrides), show_progress=False)
+    straight = loop.train(tiny_recipe(tmp_path / "a", overrides), show_progress=False)
     recipe = tiny_recipe(tmp_path / "b", overrides)
-    monkeypatch.setattr(finetune, "_Interrupt", InterruptAfter(2))  # the first step of epoch 2
+    monkeypatch.setattr(loop, "Interrupt", InterruptAfter(2))  # the first step of epoch 2
     with pytest.raises(SystemExit):
-        finetune.train(recipe, show_progress=False)
+        loop.train(recipe, show_progress=False)
     monkeypatch.undo()
-    resumed = finetune.train(recipe, resume=str(Path(recipe.train.output_dir) / "checkpoint.pth"), show_progress=False)
+    resumed = loop.train(recipe, resume=str(Path(recipe.train.output_dir) / "checkpoint.pth"), show_progress=False)
     for name in ("model.safetensors", "model_ema.safetensors"):
         expected, actual = load_file(str(straight / name)), load_file(str(resumed / name))
         assert set(expected) == set(actual) and all(torch.equal(expected[k], actual[k]) for k in expected)
@@ -192,7 +198,7 @@ def test_torchrun_freezes_and_unfreezes_the_backbone_on_every_process(tmp_path) 
     rank0 = load_file(str(tmp_path / "run" / "rank0.safetensors"))
     rank1 = load_file(str(tmp_path / "run" / "rank1.safetensors"))
     seed_everything(0)
-    untrained = finetune.prepare_model(tiny_recipe(tmp_path, DYNAMICVIT)).state_dict()
+    untrained = prepare_model(tiny_recipe(tmp_path, DYNAMICVIT)).state_dict()
     assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
     assert not torch.equal(rank0["blocks.0.attn.qkv.weight"], untrained["blocks.0.attn.qkv.weight"])
     assert not torch.equal(rank0["dynamicvit_predictors.0.embed.1.weight"],

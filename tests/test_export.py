@@ -6,7 +6,8 @@ import timm
 import torch
 
 import evit_patch
-from evit_patch.export import example_input, export_onnx, export_program
+from evit_patch.core.model_info import example_images
+from evit_patch.tools.export import export_onnx, export_program
 
 
 @pytest.fixture()
@@ -23,7 +24,7 @@ def test_torch_export_round_trip(patched, tmp_path) -> None:
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded.module()(images), patched(images))
-        assert example_input(patched, 2).shape == images.shape
+        assert example_images(patched, 2).shape == images.shape
 
 
 def test_onnx_round_trip(patched, tmp_path) -> None:

@@ -5,18 +5,21 @@ import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from finetune_helpers import tiny_recipe
+from PIL import Image
 from safetensors.torch import load_file
 
-import numpy as np
-from PIL import Image
-import evit_patch.finetune as finetune
-from evit_patch.checkpoint import CheckpointError, load_checkpoint
-from evit_patch.evaluate import main as evaluate_main
-from finetune_helpers import tiny_recipe, write_recipe
+import evit_patch.train.loop as loop
+from evit_patch.tools.evaluate import main as evaluate_main
+from evit_patch.tools.finetune import main as finetune_main
+from evit_patch.train.checkpoint import CheckpointError, load_checkpoint
+from evit_patch.train.criterion import DistillationLoss
+from evit_patch.train.schedule import keep_rate_at
 
-REAL_INTERRUPT = finetune._Interrupt
+REAL_INTERRUPT = loop.Interrupt
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -25,7 +28,7 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 
 def test_loss_goes_down_and_the_run_is_saved(tmp_path) -> None:
     recipe = tiny_recipe(tmp_path, {"train": {"epochs": 3, "max_steps_per_epoch": 8}})
-    run = finetune.train(recipe, show_progress=False)
+    run = loop.train(recipe, show_progress=False)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"] - 0.1, metrics
@@ -38,10 +41,10 @@ def test_loss_goes_down_and_the_run_is_saved(tmp_path) -> None:
 def test_keep_rate_schedule_is_set_every_step(tmp_path, monkeypatch) -> None:
     recipe = tiny_recipe(tmp_path, {"keep_rate_schedule": {"kind": "cosine", "start_epoch": 0.5, "epochs": 1.0}})
     seen = []
-    original = finetune.set_keep_rate
-    monkeypatch.setattr(finetune, "set_keep_rate", lambda model, rate: (seen.append(rate), original(model, rate)))
-    finetune.train(recipe, show_progress=False)
-    expected = [finetune.keep_rate_at(step / 4, 0.5, recipe.keep_rate_schedule) for step in range(8)]
+    original = loop.set_keep_rate
+    monkeypatch.setattr(loop, "set_keep_rate", lambda model, rate: (seen.append(rate), original(model, rate)))
+    loop.train(recipe, show_progress=False)
+    expected = [keep_rate_at(step / 4, 0.5, **vars(recipe.keep_rate_schedule)) for step in range(8)]
     assert seen == expected
     assert seen[:2] == [1.0, 1.0] and seen[-1] == 0.5 and 0.5 < seen[3] < 1.0
 
@@ -73,14 +76,14 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, interrup
     overrides = {"data": {"mixup": 0.5, "train_subset": 256}, "train": {"ema_decay": 0.9}}
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    straight = finetune.train(tiny_recipe(tmp_path / "a", overrides), show_progress=False)
+    straight = loop.train(tiny_recipe(tmp_path / "a", overrides), show_progress=False)
     recipe = tiny_recipe(tmp_path / "b", overrides)
-    monkeypatch.setattr(finetune, "_Interrupt", InterruptAfter(interrupt_after))
+    monkeypatch.setattr(loop, "Interrupt", InterruptAfter(interrupt_after))
     with pytest.raises(SystemExit) as stopped:
-        finetune.train(recipe, show_progress=False)
+        loop.train(recipe, show_progress=False)
     assert stopped.value.code == 130
     monkeypatch.undo()
-    resumed = finetune.train(recipe, resume=str(Path(recipe.train.output_dir) / "checkpoint.pth"), show_progress=False)
+    resumed = loop.train(recipe, resume=str(Path(recipe.train.output_dir) / "checkpoint.pth"), show_progress=False)
     expected, actual = weights(straight), weights(resumed)
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
     ema_expected = load_file(str(straight / "model_ema.safetensors"))
@@ -89,13 +92,13 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, interrup
 
 
 def test_ctrl_c_is_turned_into_a_request() -> None:
-    with finetune._Interrupt() as interrupt:
+    with loop.Interrupt() as interrupt:
         os.kill(os.getpid(), signal.SIGINT)
         assert interrupt.requested
 
 
 def test_corrupt_or_truncated_checkpoint_gives_a_clear_error(tmp_path) -> None:
-    run = finetune.train(tiny_recipe(tmp_path, {"train": {"epochs": 1}}), show_progress=False)
+    run = loop.train(tiny_recipe(tmp_path, {"train": {"epochs": 1}}), show_progress=False)
     data = (run / "checkpoint.pth").read_bytes()
     (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
@@ -109,23 +112,23 @@ def test_corrupt_or_truncated_checkpoint_gives_a_clear_error(tmp_path) -> None:
 def test_nan_loss_stops_clearly_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch) -> None:
     recipe = tiny_recipe(tmp_path)
     calls = {"n": 0}
-    original = finetune.DistillationLoss.forward
+    original = DistillationLoss.forward
 
     def poisoned(self, images, outputs, targets):
         calls["n"] += 1
         loss = original(self, images, outputs, targets)
         return loss * float("nan") if calls["n"] == 6 else loss  # step 2 of epoch 2
 
-    monkeypatch.setattr(finetune.DistillationLoss, "forward", poisoned)
-    with pytest.raises(finetune.TrainingDiverged, match=r"loss is nan at epoch 2, step 2.*last good checkpoint"):
-        finetune.train(recipe, show_progress=False)
+    monkeypatch.setattr(DistillationLoss, "forward", poisoned)
+    with pytest.raises(loop.TrainingDiverged, match=r"loss is nan at epoch 2, step 2.*last good checkpoint"):
+        loop.train(recipe, show_progress=False)
     state = load_checkpoint(Path(recipe.train.output_dir) / "checkpoint.pth")
     assert state["position"]["epoch"] == 1
     assert all(torch.isfinite(value).all() for value in state["model"].values())
 
 
 def test_evaluate_rebuilds_the_patched_model_from_the_run(tmp_path, capsys) -> None:
-    run = finetune.train(tiny_recipe(tmp_path, {"train": {"epochs": 1, "benchmark_batch_size": 8}}), show_progress=False)
+    run = loop.train(tiny_recipe(tmp_path, {"train": {"epochs": 1, "benchmark_batch_size": 8}}), show_progress=False)
     evaluate_main([str(run)])
     printed = capsys.readouterr().out
     assert "| unpatched |" in printed and "| EViT keep 0.5 |" in printed
@@ -156,14 +159,14 @@ def test_mid_epoch_resume_with_random_augmentation_is_exact(tmp_path, monkeypatc
     }
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    straight = finetune.train(tiny_recipe(tmp_path / "a", overrides), show_progress=False)
+    straight = loop.train(tiny_recipe(tmp_path / "a", overrides), show_progress=False)
     recipe = tiny_recipe(tmp_path / "b", overrides)
-    monkeypatch.setattr(finetune, "_Interrupt", InterruptAfter(2))
+    monkeypatch.setattr(loop, "Interrupt", InterruptAfter(2))
     with pytest.raises(SystemExit):
-        finetune.train(recipe, show_progress=False)
+        loop.train(recipe, show_progress=False)
     monkeypatch.undo()
     assert load_checkpoint(Path(recipe.train.output_dir) / "checkpoint.pth")["position"]["step_in_epoch"] == 3
-    resumed = finetune.train(recipe, resume=str(Path(recipe.train.output_dir) / "checkpoint.pth"), show_progress=False)
+    resumed = loop.train(recipe, resume=str(Path(recipe.train.output_dir) / "checkpoint.pth"), show_progress=False)
     expected, actual = weights(straight), weights(resumed)
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
 
@@ -172,6 +175,6 @@ def test_command_line_reports_a_corrupt_resume_checkpoint(tmp_path) -> None:
     recipe = tiny_recipe(tmp_path)
     (tmp_path / "broken.pth").write_bytes(b"PK\x03\x04 half a zip")
     with pytest.raises(SystemExit) as stopped:
-        finetune.main([str(tmp_path / "recipe.yaml"), "--resume", str(tmp_path / "broken.pth"), "--no-report"])
+        finetune_main([str(tmp_path / "recipe.yaml"), "--resume", str(tmp_path / "broken.pth"), "--no-report"])
     assert stopped.value.code == 1
     assert not (Path(recipe.train.output_dir) / "checkpoint.pth").exists()

@@ -8,17 +8,18 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
-
-import evit_patch.finetune as finetune
-from evit_patch import kept_tokens
-from evit_patch.checkpoint import load_weights, save_weights
-from evit_patch.config import RecipeError
-from evit_patch.token_labeling import token_labeling_loss
-from evit_patch.token_labeling_criterion import TokenLabelingCriterion
 from finetune_helpers import tiny_recipe, write_recipe
+from safetensors.torch import load_file
 from test_distributed import torchrun
 from test_finetune import InterruptAfter
+
+import evit_patch.train.loop as loop
+from evit_patch import kept_tokens
+from evit_patch.models.token_labeling import token_labeling_loss
+from evit_patch.train.assembly import prepare_model
+from evit_patch.train.checkpoint import load_weights, save_weights
+from evit_patch.train.criterion import TokenLabelingCriterion
+from evit_patch.train.recipe import RecipeError
 
 LVVIT = {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 32, "depth": 3,
          "num_heads": 2, "stem_chans": 8}
@@ -82,7 +83,7 @@ def test_each_step_minimizes_class_plus_weighted_kept_token_loss(tmp_path, monke
         return loss
 
     monkeypatch.setattr(TokenLabelingCriterion, "__call__", spy)
-    run = finetune.train(recipe, show_progress=False)
+    run = loop.train(recipe, show_progress=False)
 
     assert len(steps) == 3
     teacher = lvvit(0)
@@ -101,7 +102,7 @@ def test_each_step_minimizes_class_plus_weighted_kept_token_loss(tmp_path, monke
 
 def test_hard_targets_are_label_smoothed_as_timm_does_for_mixup(tmp_path) -> None:
     recipe = tiny_recipe(tmp_path, {**token_labeling_overrides(tmp_path), "data": {"label_smoothing": 0.2}})
-    student, teacher = finetune.prepare_model(recipe), lvvit(1).eval()
+    student, teacher = prepare_model(recipe), lvvit(1).eval()
     criterion = TokenLabelingCriterion(recipe.token_labeling, recipe.data, student, teacher)
     images, targets = torch.randn(4, 1, 28, 28), torch.tensor([0, 3, 3, 9])
     smoothed = F.one_hot(targets, 10) * 0.8 + 0.2 / 10
@@ -139,7 +140,7 @@ def test_teacher_that_does_not_label_the_students_patches_is_refused_before_trai
                             "checkpoint": str(saved_lvvit(tmp_path, "other", 1, **teacher_change))}
     recipe = tiny_recipe(tmp_path, overrides)
     with pytest.raises(RecipeError, match=message):
-        finetune.train(recipe, show_progress=False)
+        loop.train(recipe, show_progress=False)
     assert not Path(recipe.train.output_dir).exists()
 
 
@@ -148,13 +149,13 @@ def test_resume_with_token_labeling_and_mixup_reproduces_the_uninterrupted_run(t
                  "train": {"max_steps_per_epoch": 2}}
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    straight = finetune.train(tiny_recipe(tmp_path / "a", overrides), show_progress=False)
+    straight = loop.train(tiny_recipe(tmp_path / "a", overrides), show_progress=False)
     recipe = tiny_recipe(tmp_path / "b", overrides)
-    monkeypatch.setattr(finetune, "_Interrupt", InterruptAfter(3))  # epoch 2, after its first step
+    monkeypatch.setattr(loop, "Interrupt", InterruptAfter(3))  # epoch 2, after its first step
     with pytest.raises(SystemExit):
-        finetune.train(recipe, show_progress=False)
+        loop.train(recipe, show_progress=False)
     monkeypatch.undo()
-    resumed = finetune.train(recipe, resume=str(Path(recipe.train.output_dir) / "checkpoint.pth"), show_progress=False)
+    resumed = loop.train(recipe, resume=str(Path(recipe.train.output_dir) / "checkpoint.pth"), show_progress=False)
     expected = load_file(str(straight / "model.safetensors"))
     actual = load_file(str(resumed / "model.safetensors"))
     assert all(torch.equal(expected[key], actual[key]) for key in expected)

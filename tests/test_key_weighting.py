@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from timm.layers import Attention
 
-from evit_patch.attention import scored_attention
-from evit_patch.key_weighting import KeyWeights, weighted_key_attention
+from evit_patch.core.key_weighting import KeyWeights, weighted_key_attention
+from evit_patch.core.scored_attention import scored_attention
 
 
 def timm_attention(fused: bool, attn_drop: float = 0.0, qk_norm: bool = False) -> Attention:

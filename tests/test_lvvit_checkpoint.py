@@ -7,9 +7,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-import evit_patch.models  # registers lvvit_* with timm
-from evit_patch.checkpoint import CheckpointError
 from evit_patch.models import load_lvvit_checkpoint
+from evit_patch.train.checkpoint import CheckpointError
 
 SMALL = dict(img_size=32, patch_size=4, num_classes=5, embed_dim=24, depth=4, num_heads=2, stem_chans=8)
 STEM = re.compile(r"^patch_embed\.stem\.(\d)\.(conv|bn)\.")

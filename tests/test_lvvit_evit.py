@@ -6,10 +6,10 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from reference_evit import reorganize_sample
 
 import evit_patch
 import evit_patch.models  # registers lvvit_* with timm
-from reference_evit import reorganize_sample
 
 SKIP_LAM = 2.0  # LV-ViT-S/M divide both residual branches by 2
 AUX_WEIGHT = 0.5  # test-time prediction: cls + 0.5 * max over tokens of aux

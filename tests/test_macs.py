@@ -2,9 +2,9 @@
 
 import pytest
 import timm
+from reference_evit import kept_count
 
 import evit_patch
-from reference_evit import kept_count
 
 PUBLISHED_DEIT_S = {1.0: 4.6, 0.9: 4.0, 0.8: 3.5, 0.7: 3.0, 0.6: 2.6, 0.5: 2.3}
 

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from evit_patch.config import RecipeError, load_recipe
-from evit_patch.schedule import keep_rate_at
-from evit_patch.config import KeepRateScheduleConfig
 from finetune_helpers import tiny_recipe, write_recipe
+
+from evit_patch.train.recipe import KeepRateScheduleConfig, RecipeError, load_recipe
+from evit_patch.train.schedule import keep_rate_at
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted(ROOT.glob("recipes/*.yaml"))
@@ -90,11 +89,11 @@ def test_cosine_keep_rate_schedule_follows_the_formula() -> None:
     import math
 
     schedule = KeepRateScheduleConfig(kind="cosine", start_epoch=10, epochs=100)
-    assert keep_rate_at(0, 0.7, schedule) == 1.0
-    assert keep_rate_at(10, 0.7, schedule) == 1.0
+    assert keep_rate_at(0, 0.7, **vars(schedule)) == 1.0
+    assert keep_rate_at(10, 0.7, **vars(schedule)) == 1.0
     for epoch in (10.5, 35.25, 60, 99.9):
         expected = 0.7 + 0.3 * (1 + math.cos(math.pi * (epoch - 10) / 100)) / 2
-        assert keep_rate_at(epoch, 0.7, schedule) == pytest.approx(expected, abs=1e-12)
-    assert keep_rate_at(60, 0.7, schedule) == pytest.approx(0.85)
-    assert keep_rate_at(110, 0.7, schedule) == keep_rate_at(300, 0.7, schedule) == 0.7
-    assert keep_rate_at(0, 0.7, KeepRateScheduleConfig()) == 0.7
+        assert keep_rate_at(epoch, 0.7, **vars(schedule)) == pytest.approx(expected, abs=1e-12)
+    assert keep_rate_at(60, 0.7, **vars(schedule)) == pytest.approx(0.85)
+    assert keep_rate_at(110, 0.7, **vars(schedule)) == keep_rate_at(300, 0.7, **vars(schedule)) == 0.7
+    assert keep_rate_at(0, 0.7, **vars(KeepRateScheduleConfig())) == 0.7

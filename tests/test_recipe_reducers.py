@@ -2,16 +2,16 @@
 
 import pytest
 import torch
+from finetune_helpers import tiny_recipe
 
-import evit_patch.finetune as finetune
+import evit_patch.train.loop as loop
 from evit_patch import kept_tokens
-from evit_patch.checkpoint import save_weights
-from evit_patch.config import RecipeError
-from evit_patch.evaluate import rebuild
 from evit_patch.reducers import EvitReducer, RandomDrop, ToMeMerge
 from evit_patch.reducers.oracle import OracleGuided
-from evit_patch.training import build_model
-from finetune_helpers import tiny_recipe
+from evit_patch.train.assembly import rebuild
+from evit_patch.train.checkpoint import save_weights
+from evit_patch.train.model_source import build_model
+from evit_patch.train.recipe import RecipeError
 
 CASES = {
     "random": ({"reducer": "random", "seed": 5}, RandomDrop, 8),
@@ -33,7 +33,7 @@ def test_a_recipe_trains_and_rebuilds_its_reducer(tmp_path, case):
     options, reducer_type, image_tokens = CASES[case]
     recipe = tiny_recipe(tmp_path, {"evit": options, "model": trained_start(tmp_path),
                                     "train": {"epochs": 1, "max_steps_per_epoch": 2}})
-    run = finetune.train(recipe, show_progress=False)
+    run = loop.train(recipe, show_progress=False)
     model = rebuild(recipe, run / "model.safetensors")
     assert isinstance(model.evit_state.reducer, reducer_type)
     model(torch.randn(3, 1, 28, 28))
@@ -43,7 +43,7 @@ def test_a_recipe_trains_and_rebuilds_its_reducer(tmp_path, case):
 def test_the_oracle_defaults_to_the_starting_weights_and_stays_frozen(tmp_path):
     recipe = tiny_recipe(tmp_path, {"evit": {"reducer": "oracle"}, "model": trained_start(tmp_path),
                                     "train": {"epochs": 1, "max_steps_per_epoch": 2}})
-    _, tuned = finetune.run_training(recipe, None, finetune.distributed.Runtime(torch.device("cpu")), False)
+    _, tuned = loop.run_training(recipe, None, loop.distributed.Runtime(torch.device("cpu")), False)
     start = build_model(recipe.model).state_dict()
     oracle = tuned.evit_state.reducer.oracle.state_dict()
     assert all(torch.equal(oracle[key], start[key]) for key in start)

@@ -7,11 +7,11 @@ import timm
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference_evit import _attention, _layer_norm, _layer_scale, kept_count
 
 from evit_patch import DROPPED, FUSED, KEPT, apply_token_reducer, kept_tokens
 from evit_patch.reducers import EvitReducer, LayerContext, RandomDrop, ToMeMerge, bipartite_merge
 from evit_patch.reducers.oracle import OracleGuided
-from reference_evit import _attention, _layer_norm, _layer_scale, kept_count
 
 settings.register_profile("reducers", max_examples=60, deadline=None)
 settings.load_profile("reducers")
@@ -252,11 +252,12 @@ def test_a_model_copies_after_a_training_step(deit_tiny, make_reducer):
 
 
 def test_a_dynamicvit_model_is_refused_and_left_as_it_was(deit_tiny):
-    from evit_patch.dynamicvit import apply_dynamicvit
+    from evit_patch.dynamicvit import apply_dynamicvit, dynamicvit_state
 
     model = apply_dynamicvit(copy.deepcopy(deit_tiny), [1, 3], 0.7).eval()
+    state = dynamicvit_state(model)
     images = torch.randn(1, 3, 64, 64)
     before = model(images)
-    with pytest.raises(ValueError, match="pruned by DynamicViT; remove_dynamicvit"):
+    with pytest.raises(ValueError, match="already patched with DynamicViT; call remove_dynamicvit"):
         apply_token_reducer(model, [1], 0.7, ToMeMerge())
-    assert torch.equal(model(images), before) and not hasattr(model, "evit_state")
+    assert torch.equal(model(images), before) and dynamicvit_state(model) is state

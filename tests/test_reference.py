@@ -3,9 +3,9 @@
 import pytest
 import timm
 import torch
+from reference_evit import reference_forward
 
 import evit_patch
-from reference_evit import reference_forward
 
 MODELS = {
     "deit_tiny_patch16_224": {},

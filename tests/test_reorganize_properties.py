@@ -5,9 +5,9 @@ import math
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from reference_evit import kept_count
 
 from evit_patch.reducers.evit import kept_token_count, reorganize_tokens
-from reference_evit import kept_count
 
 keep_rates = st.floats(min_value=0.01, max_value=1.0, allow_nan=False).map(lambda r: round(r, 2)).filter(lambda r: r > 0)
 settings.register_profile("evit", max_examples=60, deadline=None)

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from evit_patch.scores import scores_from_attention, scores_from_qk
+from evit_patch.core.scores import scores_from_attention, scores_from_qk
 
 
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(2, 30), st.integers(0, 3), st.integers(0, 999),

@@ -9,18 +9,20 @@ import timm
 import torch
 import torch.nn.functional as F
 import yaml
-from hypothesis import given, settings, strategies as st
+from finetune_helpers import tiny_recipe
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import evit_patch
-import evit_patch.finetune as finetune
-from evit_patch import distributed
-from evit_patch.checkpoint import load_weights, save_weights
-from evit_patch.config import RecipeError, load_recipe, recipe_from_dict
-from evit_patch.evaluate import main as evaluate_main, rebuild
-from evit_patch.inspection import native_input_shape
-from evit_patch.structural import TOLERANCE, apply_pruned_shape, prune_to_macs, pruned_shape
-from evit_patch.training import build_model
-from finetune_helpers import tiny_recipe
+import evit_patch.train.loop as loop
+from evit_patch.core.model_info import native_input_shape
+from evit_patch.tools.evaluate import main as evaluate_main
+from evit_patch.train import distributed
+from evit_patch.train.assembly import prepare_model, rebuild
+from evit_patch.train.checkpoint import load_weights, save_weights
+from evit_patch.train.model_source import build_model
+from evit_patch.train.recipe import RecipeError, load_recipe, recipe_from_dict
+from evit_patch.width_pruning import TOLERANCE, apply_pruned_shape, prune_to_macs, pruned_shape
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -227,12 +229,12 @@ def test_models_it_cannot_narrow_are_refused() -> None:
 def test_recipe_prunes_to_the_evit_budget_instead_of_applying_evit(tmp_path) -> None:
     recipe = tiny_recipe(tmp_path, {"structural": {"enabled": True}})
     assert recipe.evit.enabled is False and recipe.structural.shape is None
-    model = finetune.prepare_model(recipe)
+    model = prepare_model(recipe)
     assert not evit_patch.is_patched(model)
     target = evit_patch.count_macs(evit_patch.apply_evit(build_model(recipe.model), [1], 0.5))
     assert (1 - TOLERANCE) * target <= evit_patch.count_macs(model) <= target
     assert pruned_shape(model) == {"heads": recipe.structural.shape.heads, "mlp_hidden": recipe.structural.shape.mlp_hidden}
-    explicit = finetune.prepare_model(tiny_recipe(tmp_path, {"structural": {"enabled": True, "target_macs": 0.9 * target}}))
+    explicit = prepare_model(tiny_recipe(tmp_path, {"structural": {"enabled": True, "target_macs": 0.9 * target}}))
     assert (1 - TOLERANCE) * 0.9 * target <= evit_patch.count_macs(explicit) <= 0.9 * target
 
 
@@ -242,7 +244,7 @@ def test_structural_recipe_errors_name_the_key(tmp_path) -> None:
     with pytest.raises(RecipeError, match="did you mean 'magnitude'"):
         tiny_recipe(tmp_path, {"structural": {"importance": "magnitud"}})
     with pytest.raises(RecipeError, match="structural: target .* is unreachable"):
-        finetune.prepare_model(tiny_recipe(tmp_path, {"structural": {"enabled": True, "target_macs": 1000}}))
+        prepare_model(tiny_recipe(tmp_path, {"structural": {"enabled": True, "target_macs": 1000}}))
 
 
 RUN_OVERRIDES = {"structural": {"enabled": True}, "train": {"epochs": 1, "max_steps_per_epoch": 2, "benchmark_batch_size": 8}}
@@ -252,7 +254,7 @@ RUN_OVERRIDES = {"structural": {"enabled": True}, "train": {"epochs": 1, "max_st
 def width_pruned_run(tmp_path_factory):
     """A one-epoch width-pruned fine-tuning run: its folder and its final model."""
     recipe = tiny_recipe(tmp_path_factory.mktemp("structural_run"), RUN_OVERRIDES)
-    return finetune.run_training(recipe, None, distributed.Runtime(torch.device("cpu")), show_progress=False)
+    return loop.run_training(recipe, None, distributed.Runtime(torch.device("cpu")), show_progress=False)
 
 
 def test_width_pruned_run_is_rebuilt_from_its_folder(width_pruned_run, capsys) -> None:
@@ -272,5 +274,5 @@ def test_width_pruned_run_resumes_from_its_checkpoint(width_pruned_run) -> None:
     run, _ = width_pruned_run
     overrides = copy.deepcopy(RUN_OVERRIDES)
     overrides["train"].update(epochs=2, output_dir=str(run))
-    finetune.train(tiny_recipe(run.parent, overrides), resume=str(run / "checkpoint.pth"), show_progress=False)
+    loop.train(tiny_recipe(run.parent, overrides), resume=str(run / "checkpoint.pth"), show_progress=False)
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]

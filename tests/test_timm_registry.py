@@ -8,7 +8,7 @@ import torch
 
 import evit_patch
 from evit_patch import UnsupportedModelError
-from evit_patch.inspection import native_input_shape
+from evit_patch.core.model_info import native_input_shape
 
 VIT_LIKE = ["vit_*", "deit*", "flexivit*", "eva*", "beit*", "cait*", "xcit*", "levit*", "volo*"]
 SMALL_BUILDS = [

@@ -1,6 +1,5 @@
 """The token-labeling loss reads exactly the labels of the patches EViT keeps as tokens."""
 
-import copy
 
 import pytest
 import timm
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 import evit_patch
 import evit_patch.models  # registers lvvit_* with timm
 from evit_patch import KEPT, kept_tokens
-from evit_patch.token_labeling import label_map_targets, surviving_patch_index, token_labeling_loss
+from evit_patch.models.token_labeling import label_map_targets, surviving_patch_index, token_labeling_loss
 
 CLASSES = 6
 SMALL = dict(img_size=32, patch_size=4, num_classes=CLASSES, embed_dim=24, depth=4, num_heads=2, stem_chans=8)

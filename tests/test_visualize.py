@@ -7,7 +7,7 @@ from PIL import Image
 
 import evit_patch
 from evit_patch import DROPPED, FUSED, KEPT
-from evit_patch.visualize import DROPPED_GREY, FUSED_TINT, PANEL_GAP, main, render, status_maps
+from evit_patch.tools.visualize import DROPPED_GREY, FUSED_TINT, PANEL_GAP, main, render, status_maps
 
 
 def test_png_masks_agree_with_kept_indices(tmp_path) -> None:
@@ -57,9 +57,9 @@ def test_command_line_draws_an_image_file(tmp_path) -> None:
 def test_command_line_draws_fashion_mnist_samples_from_a_run(tmp_path) -> None:
     from finetune_helpers import tiny_recipe
 
-    import evit_patch.finetune as finetune
+    import evit_patch.train.loop as loop
 
-    run = finetune.train(tiny_recipe(tmp_path, {"train": {"epochs": 1, "max_steps_per_epoch": 1}}), show_progress=False)
+    run = loop.train(tiny_recipe(tmp_path, {"train": {"epochs": 1, "max_steps_per_epoch": 1}}), show_progress=False)
     out = main(["--run", str(run), "--fashion-mnist", "0", "1", "--scale", "2", "--out", str(tmp_path / "fm.png")])
     drawn = np.asarray(Image.open(out))
     assert drawn.shape == (2 * 56 + PANEL_GAP, 2 * 56 + PANEL_GAP, 3)  # 2 rows; input + 1 layer each

@@ -5,10 +5,14 @@
 >>> model = apply_dynamicvit(timm.create_model("deit_small_patch16_224"), layers=(3, 6, 9), keep_ratio=0.7)
 """
 
-from evit_patch.dynamicvit.loss import DynamicViTLoss, classification_loss, ratio_loss, token_distillation_loss
+from evit_patch.dynamicvit.loss import DynamicViTLoss, ratio_loss, token_distillation_loss
 from evit_patch.dynamicvit.optim import dynamicvit_param_groups, set_backbone_frozen
 from evit_patch.dynamicvit.patch import (
-    apply_dynamicvit, dynamicvit_extra_parameters, dynamicvit_state, is_dynamicvit, remove_dynamicvit,
+    apply_dynamicvit,
+    dynamicvit_extra_parameters,
+    dynamicvit_state,
+    is_dynamicvit,
+    remove_dynamicvit,
     unpruned_copy,
 )
 
@@ -22,7 +26,6 @@ __all__ = [
     "DynamicViTLoss",
     "ratio_loss",
     "token_distillation_loss",
-    "classification_loss",
     "dynamicvit_param_groups",
     "set_backbone_frozen",
 ]

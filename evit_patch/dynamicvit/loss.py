@@ -7,10 +7,10 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.loss import SoftTargetCrossEntropy
 from torch import Tensor, nn
 
 from evit_patch.dynamicvit.patch import dynamicvit_state
+from evit_patch.losses import classification_loss, distillation_loss
 
 
 def ratio_loss(policies: Sequence[Tensor], targets: Sequence[float]) -> Tensor:
@@ -34,13 +34,6 @@ def token_distillation_loss(student_tokens: Tensor, teacher_tokens: Tensor, poli
     if not kept.any():
         return student_tokens.sum() * 0.0
     return F.mse_loss(student_tokens[:, num_prefix_tokens:][kept], teacher_tokens[:, num_prefix_tokens:][kept])
-
-
-def classification_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Cross-entropy against class indices, or against soft targets (mixup/cutmix)."""
-    if targets.ndim == logits.ndim:
-        return SoftTargetCrossEntropy()(logits, targets)
-    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
 class DynamicViTLoss(nn.Module):
@@ -77,8 +70,7 @@ class DynamicViTLoss(nn.Module):
         with torch.no_grad():
             teacher_tokens = self.teacher.forward_features(images)
             teacher_logits = self.teacher.forward_head(teacher_tokens)
-        distill = F.kl_div(F.log_softmax(distill_logits, dim=-1), F.log_softmax(teacher_logits, dim=-1),
-                           reduction="batchmean", log_target=True)
+        distill = distillation_loss(distill_logits, teacher_logits, "soft")
         loss = loss + self.distill_weight * distill
         if self.token_distill_weight:
             tokens = token_distillation_loss(record.final_tokens, teacher_tokens, record.policies[-1],

@@ -3,7 +3,8 @@
 The original blocks stay in place (``state_dict`` keys unchanged): each stage block gets
 a forward pre-hook that runs its predictor, every attention from the first stage on is
 rewritten to weight its keys by the current keep decisions, and the predictors live in
-one new submodule, ``model.dynamicvit_predictors``.
+one new submodule, ``model.dynamicvit_predictors``. Installing, the test forward, the
+rollback and removal are the shared patch lifecycle's (:mod:`evit_patch.core.lifecycle`).
 """
 
 from __future__ import annotations
@@ -12,40 +13,33 @@ import copy
 import numbers
 from typing import Sequence, TypeVar
 
-import torch
 from torch import nn
 
-from evit_patch.block_rewrite import check_block_inputs
+from evit_patch.core.arguments import validated_layers
+from evit_patch.core.block_rewrite import check_block_inputs
+from evit_patch.core.key_weighting import KeyWeights, weighted_key_attention
+from evit_patch.core.lifecycle import attach, attached_state, check_unpatched, detach, patch_state
+from evit_patch.core.model_info import model_name, prefix_token_count, score_mode, transformer_blocks
 from evit_patch.dynamicvit.predictor import KeepPredictor
-from evit_patch.dynamicvit.stages import FinalTokens, StagePruner
 from evit_patch.dynamicvit.state import DynamicViTState
 from evit_patch.errors import UnsupportedModelError
-from evit_patch.inspection import attached_state, model_name, native_input_shape, prefix_token_count, score_mode, transformer_blocks
-from evit_patch.key_weighting import KeyWeights, weighted_key_attention
-from evit_patch.modes import eval_mode
-from evit_patch.patch import is_patched
-from evit_patch.validation import validated_layers
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
-STATE_ATTRIBUTE = "dynamicvit_state"
-PREDICTORS_ATTRIBUTE = "dynamicvit_predictors"
 
 
 def is_dynamicvit(model: nn.Module) -> bool:
     """Whether :func:`apply_dynamicvit` has patched ``model``."""
-    return isinstance(getattr(model, STATE_ATTRIBUTE, None), DynamicViTState)
+    return isinstance(attached_state(model), DynamicViTState)
 
 
 def dynamicvit_state(model: nn.Module) -> DynamicViTState:
     """The shared state of a patched model; a clear error for an unpatched one."""
-    return attached_state(model, STATE_ATTRIBUTE, DynamicViTState,
-                          "has no DynamicViT pruning; call apply_dynamicvit(model) first")
+    return patch_state(model, DynamicViTState, "has no DynamicViT pruning; call apply_dynamicvit(model) first")
 
 
 def predictors(model: nn.Module) -> nn.ModuleList:
     """The keep predictors of a patched model, one per stage."""
-    dynamicvit_state(model)
-    return getattr(model, PREDICTORS_ATTRIBUTE)
+    return dynamicvit_state(model).predictors
 
 
 def dynamicvit_extra_parameters(model: nn.Module) -> int:
@@ -99,12 +93,7 @@ def apply_dynamicvit(model: ModelT, layers: Sequence[int] = (3, 6, 9), keep_rati
     decisions); in ``eval()`` mode they are removed. Class, distillation and register
     tokens are never pruned. On any error the model is left exactly as it was.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module (a timm ViT), got {type(model).__name__}")
-    if is_dynamicvit(model):
-        raise ValueError(f"{model_name(model)} already has DynamicViT pruning; remove_dynamicvit(model) first")
-    if is_patched(model):
-        raise ValueError(f"{model_name(model)} is patched with EViT; remove_evit(model) before apply_dynamicvit")
+    check_unpatched(model)
     name = model_name(model)
     blocks = transformer_blocks(model)
     layers = validated_layers(layers, len(blocks))
@@ -122,47 +111,15 @@ def apply_dynamicvit(model: ModelT, layers: Sequence[int] = (3, 6, 9), keep_rati
     parameter = next(model.parameters())
     stage_predictors = nn.ModuleList(KeepPredictor(width) for _ in layers).to(parameter.device, parameter.dtype)
     stage_predictors.train(model.training)
-    state = DynamicViTState(layers, keep_ratio, num_prefix_tokens, holder, originals)
-    _install(model, weighted, stage_predictors, state, norm)
-    failure = _forward_failure(model)
-    if failure is not None:
-        remove_dynamicvit(model)
-        if _forward_failure(model) is None:
-            raise UnsupportedModelError(
-                name, f"the pruned model failed a test forward ({type(failure).__name__}: {failure})"
-            ) from failure
-        _install(model, weighted, stage_predictors, state, norm)  # the unpatched model fails too: not ours to judge
-    return model
-
-
-def _install(model: nn.Module, weighted: dict[int, nn.Module], stage_predictors: nn.ModuleList,
-             state: DynamicViTState, norm: nn.Module) -> None:
-    blocks = transformer_blocks(model)
-    for index, attention in weighted.items():
-        blocks[index].attn = attention
-    setattr(model, PREDICTORS_ATTRIBUTE, stage_predictors)
-    state.handles = [
-        blocks[index].register_forward_pre_hook(StagePruner(state, stage_predictors[stage], stage))
-        for stage, index in enumerate(state.layers)
-    ]
-    state.handles.append(norm.register_forward_hook(FinalTokens(state)))
-    setattr(model, STATE_ATTRIBUTE, state)
+    state = DynamicViTState(layers, keep_ratio, num_prefix_tokens, holder, originals, weighted, stage_predictors, norm)
+    return attach(model, state)
 
 
 def remove_dynamicvit(model: ModelT) -> ModelT:
     """Remove the predictors, hooks and attention rewrites: the model computes exactly as
     never patched (its own weights as they are now)."""
-    state = dynamicvit_state(model)
-    for handle in state.handles:
-        handle.remove()
-    blocks = transformer_blocks(model)
-    for index, attention in state.original_attentions.items():
-        attention.training = blocks[index].attn.training  # model.train()/eval() since patching reached the rewrite only
-        blocks[index].attn = attention
-    state.key_weights.weights = None
-    delattr(model, PREDICTORS_ATTRIBUTE)
-    delattr(model, STATE_ATTRIBUTE)
-    return model
+    dynamicvit_state(model)
+    return detach(model)
 
 
 def unpruned_copy(model: nn.Module) -> nn.Module:
@@ -170,21 +127,3 @@ def unpruned_copy(model: nn.Module) -> nn.Module:
     DynamicViT distills from when none is given."""
     teacher = remove_dynamicvit(copy.deepcopy(model)).eval()
     return teacher.requires_grad_(False)
-
-
-def _forward_failure(model: nn.Module) -> Exception | None:
-    """Run one image through ``model`` in eval mode (tokens really dropped) and return the
-    error, if any: a model whose later layers cannot take a shorter sequence is refused
-    at patch time, not in the middle of training."""
-    shape = native_input_shape(model)
-    parameter = next(model.parameters(), None)
-    if shape is None or parameter is None or parameter.device.type == "meta":
-        return None
-    generator = torch.Generator().manual_seed(0)
-    image = torch.randn((1, *shape), generator=generator).to(parameter.device, parameter.dtype)
-    try:
-        with torch.no_grad(), eval_mode(model):
-            model(image)
-    except Exception as error:  # any failure of the model is reported to the caller
-        return error
-    return None

@@ -8,14 +8,39 @@ image tokens by keep score are gathered and later blocks run on the shorter sequ
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from evit_patch.dynamicvit.predictor import KEEP, KeepPredictor
-from evit_patch.dynamicvit.state import DynamicViTState, ForwardRecord
+
+if TYPE_CHECKING:  # the state installs these hooks
+    from evit_patch.dynamicvit.state import DynamicViTState
+
+
+@dataclass(eq=False)
+class ForwardRecord:
+    """What the last forward left for the loss and for inspection.
+
+    Training: ``policies`` holds each stage's 0/1 keep decisions ``(B, N)`` over the
+    original image tokens (a stage's decisions times the previous stage's, so a dropped
+    token never comes back) and ``final_tokens`` the output of the final norm.
+    Inference: ``kept_indices`` holds each stage's kept tokens ``(B, k)`` as indices of
+    the ``num_image_tokens`` original image tokens, highest keep score first.
+    """
+
+    policies: list[Tensor] = field(default_factory=list)
+    kept_indices: list[Tensor] = field(default_factory=list)
+    num_image_tokens: Optional[int] = None
+    final_tokens: Optional[Tensor] = None
+
+    def __deepcopy__(self, memo: dict) -> "ForwardRecord":
+        """An empty record: these tensors belong to one forward of the original model
+        (and tensors inside an autograd graph cannot be deep-copied)."""
+        return ForwardRecord()
 
 
 def gumbel_keep_decisions(log_probabilities: Tensor) -> Tensor:

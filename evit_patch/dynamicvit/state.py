@@ -1,50 +1,62 @@
-"""Runtime state of one DynamicViT-patched model: its settings and what a forward leaves."""
+"""Runtime state of one DynamicViT-patched model: its settings, what a forward leaves,
+and how its predictors, hooks and weighted attentions go in and out."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from evit_patch.key_weighting import KeyWeights
+from evit_patch.core.key_weighting import KeyWeights
+from evit_patch.core.lifecycle import PatchState
+from evit_patch.core.model_info import transformer_blocks
+from evit_patch.dynamicvit.stages import FinalTokens, ForwardRecord, StagePruner
+
+PREDICTORS_ATTRIBUTE = "dynamicvit_predictors"
+"""The submodule holding the keep predictors (their ``state_dict`` keys start with it)."""
 
 
 @dataclass(eq=False)
-class ForwardRecord:
-    """What the last forward left for the loss and for inspection.
-
-    Training: ``policies`` holds each stage's 0/1 keep decisions ``(B, N)`` over the
-    original image tokens (a stage's decisions times the previous stage's, so a dropped
-    token never comes back) and ``final_tokens`` the output of the final norm.
-    Inference: ``kept_indices`` holds each stage's kept tokens ``(B, k)`` as indices of
-    the ``num_image_tokens`` original image tokens, highest keep score first.
-    """
-
-    policies: list[Tensor] = field(default_factory=list)
-    kept_indices: list[Tensor] = field(default_factory=list)
-    num_image_tokens: Optional[int] = None
-    final_tokens: Optional[Tensor] = None
-
-    def __deepcopy__(self, memo: dict) -> "ForwardRecord":
-        """An empty record: these tensors belong to one forward of the original model
-        (and tensors inside an autograd graph cannot be deep-copied)."""
-        return ForwardRecord()
-
-
-@dataclass(eq=False)
-class DynamicViTState:
+class DynamicViTState(PatchState):
     """Settings and per-forward record shared by the stage hooks of one model (not
-    globals, so a model and its EMA copy never see each other's decisions)."""
+    globals, so a model and its EMA copy never see each other's decisions), and what
+    patching replaced. How it goes in and out is :mod:`evit_patch.dynamicvit.patch`'s."""
 
     layers: list[int]
     keep_ratio: float
     num_prefix_tokens: int
     key_weights: KeyWeights
     original_attentions: dict[int, nn.Module]
+    weighted_attentions: dict[int, nn.Module]
+    predictors: nn.ModuleList
+    final_norm: nn.Module
     handles: list[RemovableHandle] = field(default_factory=list)
     record: ForwardRecord = field(default_factory=ForwardRecord)
+
+    method = "DynamicViT"
+    removal = "remove_dynamicvit(model)"
+
+    def install(self, model: nn.Module) -> None:
+        blocks = transformer_blocks(model)
+        for index, attention in self.weighted_attentions.items():
+            blocks[index].attn = attention
+        setattr(model, PREDICTORS_ATTRIBUTE, self.predictors)
+        self.handles = [
+            blocks[index].register_forward_pre_hook(StagePruner(self, self.predictors[stage], stage))
+            for stage, index in enumerate(self.layers)
+        ]
+        self.handles.append(self.final_norm.register_forward_hook(FinalTokens(self)))
+
+    def uninstall(self, model: nn.Module) -> None:
+        for handle in self.handles:
+            handle.remove()
+        blocks = transformer_blocks(model)
+        for index, attention in self.original_attentions.items():
+            attention.training = blocks[index].attn.training  # train()/eval() since patching reached the rewrite only
+            blocks[index].attn = attention
+        self.key_weights.weights = None
+        delattr(model, PREDICTORS_ATTRIBUTE)
 
     def keep_fractions(self) -> list[float]:
         """Fraction of the original image tokens each stage keeps: rho, rho^2, rho^3, ..."""

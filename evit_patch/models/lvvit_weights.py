@@ -17,7 +17,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models import load_state_dict
 from torch import Tensor, nn
 
-from evit_patch.checkpoint import CheckpointError
+from evit_patch.errors import CheckpointError
 
 _STEM_KEY = re.compile(r"^patch_embed\.(conv|bn)([123])\.(.+)$")
 _OPTIONAL_KEYS = re.compile(r"\.num_batches_tracked$")  # absent from old BatchNorm checkpoints; torch fills it

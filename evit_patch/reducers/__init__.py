@@ -4,14 +4,14 @@ Each is a :class:`TokenReducer` for :func:`evit_patch.apply_token_reducer`; the 
 work is in pure functions that property tests hold.
 """
 
-from evit_patch.reducers.base import LayerContext, Reduction, TokenReducer
-from evit_patch.reducers.evit import EvitReducer, evit_reduction, kept_token_count, reorganize_tokens
+from evit_patch.core.reduction import LayerContext, Reduction, TokenReducer
+from evit_patch.reducers.evit import EvitReducer, apply_evit, evit_reduction, kept_token_count, reorganize_tokens
 from evit_patch.reducers.oracle import OracleGuided
 from evit_patch.reducers.random import RandomDrop
 from evit_patch.reducers.tome import ToMeMerge, bipartite_merge, merged_token_count
 
 __all__ = [
-    "TokenReducer", "LayerContext", "Reduction", "EvitReducer", "RandomDrop", "ToMeMerge", "OracleGuided",
+    "TokenReducer", "LayerContext", "Reduction", "EvitReducer", "apply_evit", "RandomDrop", "ToMeMerge", "OracleGuided",
     "evit_reduction", "reorganize_tokens", "kept_token_count", "bipartite_merge", "merged_token_count",
 ]
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence, TypeVar
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from evit_patch.reducers.base import LayerContext, Reduction, TokenReducer, identity_reduction, selection_reduction
-from evit_patch.scores import AttentionTensors
+from evit_patch.core.reduction import LayerContext, Reduction, TokenReducer, identity_reduction, selection_reduction
+from evit_patch.core.scores import AttentionTensors
+from evit_patch.core.token_patch import apply_token_reducer
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
 def kept_token_count(num_tokens: int, keep_rate: float) -> int:
@@ -67,3 +71,22 @@ class EvitReducer(TokenReducer):
         if kept_token_count(num_image, context.keep_rate) >= num_image:
             return identity_reduction(x, context.num_prefix_tokens)
         return evit_reduction(x, context.scores(attention), context.num_prefix_tokens, context.keep_rate, self.fuse)
+
+
+def apply_evit(model: ModelT, layers: Sequence[int], keep_rate: float | Sequence[float], *,
+               fuse: bool = True) -> ModelT:
+    """Patch ``model`` in place with EViT token reorganization and return it.
+
+    Args:
+        model: a timm-style ViT (``blocks``, ``num_prefix_tokens``).
+        layers: 0-indexed blocks that reorganize tokens (DeiT: ``[3, 6, 9]``).
+        keep_rate: fraction in (0, 1] of image tokens each layer keeps; one float, or
+            one per layer.
+        fuse: fuse the unkept tokens into one (EViT) or drop them ("EViT w/o fusion").
+
+    No parameter or buffer is added: ``state_dict()`` is unchanged. On any error the
+    model is left exactly as it was.
+    """
+    if not isinstance(fuse, bool):
+        raise TypeError(f"fuse must be True or False, got {fuse!r}")
+    return apply_token_reducer(model, layers, keep_rate, EvitReducer(fuse))

@@ -15,10 +15,11 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from evit_patch.modes import eval_mode
-from evit_patch.reducers.base import LayerContext, Reduction, TokenReducer, identity_reduction
+from evit_patch.core.eval_mode import eval_mode
+from evit_patch.core.reduction import LayerContext, Reduction, TokenReducer, identity_reduction
+from evit_patch.core.scores import AttentionTensors
+from evit_patch.core.token_patch import apply_token_reducer
 from evit_patch.reducers.evit import evit_reduction, kept_token_count
-from evit_patch.scores import AttentionTensors
 
 
 class ScoreRecorder(TokenReducer):
@@ -39,8 +40,6 @@ class ScoreRecorder(TokenReducer):
 
 def oracle_scorer(oracle: nn.Module, layers: Sequence[int]) -> tuple[nn.Module, ScoreRecorder]:
     """A frozen copy of ``oracle`` that records its scores at ``layers`` on every forward."""
-    from evit_patch.patch import apply_token_reducer  # evit_patch.patch imports this package
-
     recorder = ScoreRecorder()
     frozen = copy.deepcopy(oracle).eval().requires_grad_(False)
     apply_token_reducer(frozen, layers, 1.0, recorder)

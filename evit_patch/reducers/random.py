@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from evit_patch.reducers.base import LayerContext, Reduction, TokenReducer, identity_reduction, selection_reduction
+from evit_patch.core.reduction import LayerContext, Reduction, TokenReducer, identity_reduction, selection_reduction
+from evit_patch.core.scores import AttentionTensors
 from evit_patch.reducers.evit import kept_token_count
-from evit_patch.scores import AttentionTensors
 
 
 def random_kept_index(batch: int, num_tokens: int, keep: int, generator: torch.Generator) -> Tensor:

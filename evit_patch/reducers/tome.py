@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from evit_patch.key_weighting import KeyWeights
-from evit_patch.reducers.base import LayerContext, Reduction, TokenReducer, identity_reduction
+from evit_patch.core.key_weighting import KeyWeights
+from evit_patch.core.reduction import LayerContext, Reduction, TokenReducer, identity_reduction
+from evit_patch.core.scores import AttentionTensors
 from evit_patch.reducers.evit import kept_token_count
-from evit_patch.scores import AttentionTensors
 
 
 def merged_token_count(num_tokens: int, keep_rate: float) -> int:

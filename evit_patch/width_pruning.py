@@ -26,11 +26,11 @@ import torch_pruning as tp
 from timm.layers import Attention, Mlp
 from torch import Tensor, nn
 
+from evit_patch.core.eval_mode import eval_mode
+from evit_patch.core.lifecycle import is_patched
+from evit_patch.core.model_info import example_images, model_name, transformer_blocks
+from evit_patch.cost import count_macs
 from evit_patch.errors import UnsupportedModelError
-from evit_patch.inspection import model_name, native_input_shape, transformer_blocks
-from evit_patch.macs import count_macs
-from evit_patch.modes import eval_mode
-from evit_patch.patch import is_patched
 
 ImportanceName = Literal["magnitude", "random"]
 PrunedShape = dict[str, list[int]]
@@ -96,13 +96,7 @@ def _checked_shape(model: nn.Module, shape: Mapping[str, Sequence[int]]) -> Prun
 
 
 def _example_input(model: nn.Module, example_input: Optional[Tensor]) -> Tensor:
-    if example_input is not None:
-        return example_input
-    shape = native_input_shape(model)
-    if shape is None:
-        raise ValueError(f"cannot tell the input size of {model_name(model)}; pass example_input")
-    parameter = next(model.parameters())
-    return torch.zeros(1, *shape, device=parameter.device, dtype=parameter.dtype)
+    return example_input if example_input is not None else example_images(model)
 
 
 class _Narrowing:

@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from evit_patch.key_weighting import KeyWeights
-from evit_patch.scores import AttentionTensors, ScoreMode, token_scores
+from evit_patch.core.key_weighting import KeyWeights
+from evit_patch.core.scores import AttentionTensors, ScoreMode, token_scores
 
 
 @dataclass(frozen=True)

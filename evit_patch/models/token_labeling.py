@@ -19,22 +19,19 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+from timm.utils import unwrap_model
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
-from evit_patch.patch import is_patched
-from evit_patch.provenance import KEPT, kept_tokens
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
+from evit_patch.core.lifecycle import is_patched
+from evit_patch.core.provenance import KEPT, kept_tokens
+from evit_patch.losses import classification_loss
 
 
 @contextlib.contextmanager
 def dense_outputs(model: nn.Module) -> Iterator[None]:
     """Make ``model(images)`` return ``(cls_logits, aux_logits)`` for a while. Calling the
     model itself (not a method of it) keeps a DistributedDataParallel wrapper in the loop."""
-    network = _unwrap(model)
+    network = unwrap_model(model)
     if not hasattr(network, "return_dense"):
         raise TypeError(f"{type(network).__name__} has no token-labeling head (return_dense); use an LV-ViT")
     previous = network.return_dense
@@ -49,7 +46,7 @@ def surviving_patch_index(model: nn.Module, tokens: Tensor) -> Tensor:
     """``(B, T)``: for each image token of the model's last forward, the input patch it
     is, or -1 for a fused token. ``tokens`` is ``(B, T, ...)``, e.g. the aux logits."""
     batch, count = tokens.shape[:2]
-    network = _unwrap(model)
+    network = unwrap_model(model)
     if not is_patched(network):
         return torch.arange(count, device=tokens.device).expand(batch, count)
     last = kept_tokens(network)[-1]
@@ -79,19 +76,12 @@ def label_map_targets(label_map: Tensor, grid_size: tuple[int, int], num_classes
 def teacher_token_targets(teacher: nn.Module, images: Tensor) -> Tensor:
     """Per-patch soft targets ``(B, P, K)``: the teacher's aux-head probabilities. The
     teacher must be unpatched, so that it gives one prediction per input patch."""
-    if is_patched(_unwrap(teacher)):
+    if is_patched(unwrap_model(teacher)):
         raise ValueError("the teacher is EViT-patched; it must see every patch: use an unpatched model "
                          "(evit_patch.remove_evit(teacher))")
     with dense_outputs(teacher):
         _, aux_logits = teacher(images)
     return aux_logits.softmax(dim=-1)
-
-
-def classification_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy with class indices ``(B,)`` or soft targets ``(B, K)`` (mixup)."""
-    if targets.dim() == 2:
-        return torch.sum(-targets * logits.log_softmax(dim=-1), dim=-1).mean()
-    return F.cross_entropy(logits, targets)
 
 
 def kept_token_loss(aux_logits: Tensor, patch_targets: Tensor, patch_index: Tensor) -> Tensor:
@@ -123,7 +113,7 @@ def token_labeling_loss(model: nn.Module, images: Tensor, targets: Tensor, teach
         cls_logits, aux_logits = model(images)
     if teacher is not None:
         patch_targets = teacher_token_targets(teacher, images)
-    network = _unwrap(model)
+    network = unwrap_model(model)
     num_patches = kept_tokens(network)[-1].status.shape[1] if is_patched(network) else aux_logits.shape[1]
     if patch_targets.shape[:2] != (images.shape[0], num_patches):
         raise ValueError(f"token labels must cover all {num_patches} patches of each image, "

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from evit_patch.config import DataConfig
-from evit_patch.inspection import native_input_shape
+from evit_patch.core.model_info import native_input_shape
+from evit_patch.train.recipe import DataConfig
 
 FASHION_MNIST_DIRS = [Path("/usr/share/datasets/fashion-mnist")]
 FASHION_MNIST_FILES = {

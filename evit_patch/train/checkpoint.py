@@ -13,9 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read; the message names the file and why."""
+from evit_patch.errors import CheckpointError
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> None:

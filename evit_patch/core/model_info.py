@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional, TypeVar
+from typing import Optional
 
+import torch
 from torch import nn
 
+from evit_patch.core.scores import ScoreMode
 from evit_patch.errors import UnsupportedModelError
-from evit_patch.scores import ScoreMode
 
 
 def model_name(model: nn.Module) -> str:
@@ -15,20 +16,6 @@ def model_name(model: nn.Module) -> str:
     config = getattr(model, "pretrained_cfg", None) or {}
     architecture = config.get("architecture") if isinstance(config, dict) else None
     return f"{architecture} ({type(model).__name__})" if architecture else type(model).__name__
-
-
-StateT = TypeVar("StateT")
-
-
-def attached_state(model: nn.Module, attribute: str, state_type: type[StateT], fix: str) -> StateT:
-    """The state a patch keeps on ``model`` under ``attribute``; a clear error naming
-    ``fix`` when the model is not patched that way."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    state = getattr(model, attribute, None)
-    if not isinstance(state, state_type):
-        raise ValueError(f"{model_name(model)} {fix}")
-    return state
 
 
 def transformer_blocks(model: nn.Module) -> nn.Sequential | nn.ModuleList:
@@ -76,3 +63,20 @@ def native_input_shape(model: nn.Module) -> Optional[tuple[int, int, int]]:
         return None
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     return int(in_chans), int(height), int(width)
+
+
+def example_images(model: nn.Module, batch_size: int = 1, img_size: int | tuple[int, int] | None = None, *,
+                   seed: Optional[int] = None) -> torch.Tensor:
+    """A batch of the model's input shape on its device and dtype: zeros, or standard normal
+    noise drawn from ``seed`` (a forward that must really rank tokens needs distinct ones)."""
+    shape = native_input_shape(model)
+    if shape is None:
+        raise ValueError(f"cannot tell the input shape of {model_name(model)}; pass img_size")
+    height, width = shape[1:] if img_size is None else (
+        (img_size, img_size) if isinstance(img_size, int) else tuple(img_size))
+    parameter = next(model.parameters())
+    size = (batch_size, shape[0], height, width)
+    if seed is None:
+        return torch.zeros(size, device=parameter.device, dtype=parameter.dtype)
+    noise = torch.randn(size, generator=torch.Generator().manual_seed(seed))
+    return noise.to(parameter.device, parameter.dtype)

@@ -1,15 +1,18 @@
-"""Runtime state shared by the reduction layers of one patched model."""
+"""The module a token reducer runs in, and the state its layers share on one model."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from evit_patch.reducers.base import LayerContext, TokenReducer
-from evit_patch.scores import AttentionTensors, ScoreMode
+from evit_patch.core.lifecycle import PatchState
+from evit_patch.core.model_info import transformer_blocks
+from evit_patch.core.reduction import LayerContext, TokenReducer
+from evit_patch.core.scores import AttentionTensors, ScoreMode
 
 
 @dataclass(frozen=True)
@@ -24,8 +27,8 @@ class LayerRecord:
 
 
 @dataclass(eq=False)
-class EvitState:
-    """What every reduction layer of a model reads and writes.
+class ReductionState(PatchState):
+    """What every reduction layer of a model reads and writes, and what patching replaced.
 
     One object per patched model (not globals), so two patched models, or a model
     and its EMA copy, never see each other's keep rate.
@@ -36,6 +39,7 @@ class EvitState:
     reducer: TokenReducer
     num_prefix_tokens: int
     score_mode: ScoreMode
+    patched_blocks: dict[int, nn.Module] = field(default_factory=dict)
     original_blocks: dict[int, nn.Module] = field(default_factory=dict)
     original_attentions: dict[int, nn.Module] = field(default_factory=dict)  # of blocks that only weight keys
     weighted_attentions: dict[int, nn.Module] = field(default_factory=dict)
@@ -43,7 +47,36 @@ class EvitState:
     forward_hook: Optional[RemovableHandle] = None  # the model's pre-hook calling start_forward
 
     def __post_init__(self) -> None:
+        self.method = f"EViT's token reorganization (reducer {self.reducer.describe()})"
         self.clear_record()
+
+    def install(self, model: nn.Module) -> None:
+        blocks = transformer_blocks(model)
+        for index, block in self.patched_blocks.items():
+            blocks[index] = block
+        for index, attention in self.weighted_attentions.items():
+            blocks[index].attn = attention
+        self.forward_hook = model.register_forward_pre_hook(self.start_forward)
+
+    def uninstall(self, model: nn.Module) -> None:
+        blocks = transformer_blocks(model)
+        for index, block in self.original_blocks.items():
+            blocks[index] = block
+        for index, attention in self.original_attentions.items():
+            attention.training = blocks[index].attn.training  # train()/eval() since patching reached the copy only
+            blocks[index].attn = attention
+        self.forward_hook.remove()
+
+    @contextlib.contextmanager
+    def probe_settings(self) -> Iterator[None]:
+        """Keep rates of at most 0.5, so the test forward really shortens the sequence."""
+        rates = list(self.keep_rates)
+        self.keep_rates[:] = [min(rate, 0.5) for rate in rates]
+        try:
+            yield
+        finally:
+            self.keep_rates[:] = rates
+            self.clear_record()
 
     def clear_record(self) -> None:
         self.records = [None] * len(self.layers)
@@ -67,7 +100,7 @@ class TokenReorganizer(nn.Module):
     :func:`evit_patch.kept_tokens`.
     """
 
-    def __init__(self, state: EvitState, position: int) -> None:
+    def __init__(self, state: ReductionState, position: int) -> None:
         super().__init__()
         self.state = state
         self.position = position

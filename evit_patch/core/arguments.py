@@ -6,7 +6,6 @@ import numbers
 from typing import Sequence
 
 
-
 def validated_layers(layers: Sequence[int], depth: int) -> list[int]:
     """Sorted distinct block indices in ``[0, depth)``."""
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):

@@ -15,9 +15,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from evit_patch.attention import scored_attention
+from evit_patch.core.fx_graph import ancestors, descendants, extra_forward_parameters, trace_own_forward
+from evit_patch.core.scored_attention import scored_attention
 from evit_patch.errors import UnsupportedModelError
-from evit_patch.graph_rewrite import ancestors, descendants, extra_forward_parameters, trace_own_forward
 
 _MASK_PARAMETERS = {"attn_mask", "is_causal"}
 _KNOWN_POSITION_INPUTS = {

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from evit_patch.patch import evit_state
+from evit_patch.core.token_patch import reduction_state
 
 KEPT, FUSED, DROPPED = 0, 1, 2
 
@@ -38,7 +38,7 @@ def kept_tokens(model: nn.Module) -> list[LayerTokens]:
     Each layer's map from incoming to outgoing tokens is composed with the ones before
     it, so any reducer (selection, fusion, merging) is followed back to the input patches.
     """
-    state = evit_state(model)
+    state = reduction_state(model)
     if any(record is None for record in state.records):
         raise RuntimeError("no token record yet: run a forward pass through the patched model first")
     first = state.records[0]

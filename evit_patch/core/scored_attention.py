@@ -15,9 +15,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from evit_patch.core.fx_graph import descendants, extra_forward_parameters, find_nodes, trace_own_forward
+from evit_patch.core.scores import active_dropout_rate
 from evit_patch.errors import UnsupportedModelError
-from evit_patch.graph_rewrite import descendants, extra_forward_parameters, find_nodes, trace_own_forward
-from evit_patch.scores import active_dropout_rate
 
 _SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax)
 
@@ -109,7 +109,7 @@ def attention_graph(attention: nn.Module, model_name: str) -> tuple[fx.Graph, fx
 def scored_attention(attention: nn.Module, model_name: str) -> fx.GraphModule:
     """A GraphModule sharing ``attention``'s submodules that returns ``(output, tensors)``.
 
-    ``tensors`` (:data:`evit_patch.scores.AttentionTensors`) are what the attention
+    ``tensors`` (:data:`evit_patch.core.scores.AttentionTensors`) are what the attention
     computes anyway; no operation is added, so a layer that keeps every token costs
     nothing extra.
     """

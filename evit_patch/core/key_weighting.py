@@ -19,9 +19,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evit_patch.attention import attention_graph, attention_node, is_fused_attention
+from evit_patch.core.fx_graph import extra_forward_parameters
+from evit_patch.core.scored_attention import attention_graph, attention_node, is_fused_attention
 from evit_patch.errors import UnsupportedModelError
-from evit_patch.graph_rewrite import extra_forward_parameters
 
 HOLDER_NAME = "key_weights"
 
@@ -159,7 +159,7 @@ def weighted_key_attention(attention: nn.Module, holder: KeyWeights, model_name:
     """A GraphModule sharing ``attention``'s submodules that weights its keys by ``holder``.
 
     ``attention`` is a timm-style attention module, or a GraphModule made from one (e.g.
-    :func:`evit_patch.attention.scored_attention`, whose ``(output, tensors)`` output is
+    :func:`evit_patch.core.scored_attention.scored_attention`, whose ``(output, tensors)`` output is
     kept as it is). ``state_dict`` keys are unchanged; ``holder`` adds none.
     """
     if isinstance(attention, fx.GraphModule):

@@ -1,0 +1,78 @@
+"""apply_token_reducer / remove_evit / set_keep_rate: the model surgery every reducer shares."""
+
+from __future__ import annotations
+
+from typing import Sequence, TypeVar
+
+from torch import nn
+
+from evit_patch.core.arguments import validated_keep_rates, validated_layers
+from evit_patch.core.block_rewrite import reorganizing_block
+from evit_patch.core.key_weighting import weighted_key_attention
+from evit_patch.core.lifecycle import attach, check_unpatched, detach, patch_state
+from evit_patch.core.model_info import model_name, prefix_token_count, score_mode, transformer_blocks
+from evit_patch.core.reduction import TokenReducer
+from evit_patch.core.reorganizer import ReductionState, TokenReorganizer
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+def reduction_state(model: nn.Module) -> ReductionState:
+    """The shared state of a model patched with a token reducer; a clear error otherwise."""
+    return patch_state(model, ReductionState, "is not patched with a token reducer; call "
+                                              "apply_evit(model, layers, keep_rate) first")
+
+
+def apply_token_reducer(model: ModelT, layers: Sequence[int], keep_rate: float | Sequence[float],
+                        reducer: TokenReducer) -> ModelT:
+    """Patch ``model`` in place with any token reducer at EViT's insertion point.
+
+    ``reducer`` is one of :mod:`evit_patch.reducers` (EViT with or without fusion,
+    random drop, ToMe-style merging, oracle-guided EViT); ``layers`` and ``keep_rate``
+    mean what they mean for :func:`evit_patch.apply_evit`, so methods compare at equal
+    token counts. No parameter or buffer is added; on any error the model is left
+    exactly as it was.
+    """
+    check_unpatched(model)
+    if not isinstance(reducer, TokenReducer):
+        raise TypeError(f"reducer must be a TokenReducer from evit_patch.reducers, got {type(reducer).__name__}")
+    name = model_name(model)
+    blocks = transformer_blocks(model)
+    layers = validated_layers(layers, len(blocks))
+    keep_rates = validated_keep_rates(keep_rate, len(layers))
+    state = ReductionState(layers, keep_rates, reducer, prefix_token_count(model), score_mode(model))
+    state.patched_blocks = {
+        index: reorganizing_block(blocks[index], TokenReorganizer(state, position), name)
+        for position, index in enumerate(layers)
+    }
+    state.original_blocks = {index: blocks[index] for index in layers}
+    if reducer.key_weights is not None:
+        _weight_attention_keys(blocks, state, name)
+    return attach(model, state)
+
+
+def _weight_attention_keys(blocks: nn.Sequential | nn.ModuleList, state: ReductionState, name: str) -> None:
+    """Every attention from the first reduction layer on reads the reducer's key weights
+    (e.g. token sizes for proportional attention): the reducing blocks' own rewritten
+    attention, and the other blocks' attention swapped for a weighted copy."""
+    patched = state.patched_blocks
+    for index in range(state.layers[0], len(blocks)):
+        owner = patched.get(index, blocks[index])
+        weighted = weighted_key_attention(owner.attn, state.reducer.key_weights, name)
+        if index in patched:
+            owner.attn = weighted
+        else:
+            state.original_attentions[index] = owner.attn
+            state.weighted_attentions[index] = weighted
+
+
+def remove_evit(model: ModelT) -> ModelT:
+    """Take EViT, any token reducer or DynamicViT off ``model``: it then computes exactly
+    as never patched (with its weights as they are now)."""
+    return detach(model)
+
+
+def set_keep_rate(model: nn.Module, keep_rate: float | Sequence[float]) -> None:
+    """Change the keep rate of a patched model at run time (cheap: no re-patching)."""
+    state = reduction_state(model)
+    state.keep_rates[:] = validated_keep_rates(keep_rate, len(state.layers))

@@ -1,0 +1,1 @@
+"""Command lines: ``finetune``, ``evaluate``, ``visualize``; export and timing helpers."""

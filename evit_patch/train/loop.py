@@ -1,0 +1,301 @@
+"""The fine-tuning loop: start or resume a run, train epoch by epoch, evaluate, checkpoint.
+
+Each epoch writes ``checkpoint.pth`` atomically (model, optimizer, scheduler, scaler,
+EMA, position and RNG state) and a line of ``metrics.jsonl``; resuming continues to the
+same weights as an uninterrupted run. Ctrl-C saves and exits; a non-finite loss stops
+before the update, the last good checkpoint intact. The final weights go to
+``model.safetensors`` with the resolved ``recipe.yaml`` beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+from timm.data import Mixup
+from timm.scheduler.scheduler import Scheduler
+from timm.utils import ModelEmaV3, unwrap_model
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from evit_patch.core.token_patch import set_keep_rate
+from evit_patch.dynamicvit import set_backbone_frozen
+from evit_patch.train import distributed
+from evit_patch.train.assembly import prepare_model
+from evit_patch.train.checkpoint import load_checkpoint, save_atomic, save_weights
+from evit_patch.train.criterion import Criterion, build_criterion
+from evit_patch.train.data import build_dataset
+from evit_patch.train.loaders import build_mixup, eval_loader, train_loader
+from evit_patch.train.metrics import accuracy, autocast
+from evit_patch.train.model_source import build_model
+from evit_patch.train.optim import build_optimizer, build_scheduler
+from evit_patch.train.recipe import Recipe, RecipeError, recipe_to_dict
+from evit_patch.train.reproducibility import rng_state, seed_everything, set_rng_state
+from evit_patch.train.schedule import keep_rate_at
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being finite."""
+
+
+@dataclass
+class Position:
+    """Where a run is: finished epochs, steps into the current one, updates in all."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+
+
+class Interrupt:
+    """Turns Ctrl-C into a request honoured at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "Interrupt":
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+@dataclass
+class Run:
+    """Everything a run carries from step to step."""
+
+    recipe: Recipe
+    runtime: distributed.Runtime
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Scheduler
+    scaler: torch.amp.GradScaler
+    ema: Optional[ModelEmaV3]
+    criterion: Criterion
+    mixup: Optional[Mixup]
+    train_set: Dataset
+    evaluation: DataLoader
+    steps_per_epoch: int
+    position: Position = field(default_factory=Position)
+
+    @property
+    def output(self) -> Path:
+        return Path(self.recipe.train.output_dir)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.output / "checkpoint.pth"
+
+    def keep_rate(self, epoch: float) -> float:
+        """The recipe's keep rate at a (fractional) epoch."""
+        schedule = self.recipe.keep_rate_schedule
+        return keep_rate_at(epoch, self.recipe.evit.keep_rate, schedule.kind, schedule.start_epoch, schedule.epochs)
+
+
+def train(recipe: Recipe, resume: Optional[str] = None, show_progress: bool = True) -> Path:
+    """Run the recipe; returns the output folder."""
+    runtime = distributed.start()
+    try:
+        return run_training(recipe, resume, runtime, show_progress)[0]
+    finally:
+        distributed.stop(runtime)
+
+
+def run_training(recipe: Recipe, resume: Optional[str], runtime: distributed.Runtime,
+                 show_progress: bool = True) -> tuple[Path, nn.Module]:
+    """The training loop in an already started runtime: the output folder and the model."""
+    run = start_run(recipe, runtime)
+    if resume:
+        resume_run(run, resume)
+    run.scheduler.step_update(run.position.global_step)  # per-group lr_scale from the first step on
+    if runtime.distributed:  # DynamicViT freezes the backbone for some epochs: frozen parameters go unused
+        run.model = DistributedDataParallel(
+            run.model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+            find_unused_parameters=recipe.dynamicvit.enabled)
+    if runtime.is_main:
+        run.output.mkdir(parents=True, exist_ok=True)
+        (run.output / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    with Interrupt() as interrupt:
+        while run.position.epoch < recipe.train.epochs:
+            losses, seen, seconds = train_one_epoch(run, interrupt, show_progress)
+            metrics = epoch_metrics(run, losses, seen, seconds)
+            run.position.epoch, run.position.step_in_epoch = run.position.epoch + 1, 0
+            save_checkpoint(run)
+            if runtime.is_main:
+                with open(run.output / "metrics.jsonl", "a") as handle:
+                    handle.write(json.dumps(metrics) + "\n")
+                print(json.dumps(metrics))
+    if runtime.is_main:
+        save_weights(unwrap_model(run.model), run.output / "model.safetensors")
+        if run.ema is not None:
+            save_weights(run.ema.module, run.output / "model_ema.safetensors")
+    distributed.barrier(runtime)
+    return run.output, unwrap_model(run.model)
+
+
+def start_run(recipe: Recipe, runtime: distributed.Runtime) -> Run:
+    """The recipe's model with its method, data, optimizer, schedule and loss, at step 0."""
+    if recipe.train.amp == "fp16" and runtime.device.type != "cuda":
+        raise RecipeError("train.amp: fp16 needs a CUDA GPU; use bf16 (or none) on a CPU")
+    seed_everything(recipe.train.seed + runtime.rank)
+    model = prepare_model(recipe).to(runtime.device)
+    train_set = build_dataset(recipe.data, model, training=True)
+    evaluation = eval_loader(build_dataset(recipe.data, model, training=False), recipe, runtime)
+    steps_per_epoch = len(train_loader(train_set, recipe, runtime, 0))
+    if recipe.train.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, recipe.train.max_steps_per_epoch)
+    if steps_per_epoch == 0:
+        raise RecipeError(f"train.batch_size {recipe.train.batch_size} is larger than the training set")
+    optimizer = build_optimizer(model, recipe, runtime)
+    teacher = build_model(recipe.teacher).to(runtime.device).eval() if recipe.teacher else None
+    if getattr(model, "set_distilled_training", None) and teacher is not None:
+        model.set_distilled_training(True)
+    return Run(
+        recipe, runtime, model, optimizer,
+        scheduler=build_scheduler(optimizer, recipe, runtime, steps_per_epoch),
+        scaler=torch.amp.GradScaler(runtime.device.type, enabled=recipe.train.amp == "fp16"),
+        ema=ModelEmaV3(model, decay=recipe.train.ema_decay) if recipe.train.ema_decay else None,
+        criterion=build_criterion(recipe, model, teacher),
+        mixup=build_mixup(recipe.data, model.num_classes),
+        train_set=train_set, evaluation=evaluation, steps_per_epoch=steps_per_epoch,
+    )
+
+
+def resume_run(run: Run, checkpoint: str | Path) -> None:
+    """Model, optimizer, schedule, scaler, EMA, position and this rank's RNG from a checkpoint."""
+    state = load_checkpoint(checkpoint)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    if run.ema is not None and state["ema"] is not None:
+        run.ema.load_state_dict(state["ema"])
+    run.position = Position(**state["position"])
+    set_rng_state(_own_rng(state["rng"], run.runtime))
+
+
+def _own_rng(states: dict | list[dict], runtime: distributed.Runtime) -> dict:
+    """This rank's saved RNG state; a resume on another number of processes keeps going
+    (from rank 0's state) but can no longer repeat the uninterrupted run exactly."""
+    states = states if isinstance(states, list) else [states]
+    if len(states) != runtime.world_size and runtime.is_main:
+        print(f"warning: checkpoint written by {len(states)} process(es), resumed on {runtime.world_size}: "
+              "data order and augmentation differ from an uninterrupted run", file=sys.stderr)
+    return states[runtime.rank] if len(states) == runtime.world_size else states[0]
+
+
+def _checkpoint_state(run: Run, rng: list[dict]) -> dict[str, Any]:
+    return {
+        "model": unwrap_model(run.model).state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "ema": run.ema.state_dict() if run.ema is not None else None,
+        "position": vars(run.position).copy(),
+        "rng": rng,  # one entry per rank: each process draws its own augmentation
+        "recipe": recipe_to_dict(run.recipe),
+    }
+
+
+def save_checkpoint(run: Run) -> None:
+    """Write ``checkpoint.pth`` atomically (rank 0), with every rank's RNG state."""
+    rng = distributed.gather(rng_state(), run.runtime)
+    if run.runtime.is_main:
+        save_atomic(_checkpoint_state(run, rng), run.checkpoint_path)
+    distributed.barrier(run.runtime)
+
+
+def train_one_epoch(run: Run, interrupt: Interrupt, show_progress: bool) -> tuple[list[float], int, float]:
+    """The rest of the current epoch: its step losses, images seen and seconds taken.
+    Ctrl-C saves a checkpoint and exits with 130; a non-finite loss raises
+    :class:`TrainingDiverged` before the update."""
+    recipe, runtime, model, position = run.recipe, run.runtime, run.model, run.position
+    reduces_tokens = recipe.evit.enabled
+    loader = train_loader(run.train_set, recipe, runtime, position.epoch, skip_batches=position.step_in_epoch)
+    model.train()
+    if recipe.dynamicvit.enabled:
+        set_backbone_frozen(unwrap_model(model), position.epoch < recipe.dynamicvit.freeze_epochs)
+    progress = tqdm(total=run.steps_per_epoch, initial=position.step_in_epoch,
+                    disable=not (show_progress and runtime.is_main),
+                    desc=f"epoch {position.epoch + 1}/{recipe.train.epochs}", dynamic_ncols=True)
+    losses, seen, started = [], 0, time.perf_counter()
+    for index, (images, targets) in enumerate(loader, start=position.step_in_epoch):
+        if index >= run.steps_per_epoch:
+            break
+        images, targets = images.to(runtime.device), targets.to(runtime.device)
+        keep_rate = run.keep_rate(position.epoch + index / run.steps_per_epoch)
+        if reduces_tokens:
+            set_keep_rate(unwrap_model(model), keep_rate)
+            if run.ema is not None:
+                set_keep_rate(run.ema.module, keep_rate)
+        if run.mixup is not None:
+            images, targets = run.mixup(images, targets)
+        with autocast(runtime.device, recipe.train.amp):
+            loss = run.criterion(model, images, targets)
+        diverged, interrupted = distributed.any_across([not math.isfinite(loss.item()), interrupt.requested], runtime)
+        if diverged:
+            value = loss.item() if not math.isfinite(loss.item()) else "not finite on another process"
+            raise TrainingDiverged(
+                f"loss is {value} at epoch {position.epoch + 1}, step {index + 1}; nothing of this step was "
+                f"applied and the last good checkpoint is {run.checkpoint_path}. Lower optimizer.lr, set "
+                "optimizer.clip_grad, or use train.amp: none"
+            )
+        _update(run, loss)
+        position.global_step += 1
+        position.step_in_epoch = index + 1
+        run.scheduler.step_update(position.global_step)
+        if run.ema is not None:
+            run.ema.update(model, step=position.global_step)
+        losses.append(loss.item())
+        seen += images.shape[0]
+        progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
+                             keep=f"{keep_rate:.3f}" if reduces_tokens else "-",
+                             img_s=f"{seen / (time.perf_counter() - started):.0f}")
+        progress.update(1)
+        if interrupted:
+            save_checkpoint(run)
+            progress.close()
+            print(f"interrupted: saved {run.checkpoint_path}; continue with --resume {run.checkpoint_path}")
+            sys.exit(130)
+    progress.close()
+    return losses, seen, time.perf_counter() - started
+
+
+def _update(run: Run, loss: torch.Tensor) -> None:
+    """Backward, optional clipping and the optimizer step, through the fp16 scaler."""
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if run.recipe.optimizer.clip_grad:
+        run.scaler.unscale_(run.optimizer)
+        nn.utils.clip_grad_norm_(run.model.parameters(), run.recipe.optimizer.clip_grad)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+
+
+def epoch_metrics(run: Run, losses: list[float], seen: int, seconds: float) -> dict[str, Any]:
+    """The line ``metrics.jsonl`` gets for the epoch just trained: loss, lr, keep rate,
+    speed, and top-1/top-5 of the model (and of its EMA) on the evaluation split."""
+    recipe, amp = run.recipe, run.recipe.train.amp
+    metrics = {"epoch": run.position.epoch + 1, "train_loss": sum(losses) / max(len(losses), 1),
+               "lr": run.optimizer.param_groups[0]["lr"],
+               "keep_rate": run.keep_rate(run.position.epoch + 1) if recipe.evit.enabled else None,
+               "train_images_per_second": seen / seconds,
+               **accuracy(run.model, run.evaluation, run.runtime, amp)}
+    if run.ema is not None:
+        metrics.update({f"ema_{k}": v for k, v in accuracy(run.ema.module, run.evaluation, run.runtime, amp).items()})
+    return metrics
