@@ -30,7 +30,10 @@ LAYERS = [1, 2, 3]
 KEEP_RATE = 0.7
 TINY = {"img_size": 32, "patch_size": 4, "embed_dim": 48, "depth": 4, "num_heads": 3, "num_classes": 10}
 TOLERANCE = 1e-6  # relative: float32 versus float64 arithmetic on the same bf16 inputs
-BF16 = torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def _bf16() -> torch.autocast:
+    return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
 def _timm_model(seed: int = 0, fused_attention: bool = True) -> nn.Module:
@@ -84,7 +87,7 @@ def test_bf16_autocast_keeps_the_tokens_float32_scores_pick(fused_attention: boo
     for index in LAYERS:
         model.blocks[index].attn.register_forward_hook(
             lambda module, args, output, index=index: captured.__setitem__(index, output[1]))
-    with torch.no_grad(), BF16:
+    with torch.no_grad(), _bf16():
         logits = model(_images())
     assert torch.isfinite(logits).all()
 
@@ -127,7 +130,7 @@ def test_dynamicvit_under_bf16_autocast_prunes_by_float32_keep_scores() -> None:
     model = apply_dynamicvit(_timm_model(), layers=LAYERS[:1], keep_ratio=KEEP_RATE).eval()
     captured = []
     predictors(model)[0].decide[-2].register_forward_hook(lambda m, args, output: captured.append(output))
-    with torch.no_grad(), BF16:
+    with torch.no_grad(), _bf16():
         assert torch.isfinite(model(_images())).all()
     logits = captured[-1]
     assert logits.dtype == torch.bfloat16
@@ -149,7 +152,7 @@ def test_fused_token_is_summed_in_float32_and_given_the_tokens_dtype() -> None:
     weights = weights.scatter(1, kept, 0.0)
     exact = torch.einsum("bn,bnc->bc", weights.double(), tokens[:, 1:].double())
 
-    with BF16:  # float32 tokens (timm's residual stream under autocast): a float32 fused token
+    with _bf16():  # float32 tokens (timm's residual stream under autocast): a float32 fused token
         fused = selection_reduction(tokens, 1, kept, weights).tokens[:, -1]
     assert fused.dtype == torch.float32
     torch.testing.assert_close(fused.double(), exact, rtol=1e-5, atol=1e-6)
@@ -162,12 +165,13 @@ def test_fused_token_is_summed_in_float32_and_given_the_tokens_dtype() -> None:
 
 
 def test_a_few_bf16_autocast_training_steps_lower_the_loss() -> None:
+    """AdamW on one fixed batch, every step under autocast through three reorganizations."""
     model = _model().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     images, labels = _images(16), torch.arange(16) % 10
     losses = []
     for _ in range(8):
-        with BF16:
+        with _bf16():
             loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad()
         loss.backward()
@@ -179,6 +183,8 @@ def test_a_few_bf16_autocast_training_steps_lower_the_loss() -> None:
 
 
 def test_finetune_cli_runs_with_bf16_autocast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--set train.amp=bf16`` reaches every training step's autocast; the run finishes
+    with finite metrics."""
     used = []
     original = finetune.autocast
     monkeypatch.setattr(finetune, "autocast", lambda device, amp: (used.append(amp), original(device, amp))[1])
