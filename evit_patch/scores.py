@@ -8,6 +8,7 @@ token's row is recomputed from ``q`` and ``k``: one query against N keys, O(N d)
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal, Optional, Tuple
 
 import torch
@@ -37,6 +38,14 @@ def token_scores(tensors: AttentionTensors, mode: ScoreMode, num_prefix_tokens: 
     return scores_from_qk(q, k, scale, mode, num_prefix_tokens)
 
 
+def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """A region where autocast does not run matmuls in bf16/fp16 (nothing to turn off on
+    devices without autocast, such as ``meta``)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def score_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype scores are computed and returned in: ``dtype``, but at least float32."""
     return torch.promote_types(dtype, torch.float32)
@@ -62,7 +71,7 @@ def scores_from_qk(
         scale = q.shape[-1] ** -0.5
     queries = q[:, :, :1] if mode == "class" else q
     precision = score_dtype(q.dtype)
-    with torch.autocast(q.device.type, enabled=False):  # autocast would run the matmul in bf16/fp16
+    with without_autocast(q.device):
         logits = (queries.to(precision) @ k.to(precision).transpose(-2, -1)) * scale
         return _head_mean(logits.softmax(dim=-1), mode, num_prefix_tokens)
 

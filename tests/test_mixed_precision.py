@@ -24,6 +24,7 @@ from evit_patch.dynamicvit.patch import predictors
 from evit_patch.dynamicvit.predictor import KEEP
 from evit_patch.reducers import OracleGuided
 from evit_patch.reducers.base import selection_reduction
+from evit_patch.scores import scores_from_qk
 from finetune_helpers import write_recipe
 
 LAYERS = [1, 2, 3]
@@ -194,3 +195,13 @@ def test_finetune_cli_runs_with_bf16_autocast(tmp_path: Path, monkeypatch: pytes
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1
     assert all(math.isfinite(metrics[0][key]) for key in ("train_loss", "top1"))
+
+
+def test_scores_and_fusion_run_on_devices_without_autocast() -> None:
+    """Leaving autocast for the float32 matmuls must not break shape-only (meta) runs."""
+    q = torch.randn(2, 3, 10, 4, device="meta")
+    for mode in ("class", "mean"):
+        assert scores_from_qk(q, q, None, mode, 1).shape == (2, 9)
+    tokens, weights = torch.randn(2, 10, 8, device="meta"), torch.rand(2, 9, device="meta")
+    kept = torch.zeros(2, 3, dtype=torch.long, device="meta")
+    assert selection_reduction(tokens, 1, kept, weights).tokens.shape == (2, 5, 8)

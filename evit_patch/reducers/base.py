@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from evit_patch.key_weighting import KeyWeights
-from evit_patch.scores import AttentionTensors, ScoreMode, token_scores
+from evit_patch.scores import AttentionTensors, ScoreMode, token_scores, without_autocast
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def selection_reduction(x: Tensor, num_prefix_tokens: int, kept_index: Tensor,
     mixed = torch.zeros(batch, keep, dtype=torch.bool, device=x.device)
     if fused_weights is not None:
         precision = torch.promote_types(fused_weights.dtype, image.dtype)
-        with torch.autocast(x.device.type, enabled=False):  # autocast would run bmm in bf16/fp16
+        with without_autocast(x.device):
             fused = torch.bmm(fused_weights.to(precision).unsqueeze(1), image.to(precision))
         parts.append(fused.to(x.dtype))
         mixed = torch.cat([mixed, mixed.new_ones(batch, 1)], dim=1)
