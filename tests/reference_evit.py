@@ -3,6 +3,9 @@
 It re-derives every transformer block with an explicit attention matrix and applies
 the paper's reorganization sample by sample, with exact decimal arithmetic for the
 kept count. Only the patch/position embedding and the head are taken from the model.
+Everything is differentiable as written (the fused token's weights carry gradient, as
+in the paper's code), so a training-mode forward and backward through it gives the
+reference gradients too.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ def reorganize_sample(x: Tensor, attention: Tensor, num_prefix: int, keep_rate: 
     keep = kept_count(image.shape[0], keep_rate)
     if keep == image.shape[0]:
         return x
-    order = sorted(range(image.shape[0]), key=lambda i: -float(scores[i]))
+    ranking = scores.detach().tolist()  # the ranking only; the fused token below keeps the scores' gradient
+    order = sorted(range(image.shape[0]), key=lambda i: -ranking[i])
     kept, unkept = order[:keep], order[keep:]
     parts = [x[:num_prefix], image[kept]]
     if fuse:

@@ -20,8 +20,12 @@ def test_scores_from_qk_match_explicit_attention(batch, heads, tokens, prefix, s
     torch.testing.assert_close(scores_from_attention(attention, mode, prefix), expected)
 
 
+@pytest.mark.parametrize("mode", ["class", "mean"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_scores_are_finite_and_keep_dtype(dtype):
+def test_low_precision_scores_are_finite_and_float32(dtype, mode):
+    """Selection and fusion weights never take the activations' low precision."""
     q = torch.randn(2, 3, 50, 16).mul(30).to(dtype)
-    scores = scores_from_qk(q, q, None, "class", 1)
-    assert scores.dtype == dtype and torch.isfinite(scores).all()
+    scores = scores_from_qk(q, q, None, mode, 1)
+    assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    attention = (q.float() @ q.float().transpose(-2, -1) / 4).softmax(-1).to(dtype)
+    assert scores_from_attention(attention, mode, 1).dtype == torch.float32

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from evit_patch.core.key_weighting import KeyWeights
-from evit_patch.core.scores import AttentionTensors, ScoreMode, token_scores
+from evit_patch.core.scores import AttentionTensors, ScoreMode, token_scores, without_autocast
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,11 @@ def identity_reduction(x: Tensor, num_prefix_tokens: int) -> Reduction:
 def selection_reduction(x: Tensor, num_prefix_tokens: int, kept_index: Tensor,
                         fused_weights: Optional[Tensor]) -> Reduction:
     """Keep ``kept_index`` in that order and, with ``fused_weights`` ``(B, n)``, append
-    their weighted sum over the other tokens as one fused token (zero weight on kept ones)."""
+    their weighted sum over the other tokens as one fused token (zero weight on kept ones).
+
+    The weights (scores, float32 under autocast) are not rounded to the tokens' dtype:
+    the sum is taken in the wider of the two, outside autocast, and only the fused token
+    is cast back to ``x``'s dtype."""
     prefix, image = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
     batch, count, channels = image.shape
     keep = kept_index.shape[1]
@@ -97,6 +101,9 @@ def selection_reduction(x: Tensor, num_prefix_tokens: int, kept_index: Tensor,
     destination.scatter_(1, kept_index, torch.arange(keep, device=x.device).expand(batch, keep))
     mixed = torch.zeros(batch, keep, dtype=torch.bool, device=x.device)
     if fused_weights is not None:
-        parts.append(torch.bmm(fused_weights.to(image.dtype).unsqueeze(1), image))
+        precision = torch.promote_types(fused_weights.dtype, image.dtype)
+        with without_autocast(x.device):
+            fused = torch.bmm(fused_weights.to(precision).unsqueeze(1), image.to(precision))
+        parts.append(fused.to(x.dtype))
         mixed = torch.cat([mixed, mixed.new_ones(batch, 1)], dim=1)
     return Reduction(torch.cat(parts, dim=1), kept_index, destination, mixed)

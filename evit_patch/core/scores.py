@@ -8,6 +8,7 @@ token's row is recomputed from ``q`` and ``k``: one query against N keys, O(N d)
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal, Optional, Tuple
 
 import torch
@@ -25,36 +26,60 @@ attention that materializes its post-softmax matrix."""
 
 
 def token_scores(tensors: AttentionTensors, mode: ScoreMode, num_prefix_tokens: int) -> Tensor:
-    """One score per image token ``(B, n)`` from an attention layer's tensors."""
+    """One score per image token ``(B, n)`` from an attention layer's tensors.
+
+    Scores are in at least float32 whatever the activations' dtype: under bf16/fp16
+    autocast many tokens would share a rounded score, and the top-k at the cut would be
+    decided by rounding (the reference code's softmax output is float32 under AMP too).
+    """
     q, k, scale, attention = tensors
     if attention is not None:
         return scores_from_attention(attention, mode, num_prefix_tokens)
     return scores_from_qk(q, k, scale, mode, num_prefix_tokens)
 
 
+def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """A region where autocast does not run matmuls in bf16/fp16 (nothing to turn off on
+    devices without autocast, such as ``meta``)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype scores are computed and returned in: ``dtype``, but at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _head_mean(attention: Tensor, mode: ScoreMode, num_prefix_tokens: int) -> Tensor:
-    """Reduce post-softmax attention ``(B, H, Nq, N)`` to one score per image token."""
+    """Reduce post-softmax attention ``(B, H, Nq, N)`` to one score per image token,
+    upcast to :func:`score_dtype` before any averaging."""
+    precision = score_dtype(attention.dtype)
     if mode == "class":
-        rows = attention[:, :, 0]
+        rows = attention[:, :, 0].to(precision)
     else:
-        rows = attention.mean(dim=2)
+        rows = attention.mean(dim=2, dtype=precision)
     return rows.mean(dim=1)[:, num_prefix_tokens:]
 
 
 def scores_from_qk(
     q: Tensor, k: Tensor, scale: Optional[float], mode: ScoreMode, num_prefix_tokens: int
 ) -> Tensor:
-    """Scores from queries and keys ``(B, H, N, d)``; softmax in at least float32."""
+    """Scores from queries and keys ``(B, H, N, d)``: logits, softmax and scores in at
+    least float32, whatever the dtype of ``q`` and ``k``."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
     queries = q[:, :, :1] if mode == "class" else q
-    precision = torch.promote_types(q.dtype, torch.float32)
-    logits = (queries.to(precision) @ k.to(precision).transpose(-2, -1)) * scale
-    return _head_mean(logits.softmax(dim=-1), mode, num_prefix_tokens).to(q.dtype)
+    precision = score_dtype(q.dtype)
+    with without_autocast(q.device):
+        logits = (queries.to(precision) @ k.to(precision).transpose(-2, -1)) * scale
+        return _head_mean(logits.softmax(dim=-1), mode, num_prefix_tokens)
 
 
 def scores_from_attention(attention: Tensor, mode: ScoreMode, num_prefix_tokens: int) -> Tensor:
-    """Scores from an explicit post-softmax attention matrix (non-fused attention)."""
+    """Scores from an explicit post-softmax attention matrix (non-fused attention), in at
+    least float32 (the matrix itself is what the model computed: float32 from CUDA
+    autocast's softmax, bf16 from CPU autocast's)."""
     return _head_mean(attention, mode, num_prefix_tokens)
 
 

@@ -9,6 +9,14 @@ KEEP = 0
 """Channel of the keep log-probability in the predictor's output (the other is drop)."""
 
 
+class LogSoftmaxFloat32(nn.LogSoftmax):
+    """Log-softmax in at least float32: under autocast CUDA computes it in float32 but the
+    CPU in bf16, where many tokens would share a keep score and top-k would pick by rounding."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return super().forward(input.to(torch.promote_types(input.dtype, torch.float32)))
+
+
 class KeepPredictor(nn.Module):
     """LayerNorm + Linear(C, C) + GELU, then half the channels stay per token (local) and
     half are averaged over the tokens still kept (global), so that a token is judged
@@ -21,7 +29,7 @@ class KeepPredictor(nn.Module):
         self.decide = nn.Sequential(
             nn.Linear(dim, dim // 2), nn.GELU(),
             nn.Linear(dim // 2, dim // 4), nn.GELU(),
-            nn.Linear(dim // 4, 2), nn.LogSoftmax(dim=-1),
+            nn.Linear(dim // 4, 2), LogSoftmaxFloat32(dim=-1),
         )
         self.local_channels = dim // 2
 

@@ -93,7 +93,7 @@ class OracleGuided(TokenReducer):
                 raise RuntimeError("the oracle has not seen these images: call the patched model itself "
                                    "(model(images)), whose forward runs the oracle first")
             scores = self.current_scores(oracle_scores, num_image)
-            reduction = evit_reduction(x, scores.to(x.dtype), context.num_prefix_tokens, context.keep_rate)
+            reduction = evit_reduction(x, scores, context.num_prefix_tokens, context.keep_rate)
         else:
             reduction = evit_reduction(x, context.scores(attention), context.num_prefix_tokens, context.keep_rate)
         if self.patch_token is not None:
