@@ -12,7 +12,8 @@ attention after the first merge. Prefix tokens are never merged. The output is
 It runs at the product's insertion point and counts (a layer that EViT leaves with
 ``ceil(r n) + 1`` image tokens is merged down to as many) but shares no code with it:
 every block is re-derived sample by sample with explicit matrices and Python loops.
-Only the patch/position embedding, the MLP modules and the head are the model's own.
+Only the patch/position embedding, the MLP, the attention's (identity) q/k/output norms
+and the head are the model's own modules.
 """
 
 from __future__ import annotations
