@@ -58,7 +58,7 @@ def test_loss_is_ce_plus_weighted_ratio_kl_and_token_distillation() -> None:
     targets = torch.tensor([0, 3, 5, 7])
     torch.manual_seed(0)
     logits = model.train()(images())
-    loss = DynamicViTLoss(model, teacher, ratio_weight=2.0, distill_weight=0.5, token_distill_weight=0.5)
+    loss = DynamicViTLoss(model, teacher, ratio_weight=2.0, distill_weight=0.5, token_distill_weight=0.25)
     total = loss(images(), logits, targets)
 
     record = dynamicvit_state(model).record
@@ -73,7 +73,7 @@ def test_loss_is_ce_plus_weighted_ratio_kl_and_token_distillation() -> None:
     kept = record.policies[-1].bool()
     squared = [(record.final_tokens[b, 1:][kept[b]] - teacher_tokens[b, 1:][kept[b]]) ** 2 for b in range(4)]
     tokens = torch.cat(squared).mean()
-    torch.testing.assert_close(total, cross_entropy + 2.0 * ratio + 0.5 * kl + 0.5 * tokens, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(total, cross_entropy + 2.0 * ratio + 0.5 * kl + 0.25 * tokens, rtol=1e-5, atol=1e-6)
     assert tokens > 0 and kl > 0
     only_ce_and_ratio = DynamicViTLoss(model, None)(images(), logits, targets)
     torch.testing.assert_close(only_ce_and_ratio, cross_entropy + 2.0 * ratio, rtol=1e-5, atol=1e-6)

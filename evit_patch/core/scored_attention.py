@@ -2,13 +2,15 @@
 
 The module's own forward is traced with torch.fx and extended in place: the output
 stays exactly what the module computes (fused ``scaled_dot_product_attention`` kept),
-and the tensors that token scores are made of (q and k, or the attention matrix) are
-returned as a second output. Nothing of the
+and the tensors that token scores are made of (q and k, or the attention matrix and k)
+are returned as a second output. Nothing of the
 module's code is copied, so q/k norm, gating, scale norm and later timm changes come
 along.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -20,6 +22,8 @@ from evit_patch.core.scores import active_dropout_rate
 from evit_patch.errors import UnsupportedModelError
 
 _SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax)
+_MATMUL_FUNCTIONS = (operator.matmul, torch.matmul)
+_KEY_SEARCH_DEPTH = 8
 
 
 def _trace_in_eval_mode(attention: nn.Module) -> fx.Graph:
@@ -106,6 +110,23 @@ def attention_graph(attention: nn.Module, model_name: str) -> tuple[fx.Graph, fx
     return graph, node
 
 
+def _explicit_key(softmax: fx.Node) -> fx.Node | None:
+    """The keys ``k`` of an explicit ``softmax(q @ k.transpose(-2, -1) [* scale] [+ bias])``,
+    which merging compares as the fused path's do; None for another form of graph."""
+    node = softmax.args[0] if softmax.args else softmax.kwargs.get("input")
+    for _ in range(_KEY_SEARCH_DEPTH):
+        if not isinstance(node, fx.Node):
+            return None
+        if node.target in _MATMUL_FUNCTIONS or (node.op == "call_method" and node.target == "matmul"):
+            transposed = node.args[1] if len(node.args) > 1 else None
+            if (isinstance(transposed, fx.Node) and transposed.op == "call_method" and transposed.target == "transpose"
+                    and set(transposed.args[1:]) == {-2, -1}):
+                return transposed.args[0]
+            return None
+        node = next((arg for arg in node.args if isinstance(arg, fx.Node)), None)  # through scale, bias, mask
+    return None
+
+
 def scored_attention(attention: nn.Module, model_name: str) -> fx.GraphModule:
     """A GraphModule sharing ``attention``'s submodules that returns ``(output, tensors)``.
 
@@ -119,7 +140,7 @@ def scored_attention(attention: nn.Module, model_name: str) -> fx.GraphModule:
         key = node.args[1] if len(node.args) > 1 else node.kwargs["key"]
         tensors = (query, key, node.kwargs.get("scale"), None)
     else:
-        tensors = (None, None, None, node)
+        tensors = (None, _explicit_key(node), None, node)
 
     output = next(node for node in graph.nodes if node.op == "output")
     output.args = ((output.args[0], tensors),)

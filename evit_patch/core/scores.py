@@ -21,8 +21,9 @@ i.e. its weight in the average of the attention outputs that global pooling read
 
 
 AttentionTensors = Tuple[Optional[Tensor], Optional[Tensor], Optional[float], Optional[Tensor]]
-"""``(q, k, scale, None)`` from fused attention, ``(None, None, None, attention)`` from
-attention that materializes its post-softmax matrix."""
+"""``(q, k, scale, None)`` from fused attention, ``(None, k, None, attention)`` from
+attention that materializes its post-softmax matrix (``k`` None where the graph does not
+show it)."""
 
 
 def token_scores(tensors: AttentionTensors, mode: ScoreMode, num_prefix_tokens: int) -> Tensor:

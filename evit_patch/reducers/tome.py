@@ -88,7 +88,8 @@ class ToMeMerge(TokenReducer):
 
     def __init__(self, proportional_attention: bool = True) -> None:
         self.name = "tome" + ("" if proportional_attention else "(no proportional attention)")
-        self.key_weights = KeyWeights() if proportional_attention else None
+        # sizes are at least 1, so the softmax needs no guard against a zero normalizer
+        self.key_weights = KeyWeights(eps=0.0) if proportional_attention else None
         self.sizes: Optional[Tensor] = None
 
     def start_forward(self, images: Tensor, training: bool) -> None:
