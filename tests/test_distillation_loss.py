@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from evit_patch.config import DataConfig, TeacherConfig
-from evit_patch.training import DistillationLoss
+from evit_patch.train.criterion import DistillationLoss
+from evit_patch.train.recipe import DataConfig, TeacherConfig
 
 CLASSES = 7
 TAU = 3.0

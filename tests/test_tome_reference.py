@@ -13,10 +13,10 @@ import copy
 import pytest
 import timm
 import torch
+from reference_tome import merged_count, token_of_patch, tome_forward
 
 import evit_patch
 from evit_patch import FUSED, KEPT, kept_tokens
-from reference_tome import merged_count, token_of_patch, tome_forward
 
 LAYERS = [0, 1, 2]
 KEEP_RATE = 0.55  # 64 -> 37 -> 22 -> 14 image tokens: 27, 15 and 8 merges
