@@ -47,7 +47,7 @@ def bipartite_merge(x: Tensor, metric: Tensor, sizes: Tensor, num_merged: int) -
     if num_merged > len(a_index):
         raise ValueError(f"bipartite matching merges at most {len(a_index)} of {count} tokens per layer "
                          f"(half, rounded up), asked for {num_merged}: raise the keep rate to at least 0.5")
-    metric = F.normalize(metric.float(), dim=-1)
+    metric = F.normalize(metric.to(torch.promote_types(metric.dtype, torch.float32)), dim=-1)
     similarity = metric[:, a_index] @ metric[:, b_index].transpose(1, 2)
     best, partner = similarity.max(dim=-1)
     order = best.argsort(dim=-1, descending=True)
