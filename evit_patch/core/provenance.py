@@ -42,8 +42,7 @@ def kept_tokens(model: nn.Module) -> list[LayerTokens]:
     if any(record is None for record in state.records):
         raise RuntimeError("no token record yet: run a forward pass through the patched model first")
     first = state.records[0]
-    batch, num_patches = first.destination.shape[0], first.incoming
-    device = first.destination.device
+    batch, num_patches, device = first.batch, first.incoming, first.device
     token_of_patch = torch.arange(num_patches, device=device).expand(batch, num_patches)
     token_is_mixed = torch.zeros(batch, num_patches, dtype=torch.bool, device=device)
     layers = []

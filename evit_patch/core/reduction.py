@@ -35,24 +35,90 @@ class LayerContext:
         return token_scores(attention, self.score_mode, self.num_prefix_tokens)
 
 
-@dataclass(frozen=True)
-class Reduction:
-    """The result of one reduction layer.
+class TokenMap:
+    """Where the image tokens entering one reduction layer went, derived only when asked.
 
-    Attributes:
-        tokens: ``(B, P + m, C)``, the prefix tokens first and unchanged.
-        kept_index: ``(B, k)`` incoming image tokens that go on as they are (selection
-            methods: highest score first) or that represent an output token (merging).
-        destination: ``(B, n)`` for each incoming image token, the output image token
-            holding it, or -1 where it was discarded.
-        mixed: ``(B, m)`` whether an output image token mixes several incoming tokens
-            (EViT's fused token, a merged token).
+    The hot path records what a layer decided in the form it has anyway (the kept
+    indices, whether a fused token follows them); ``destination`` and ``mixed`` are built
+    from that on demand, for :func:`evit_patch.kept_tokens` and the kept-token maps. A
+    merging method, which computes them while it merges, hands them over as they are.
+    Only index tensors are held, so a record keeps no autograd graph alive.
     """
 
+    def __init__(self, batch: int, incoming: int, device: torch.device, kept_index: Optional[Tensor] = None,
+                 fused: bool = False, destination: Optional[Tensor] = None, mixed: Optional[Tensor] = None) -> None:
+        self.batch, self.incoming, self.device = batch, incoming, device
+        self._kept_index, self.fused = kept_index, fused
+        self._destination, self._mixed = destination, mixed
+
+    @classmethod
+    def identity(cls, batch: int, incoming: int, device: torch.device) -> "TokenMap":
+        """Every token goes on unchanged, in its place."""
+        return cls(batch, incoming, device)
+
+    @classmethod
+    def selection(cls, kept_index: Tensor, incoming: int, fused: bool) -> "TokenMap":
+        """``kept_index`` go on in that order; the others are fused into one token after
+        them, or discarded."""
+        return cls(kept_index.shape[0], incoming, kept_index.device, kept_index.detach(), fused)
+
+    @classmethod
+    def merge(cls, kept_index: Tensor, destination: Tensor, mixed: Tensor) -> "TokenMap":
+        """A merging method's own map."""
+        return cls(destination.shape[0], destination.shape[1], destination.device, kept_index, False,
+                   destination, mixed)
+
+    @property
+    def kept_index(self) -> Tensor:
+        """``(B, k)`` incoming image tokens that go on as they are (selection methods:
+        highest score first) or that represent an output token (merging)."""
+        if self._kept_index is None:
+            self._kept_index = torch.arange(self.incoming, device=self.device).expand(self.batch, -1)
+        return self._kept_index
+
+    @property
+    def destination(self) -> Tensor:
+        """``(B, n)`` for each incoming image token, the output image token holding it, or
+        -1 where it was discarded."""
+        if self._destination is None:
+            kept = self.kept_index
+            keep = kept.shape[1]
+            fill = keep if self.fused else -1
+            destination = torch.full((self.batch, self.incoming), fill, dtype=torch.long, device=self.device)
+            self._destination = destination.scatter_(1, kept, torch.arange(keep, device=self.device).expand_as(kept))
+        return self._destination
+
+    @property
+    def mixed(self) -> Tensor:
+        """``(B, m)`` whether an output image token mixes several incoming tokens (EViT's
+        fused token, a merged token)."""
+        if self._mixed is None:
+            mixed = torch.zeros(self.batch, self.kept_index.shape[1] + int(self.fused), dtype=torch.bool,
+                                device=self.device)
+            mixed[:, self.kept_index.shape[1]:] = True
+            self._mixed = mixed
+        return self._mixed
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """The result of one reduction layer: the new tokens ``(B, P + m, C)``, the prefix
+    tokens first and unchanged, and the :class:`TokenMap` of where the incoming ones went."""
+
     tokens: Tensor
-    kept_index: Tensor
-    destination: Tensor
-    mixed: Tensor
+    map: TokenMap
+
+    @property
+    def kept_index(self) -> Tensor:
+        return self.map.kept_index
+
+    @property
+    def destination(self) -> Tensor:
+        return self.map.destination
+
+    @property
+    def mixed(self) -> Tensor:
+        return self.map.mixed
 
 
 class TokenReducer(ABC):
@@ -77,10 +143,8 @@ class TokenReducer(ABC):
 
 
 def identity_reduction(x: Tensor, num_prefix_tokens: int) -> Reduction:
-    """Every image token goes on unchanged (a layer at keep rate 1.0)."""
-    batch, count = x.shape[0], x.shape[1] - num_prefix_tokens
-    index = torch.arange(count, device=x.device).expand(batch, count)
-    return Reduction(x, index, index, torch.zeros(batch, count, dtype=torch.bool, device=x.device))
+    """Every image token goes on unchanged (a layer at keep rate 1.0): nothing is allocated."""
+    return Reduction(x, TokenMap.identity(x.shape[0], x.shape[1] - num_prefix_tokens, x.device))
 
 
 def selection_reduction(x: Tensor, num_prefix_tokens: int, kept_index: Tensor,
@@ -92,18 +156,12 @@ def selection_reduction(x: Tensor, num_prefix_tokens: int, kept_index: Tensor,
     the sum is taken in the wider of the two, outside autocast, and only the fused token
     is cast back to ``x``'s dtype."""
     prefix, image = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
-    batch, count, channels = image.shape
-    keep = kept_index.shape[1]
-    kept = image.gather(1, kept_index.unsqueeze(-1).expand(-1, -1, channels))
+    kept = image.gather(1, kept_index.unsqueeze(-1).expand(-1, -1, image.shape[2]))
     parts = [prefix, kept]
-    fill = keep if fused_weights is not None else -1
-    destination = torch.full((batch, count), fill, dtype=torch.long, device=x.device)
-    destination.scatter_(1, kept_index, torch.arange(keep, device=x.device).expand(batch, keep))
-    mixed = torch.zeros(batch, keep, dtype=torch.bool, device=x.device)
     if fused_weights is not None:
         precision = torch.promote_types(fused_weights.dtype, image.dtype)
         with without_autocast(x.device):
             fused = torch.bmm(fused_weights.to(precision).unsqueeze(1), image.to(precision))
         parts.append(fused.to(x.dtype))
-        mixed = torch.cat([mixed, mixed.new_ones(batch, 1)], dim=1)
-    return Reduction(torch.cat(parts, dim=1), kept_index, destination, mixed)
+    token_map = TokenMap.selection(kept_index, image.shape[1], fused_weights is not None)
+    return Reduction(torch.cat(parts, dim=1), token_map)

@@ -11,19 +11,8 @@ from torch.utils.hooks import RemovableHandle
 
 from evit_patch.core.lifecycle import PatchState
 from evit_patch.core.model_info import transformer_blocks
-from evit_patch.core.reduction import LayerContext, TokenReducer
+from evit_patch.core.reduction import LayerContext, TokenMap, TokenReducer
 from evit_patch.core.scores import AttentionTensors, ScoreMode
-
-
-@dataclass(frozen=True)
-class LayerRecord:
-    """What one reduction layer did in the last forward (for provenance): index tensors
-    only, so a record holds no autograd graph and a patched model deep-copies any time."""
-
-    incoming: int
-    kept_index: Tensor
-    destination: Tensor
-    mixed: Tensor
 
 
 @dataclass(eq=False)
@@ -43,7 +32,7 @@ class ReductionState(PatchState):
     original_blocks: dict[int, nn.Module] = field(default_factory=dict)
     original_attentions: dict[int, nn.Module] = field(default_factory=dict)  # of blocks that only weight keys
     weighted_attentions: dict[int, nn.Module] = field(default_factory=dict)
-    records: list[Optional[LayerRecord]] = field(default_factory=list)
+    records: list[Optional[TokenMap]] = field(default_factory=list)
     forward_hook: Optional[RemovableHandle] = None  # the model's pre-hook calling start_forward
 
     def __post_init__(self) -> None:
@@ -114,8 +103,7 @@ class TokenReorganizer(nn.Module):
             )
         state = self.state
         reduction = state.reducer.reduce(x, attention, state.context(self.position, self.training))
-        state.records[self.position] = LayerRecord(x.shape[1] - state.num_prefix_tokens, reduction.kept_index,
-                                                   reduction.destination, reduction.mixed)
+        state.records[self.position] = reduction.map
         return reduction.tokens
 
     def extra_repr(self) -> str:

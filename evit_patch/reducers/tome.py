@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from evit_patch.core.key_weighting import KeyWeights
-from evit_patch.core.reduction import LayerContext, Reduction, TokenReducer, identity_reduction
+from evit_patch.core.reduction import LayerContext, Reduction, TokenMap, TokenReducer, identity_reduction
 from evit_patch.core.scores import AttentionTensors
 from evit_patch.reducers.evit import kept_token_count
 
@@ -74,7 +74,7 @@ def bipartite_merge(x: Tensor, metric: Tensor, sizes: Tensor, num_merged: int) -
     received = b_sizes > sizes[:, b_index]  # every token holds at least one patch
     mixed = torch.cat([torch.zeros_like(unmerged_a, dtype=torch.bool), received], dim=1)
     kept_index = torch.cat([a_index[unmerged_a], b_index.expand(batch, -1)], dim=1)
-    return out, out_sizes, Reduction(out, kept_index, destination, mixed)
+    return out, out_sizes, Reduction(out, TokenMap.merge(kept_index, destination, mixed))
 
 
 class ToMeMerge(TokenReducer):
@@ -112,4 +112,4 @@ class ToMeMerge(TokenReducer):
         tokens = torch.cat([x[:, :prefix_count], merged], dim=1)
         if self.key_weights is not None:  # later attention counts a token as the patches it holds
             self.key_weights.weights = torch.cat([self.sizes.new_ones(x.shape[0], prefix_count), self.sizes], dim=1)
-        return Reduction(tokens, reduction.kept_index, reduction.destination, reduction.mixed)
+        return Reduction(tokens, reduction.map)
