@@ -1,14 +1,20 @@
-"""Images/s of EViT-patched timm models against the unpatched model, side by side.
+"""Speed of token methods on timm models against the unpatched model, side by side.
 
 Every variant is timed in the same process, interleaved repeat by repeat in rotating
 order, so drift of the machine (clock, other load) hits all of them alike. The report
 gives the median images/s of each variant and the median of its per-repeat ratios to
-the unpatched model, next to the MAC ratio that bounds the speed-up.
+the unpatched model, next to the MAC ratio that bounds the speed-up. Inference times a
+forward pass in eval mode; ``--train`` times a training step (forward, cross-entropy,
+backward, AdamW step) in train mode.
 
-    python benchmarks/throughput.py --model deit_small_patch16_224 --batch-sizes 32 1 \\
+    python benchmarks/throughput.py --models deit_small_patch16_224 --batch-sizes 32 1 \\
         --keep-rates 1.0 0.7 0.5 --repeats 15 --out benchmarks/results/deit_s_cpu
+    python benchmarks/throughput.py --train --batch-sizes 32 --keep-rates 0.7 --methods evit evit-no-fusion
 
-writes ``<out>.json``, ``<out>.md`` and ``<out>.png`` (images/s against keep rate).
+Methods are the registry's (``evit``, ``evit-no-fusion``, ``random``, ``tome``,
+``dynamicvit``, ``width-pruning``), each at every keep rate (DynamicViT: that keep
+ratio; width pruning: EViT's MACs at that keep rate). Writes ``<out>.json``, ``<out>.md``
+and ``<out>.png`` (speed-up against keep rate).
 """
 
 from __future__ import annotations
@@ -19,15 +25,21 @@ import json
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
 import timm
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import evit_patch
 from evit_patch.core.model_info import example_images
-from evit_patch.tools.timing import interleaved_images_per_second, timed_forward
+from evit_patch.tools.timing import autocast_to, interleaved_images_per_second, interleaved_rates, timed_call
+from evit_patch.train.methods import METHODS
+from evit_patch.train.recipe import apply_overrides, recipe_from_dict
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+TIMED_METHODS = [name for name in METHODS if name not in ("unpatched", "oracle")]  # an oracle needs trained weights
 
 
 @dataclass
@@ -39,41 +51,80 @@ class Variant:
     batch_size: int
     macs: float
     images_per_second: list[float] = field(default_factory=list)
-    peak_memory_mb: float | None = None
+    peak_memory_mb: Optional[float] = None
 
 
-def build_models(args: argparse.Namespace, model_name: str) -> dict[str, tuple[float, torch.nn.Module]]:
-    """The unpatched model and one patched copy per keep rate: ``name -> (keep rate, model)``."""
+def with_method(base: nn.Module, model_name: str, model_kwargs: dict, method: str, keep_rate: float,
+                layers: list[int]) -> nn.Module:
+    """A copy of ``base`` with a registry method at ``keep_rate`` on ``layers``."""
+    values = {"model": {"name": model_name, "kwargs": model_kwargs},
+              "evit": {"layers": layers, "keep_rate": keep_rate},
+              "dynamicvit": {"layers": layers, "keep_ratio": keep_rate}}
+    recipe = recipe_from_dict(apply_overrides(values, list(METHODS[method].selection)))
+    return METHODS[method].apply(copy.deepcopy(base), recipe, keep_rate, base)
+
+
+def build_models(args: argparse.Namespace, model_name: str) -> dict[str, tuple[float, nn.Module]]:
+    """The unpatched model and one copy per method and keep rate: ``name -> (keep rate, model)``."""
     torch.manual_seed(0)
-    base = timm.create_model(model_name).eval().to(args.device)
+    base = timm.create_model(model_name, **args.model_kwargs).eval()
     models = {"unpatched": (1.0, copy.deepcopy(base))}  # every variant a copy: same memory placement
-    for rate in args.keep_rates:
-        patched = evit_patch.apply_evit(copy.deepcopy(base), args.layers, rate, fuse=not args.no_fuse)
-        models[f"evit {rate}"] = (rate, patched)
-    if args.compile:
-        models = {name: (rate, torch.compile(model)) for name, (rate, model) in models.items()}
-    return models
+    for method in args.methods:
+        for rate in args.keep_rates:
+            name = f"{method} {rate}" if len(args.methods) > 1 or method != "evit" else f"evit {rate}"
+            models[name] = (rate, with_method(base, model_name, args.model_kwargs, method, rate, args.layers))
+    return {name: (rate, model.to(args.device)) for name, (rate, model) in models.items()}
+
+
+def training_step(model: nn.Module, images: torch.Tensor, dtype: Optional[torch.dtype]) -> Callable[[], object]:
+    """One AdamW step on a fixed batch, in train mode (fp16 without a scaler: a timing, not a run)."""
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    labels = torch.randint(0, model.num_classes, (images.shape[0],), generator=torch.Generator().manual_seed(0))
+    labels = labels.to(images.device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast_to(images.device, dtype):
+            outputs = model(images)
+        logits = outputs[0] if isinstance(outputs, tuple) else outputs
+        F.cross_entropy(logits.float(), labels).backward()
+        optimizer.step()
+
+    return step
+
+
+def peak_memory_mb(call: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Peak memory of one call on CUDA (None elsewhere)."""
+    if device.type != "cuda":
+        timed_call(call, device)
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
+    timed_call(call, device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def measure(args: argparse.Namespace, model_name: str, batch_size: int) -> list[Variant]:
     models = build_models(args, model_name)
     dtype = DTYPES[args.dtype]
-    variants = {}
-    for name, (rate, model) in models.items():
-        inner = getattr(model, "_orig_mod", model)
-        variants[name] = Variant(name, rate, batch_size, evit_patch.count_macs(inner))
+    variants = {name: Variant(name, rate, batch_size, evit_patch.count_macs(model)) for name, (rate, model) in
+                models.items()}
+    compiled = {name: torch.compile(model) if args.compile else model for name, (_, model) in models.items()}
     images = example_images(next(iter(models.values()))[1], batch_size, seed=0)
-    with torch.inference_mode():
-        for name, (_, model) in models.items():
-            if images.is_cuda:
-                torch.cuda.reset_peak_memory_stats()
+    if args.train:
+        calls = {name: training_step(model, images, dtype) for name, model in compiled.items()}
+        for name, call in calls.items():
             for _ in range(args.warmup):
-                timed_forward(model, images, dtype)
-            if images.is_cuda:
-                variants[name].peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20
-    timings = interleaved_images_per_second({name: model for name, (_, model) in models.items()}, images,
-                                            args.repeats, dtype, warmup=0)
-    for name, values in timings.items():
+                variants[name].peak_memory_mb = peak_memory_mb(call, images.device)
+        rates = interleaved_rates(calls, batch_size, images.device, args.repeats, warmup=0)
+    else:
+        with torch.inference_mode():
+            for name, model in compiled.items():
+                model.eval()
+                for _ in range(args.warmup):
+                    variants[name].peak_memory_mb = peak_memory_mb(lambda: model(images), images.device)
+        rates = interleaved_images_per_second(compiled, images, args.repeats, dtype, warmup=0)
+    for name, values in rates.items():
         variants[name].images_per_second = values
     return list(variants.values())
 
@@ -83,9 +134,10 @@ def speedup(variant: Variant, base: Variant) -> float:
 
 
 def markdown(results: dict[str, list[Variant]], setup: dict) -> str:
+    mode = "training step (forward, backward, AdamW)" if setup["train"] else "inference"
     lines = [
-        f"{setup['device']} ({setup['threads']} CPU threads), {setup['dtype']}, compile={setup['compile']}, "
-        f"layers {setup['layers']}, fuse {setup['fuse']}, median of {setup['repeats']} interleaved repeats",
+        f"{setup['device']} ({setup['threads']} CPU threads), {mode}, {setup['dtype']}, compile={setup['compile']}, "
+        f"layers {setup['layers']}, median of {setup['repeats']} interleaved repeats",
         "",
         "| model | batch | variant | GMACs | MAC ratio | images/s | speed-up | peak MB |",
         "|---|---|---|---|---|---|---|---|",
@@ -96,7 +148,7 @@ def markdown(results: dict[str, list[Variant]], setup: dict) -> str:
         for variant in variants:
             memory = f"{variant.peak_memory_mb:.0f}" if variant.peak_memory_mb is not None else "n/a"
             lines.append(
-                f"| {model_name} | {variant.batch_size} | {variant.name} | {variant.macs / 1e9:.2f} | "
+                f"| {model_name} | {variant.batch_size} | {variant.name} | {variant.macs / 1e9:.3f} | "
                 f"{base.macs / variant.macs:.2f}x | {statistics.median(variant.images_per_second):.1f} | "
                 f"{speedup(variant, base):.3f}x | {memory} |"
             )
@@ -112,26 +164,30 @@ def plot(results: dict[str, list[Variant]], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6, 4))
     for key, variants in results.items():
         base = variants[0]
-        patched = sorted(variants[1:], key=lambda v: v.keep_rate)
-        rates = [v.keep_rate for v in patched]
-        line = axis.plot(rates, [speedup(v, base) for v in patched], marker="o", label=f"{key} measured")[0]
-        axis.plot(rates, [base.macs / v.macs for v in patched], linestyle="--", color=line.get_color(),
-                  label=f"{key} MAC ratio")
+        methods = sorted({v.name.rsplit(" ", 1)[0] for v in variants[1:]})
+        for method in methods:
+            patched = sorted((v for v in variants[1:] if v.name.rsplit(" ", 1)[0] == method), key=lambda v: v.keep_rate)
+            rates = [v.keep_rate for v in patched]
+            line = axis.plot(rates, [speedup(v, base) for v in patched], marker="o", label=f"{key} {method}")[0]
+            axis.plot(rates, [base.macs / v.macs for v in patched], linestyle="--", color=line.get_color(),
+                      label=f"{key} {method} MAC ratio")
     axis.axhline(1.0, color="grey", linewidth=0.8)
     axis.set_xlabel("keep rate")
     axis.set_ylabel("speed-up over unpatched (images/s ratio)")
-    axis.legend(fontsize=7)
+    axis.legend(fontsize=6)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
 
-def main() -> None:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["deit_small_patch16_224"])
+    parser.add_argument("--model-kwargs", type=json.loads, default={}, help="timm.create_model keywords, as JSON")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32])
+    parser.add_argument("--methods", nargs="+", default=["evit"], choices=TIMED_METHODS)
     parser.add_argument("--keep-rates", type=float, nargs="+", default=[1.0, 0.7, 0.5])
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9])
-    parser.add_argument("--no-fuse", action="store_true", help="EViT without fusion")
+    parser.add_argument("--train", action="store_true", help="time training steps instead of inference")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="autocast dtype")
     parser.add_argument("--compile", action="store_true", help="torch.compile every variant")
     parser.add_argument("--repeats", type=int, default=15)
@@ -139,7 +195,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="write <out>.json, <out>.md and <out>.png")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, list[Variant]]:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {
@@ -147,8 +207,8 @@ def main() -> None:
     }
     setup = {
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "threads": torch.get_num_threads(), "dtype": args.dtype, "compile": args.compile,
-        "layers": args.layers, "fuse": not args.no_fuse, "repeats": args.repeats,
+        "threads": torch.get_num_threads(), "train": args.train, "dtype": args.dtype, "compile": args.compile,
+        "layers": args.layers, "methods": args.methods, "repeats": args.repeats,
         "torch": torch.__version__, "timm": timm.__version__,
     }
     table = markdown(results, setup)
@@ -159,6 +219,7 @@ def main() -> None:
         args.out.with_suffix(".json").write_text(json.dumps(
             {"setup": setup, "results": {k: [asdict(v) for v in vs] for k, vs in results.items()}}, indent=2))
         plot(results, args.out.with_suffix(".png"))
+    return results
 
 
 if __name__ == "__main__":

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The prepared GPU run: what a session lent a GPU runs once, in under 5 minutes.
+#
+#   bash benchmarks/device_run.sh            # on the GPU: results under benchmarks/results/gpu/
+#   bash benchmarks/device_run.sh --quick    # the same steps on the CPU with tiny models, in seconds
+#
+# Steps (each a benchmarks/throughput.py run, side by side in one process, medians of
+# interleaved repeats, peak memory on CUDA):
+#   1. inference at batch 256, fp16 and bf16, DeiT-S and DeiT-B: unpatched, EViT 0.7 / 0.5,
+#      EViT w/o fusion, ToMe-style merging, DynamicViT and width pruning at EViT's MACs (0.7)
+#   2. batch-1 latency, fp16, DeiT-S and DeiT-B: unpatched, EViT 0.7 / 0.5
+#   3. a training step (forward, backward, AdamW) at batch 128, bf16, DeiT-S, every method at 0.7
+#   4. torch.compile, bf16, DeiT-S at batch 256 and batch 1: unpatched, EViT 0.7
+# --quick swaps in a 4-block DeiT-Tiny at 32 px, small batches, one repeat and no
+# compilation (compile is covered by the test suite), so CI can run it and it cannot rot.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+QUICK=0
+OUT=benchmarks/results/gpu
+for argument in "$@"; do
+    case "$argument" in
+        --quick) QUICK=1 ;;
+        --out=*) OUT="${argument#--out=}" ;;
+        *) echo "error: unknown argument $argument; use --quick and/or --out=FOLDER" >&2; exit 2 ;;
+    esac
+done
+mkdir -p "$OUT"
+
+if [ "$QUICK" = 1 ]; then
+    SMALL=(--models deit_tiny_patch16_224 --model-kwargs '{"img_size": 32, "patch_size": 4, "depth": 4}' --layers 1 2 3)
+    BASE=(--models deit_tiny_patch16_224 --model-kwargs '{"img_size": 32, "patch_size": 4, "depth": 4}' --layers 1 2 3)
+    BIG_BATCH=4; TRAIN_BATCH=4; REPEATS=1; WARMUP=1; DTYPES=(bf16); DEVICE=cpu; LIMIT=300
+else
+    SMALL=(--models deit_small_patch16_224)
+    BASE=(--models deit_small_patch16_224 deit_base_patch16_224)
+    BIG_BATCH=256; TRAIN_BATCH=128; REPEATS=10; WARMUP=3; DTYPES=(fp16 bf16); DEVICE=cuda; LIMIT=150
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv"
+fi
+COMMON=(--device "$DEVICE" --repeats "$REPEATS" --warmup "$WARMUP")
+ALL_METHODS=(evit evit-no-fusion tome dynamicvit width-pruning)
+
+step() {  # step NAME ARGS...: one throughput run, its tables under $OUT/NAME.*
+    local name=$1
+    shift
+    echo "== $name"
+    timeout "$LIMIT" python3 benchmarks/throughput.py "$@" "${COMMON[@]}" --out "$OUT/$name"
+}
+
+for dtype in "${DTYPES[@]}"; do
+    step "inference_b${BIG_BATCH}_${dtype}" "${BASE[@]}" --batch-sizes "$BIG_BATCH" --dtype "$dtype" \
+        --methods "${ALL_METHODS[@]}" --keep-rates 0.7
+    step "inference_b${BIG_BATCH}_${dtype}_evit" "${BASE[@]}" --batch-sizes "$BIG_BATCH" --dtype "$dtype" \
+        --keep-rates 0.7 0.5
+done
+step "latency_b1_${DTYPES[0]}" "${BASE[@]}" --batch-sizes 1 --dtype "${DTYPES[0]}" --keep-rates 0.7 0.5
+step "train_b${TRAIN_BATCH}_bf16" "${SMALL[@]}" --train --batch-sizes "$TRAIN_BATCH" --dtype bf16 \
+    --methods "${ALL_METHODS[@]}" --keep-rates 0.7
+if [ "$QUICK" = 0 ]; then
+    step "compiled_bf16" "${SMALL[@]}" --compile --batch-sizes "$BIG_BATCH" 1 --dtype bf16 --keep-rates 0.7
+fi
+echo "results in $OUT"
