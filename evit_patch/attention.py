@@ -10,6 +10,8 @@ along.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -20,6 +22,8 @@ from evit_patch.graph_rewrite import descendants, extra_forward_parameters, find
 from evit_patch.scores import active_dropout_rate
 
 _SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax)
+_PRODUCT_FUNCTIONS = (operator.matmul, torch.matmul, torch.bmm)
+_PRODUCT_METHODS = ("matmul", "bmm", "__matmul__")
 
 
 def _trace_in_eval_mode(attention: nn.Module) -> fx.Graph:
@@ -106,6 +110,34 @@ def attention_graph(attention: nn.Module, model_name: str) -> tuple[fx.Graph, fx
     return graph, node
 
 
+def _is_value_product_or_dropout(node: fx.Node, attention: nn.Module) -> bool:
+    if node.op == "call_function":
+        return node.target in _PRODUCT_FUNCTIONS or node.target is F.dropout
+    if node.op == "call_method":
+        return node.target in _PRODUCT_METHODS
+    return node.op == "call_module" and isinstance(attention.get_submodule(node.target), nn.Dropout)
+
+
+def weights_applied_to_values(softmax: fx.Node, attention: nn.Module, model_name: str) -> fx.Node:
+    """The post-softmax attention the values are multiplied by (before attention dropout).
+
+    In plain attention that is the softmax itself; talking-heads attention (CaiT's
+    ``proj_w``) mixes the heads again after the softmax, and the mixed weights are what
+    the tokens actually receive, so scores are taken from them.
+    """
+    node = softmax
+    while len(node.users) == 1:
+        (user,) = node.users
+        if _is_value_product_or_dropout(user, attention):
+            return node
+        node = user
+    if node is not softmax:
+        raise UnsupportedModelError(
+            model_name, f"its attention {type(attention).__name__} transforms the softmax weights into several "
+            "results, so the weights the values receive cannot be told")
+    return node
+
+
 def scored_attention(attention: nn.Module, model_name: str) -> fx.GraphModule:
     """A GraphModule sharing ``attention``'s submodules that returns ``(output, tensors)``.
 
@@ -119,7 +151,7 @@ def scored_attention(attention: nn.Module, model_name: str) -> fx.GraphModule:
         key = node.args[1] if len(node.args) > 1 else node.kwargs["key"]
         tensors = (query, key, node.kwargs.get("scale"), None)
     else:
-        tensors = (None, None, None, node)
+        tensors = (None, None, None, weights_applied_to_values(node, attention, model_name))
 
     output = next(node for node in graph.nodes if node.op == "output")
     output.args = ((output.args[0], tensors),)

@@ -85,6 +85,9 @@ def apply_token_reducer(model: ModelT, layers: Sequence[int], keep_rate: float |
         _weight_attention_keys(blocks, patched, state, name)
     _install(model, patched, state)
     failure = _probe_failure(model, state)
+    if isinstance(failure, UnsupportedModelError):
+        remove_evit(model)
+        raise failure
     if failure is not None:
         remove_evit(model)
         if _probe_failure(model, None) is None:
@@ -151,6 +154,9 @@ def _probe_failure(model: nn.Module, state: EvitState | None) -> Exception | Non
     generator = torch.Generator().manual_seed(0)
     image = torch.randn((1, *shape), generator=generator).to(parameter.device, parameter.dtype)
     rates = list(state.keep_rates) if state else []
+    lengths: list[int] = []
+    hooks = [block.register_forward_pre_hook(lambda _, args: lengths.append(args[0].shape[1]))
+             for block in transformer_blocks(model)[: state.layers[0] + 1]] if state else []
     if state:
         state.keep_rates[:] = [min(rate, 0.5) for rate in rates]
     try:
@@ -159,7 +165,22 @@ def _probe_failure(model: nn.Module, state: EvitState | None) -> Exception | Non
     except Exception as error:  # any failure of the model is reported to the caller
         return error
     finally:
+        for hook in hooks:
+            hook.remove()
         if state:
             state.keep_rates[:] = rates
             state.clear_record()
-    return None
+    return _prefix_mismatch(model, state.num_prefix_tokens, lengths) if state else None
+
+
+def _prefix_mismatch(model: nn.Module, num_prefix_tokens: int, lengths: list[int]) -> UnsupportedModelError | None:
+    """An error when the blocks up to the first reorganization see another number of tokens
+    than the patches plus the prefix tokens: a class token that joins between blocks (or
+    any other token timm does not count right) would be scored and fused as an image token."""
+    patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
+    if not isinstance(patches, int) or all(length == patches + num_prefix_tokens for length in lengths):
+        return None
+    return UnsupportedModelError(
+        model_name(model), f"its blocks see {sorted(set(lengths))} tokens, not its {patches} patches plus "
+        f"{num_prefix_tokens} prefix tokens (timm's num_prefix_tokens), so which tokens are class/register "
+        "tokens cannot be told")

@@ -20,7 +20,8 @@ from evit_patch.dynamicvit.predictor import KeepPredictor
 from evit_patch.dynamicvit.stages import FinalTokens, StagePruner
 from evit_patch.dynamicvit.state import DynamicViTState
 from evit_patch.errors import UnsupportedModelError
-from evit_patch.inspection import attached_state, model_name, native_input_shape, prefix_token_count, score_mode, transformer_blocks
+from evit_patch.inspection import (attached_state, class_token_joins_after_blocks, model_name, native_input_shape,
+                                   prefix_token_count, score_mode, transformer_blocks)
 from evit_patch.key_weighting import KeyWeights, weighted_key_attention
 from evit_patch.modes import eval_mode
 from evit_patch.patch import is_patched
@@ -65,6 +66,10 @@ def _validated_keep_ratio(keep_ratio: float) -> float:
 def _check_class_token_head(model: nn.Module, name: str) -> None:
     """While training, dropped tokens stay in the sequence and are hidden from attention
     only; a head that pools all tokens would still read them."""
+    if class_token_joins_after_blocks(model):
+        raise UnsupportedModelError(
+            name, "its class token joins only after `blocks` (a class-attention stage), which would read the "
+            "tokens DynamicViT hides from attention while training")
     pool = getattr(model, "global_pool", None)
     if score_mode(model) != "class" or pool != "token" or getattr(model, "attn_pool", None) is not None:
         raise UnsupportedModelError(
