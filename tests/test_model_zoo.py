@@ -53,7 +53,8 @@ FAMILIES = {
     "vitamin (conv stem, GeGLU)": Family("vitamin_small_224", 0, False, {"depth": 3, "img_size": 64}),
     "naflexvit, GAP": Family("naflexvit_base_patch16_gap", 4, False, {**SMALL, "img_size": 64}),
     "naflexvit radio": Family("naflexvit_base_patch16_radio_v3", 8, True, {**SMALL, "img_size": 64}),
-    "cait (talking heads, class token after the blocks)": Family("cait_xxs24_224", 0, False, {**SMALL, "img_size": 64}),
+    "cait (talking heads, class token after the blocks)": Family("cait_xxs24_224", 0, False,
+                                                                 {**SMALL, "img_size": 64}),
 }
 LAYERS = [1, 2]
 
@@ -126,7 +127,8 @@ def images_for(model: nn.Module, batch: int = 2, seed: int = 1) -> torch.Tensor:
 WITHOUT_FUSION = ["deit distilled", "vit registers, GAP", "cait (talking heads, class token after the blocks)"]
 
 
-@pytest.mark.parametrize(("family", "fuse"), [(name, True) for name in FAMILIES] + [(name, False) for name in WITHOUT_FUSION])
+@pytest.mark.parametrize(("family", "fuse"),
+                         [(name, True) for name in FAMILIES] + [(name, False) for name in WITHOUT_FUSION])
 def test_family_matches_the_eager_reference(family: str, fuse: bool) -> None:
     spec = FAMILIES[family]
     model = family_model(spec)
@@ -259,3 +261,26 @@ def test_a_prefix_count_the_blocks_do_not_see_is_refused() -> None:
         evit_patch.apply_evit(model, [1], 0.5)
     assert not evit_patch.is_patched(model)
     assert not any(type(block).__name__.startswith("Reorganizing") for block in model.blocks)
+
+
+class _WeightsUsedTwice(nn.Module):
+    """Heads mixed after the softmax, the mixed weights then read by two computations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.proj_w, self.proj = nn.Linear(8, 24), nn.Linear(2, 2), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, 2, width // 2).permute(2, 0, 3, 1, 4)
+        mixed = self.proj_w((q @ k.transpose(-2, -1)).softmax(dim=-1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        out = mixed @ v + mixed.sum(dim=-1, keepdim=True) * v
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, width))
+
+
+def test_attention_whose_mixed_weights_feed_two_results_is_refused() -> None:
+    """Which post-softmax weights the tokens receive must be clear, or there is no score."""
+    from evit_patch.attention import scored_attention
+
+    with pytest.raises(evit_patch.UnsupportedModelError, match="weights the values receive cannot be told"):
+        scored_attention(_WeightsUsedTwice(), "two-way")
