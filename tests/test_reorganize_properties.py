@@ -40,7 +40,7 @@ def test_keep_rate_one_is_identity(batch, fuse):
 
 
 @given(st.integers(1, 500), keep_rates)
-def test_kept_count_is_the_ceiling_of_the_exact_product(num_tokens, rate):
+def test_kept_count_is_the_ceiling_of_the_float_product(num_tokens, rate):
     assert kept_token_count(num_tokens, rate) == kept_count(num_tokens, rate)
     assert kept_token_count(num_tokens, rate) >= 1
 

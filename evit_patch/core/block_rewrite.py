@@ -20,8 +20,14 @@ from evit_patch.core.scored_attention import scored_attention
 from evit_patch.errors import UnsupportedModelError
 
 _MASK_PARAMETERS = {"attn_mask", "is_causal"}
+_ROTARY = "rotary position embeddings: positions would have to follow the kept tokens"
+_GRID = "its blocks take the patch grid's height and width (convolutions over the full token grid)"
 _KNOWN_POSITION_INPUTS = {
-    "rope": "rotary position embeddings: positions would have to follow the kept tokens",
+    "rope": _ROTARY,
+    "rope_cos": _ROTARY,
+    "rope_sin": _ROTARY,
+    "H": _GRID,
+    "W": _GRID,
     "rel_pos_bias": "a relative position bias sized to the full token grid",
     "shared_rel_pos_bias": "a relative position bias sized to the full token grid",
     "shared_rel_pos": "a relative position bias sized to the full token grid",

@@ -44,9 +44,10 @@ class PatchState(ABC):
     def uninstall(self, model: nn.Module) -> None:
         """Put back exactly what :meth:`install` replaced."""
 
-    def probe_settings(self) -> ContextManager[None]:
+    def probe_settings(self, model: nn.Module) -> ContextManager[None]:
         """Settings for the test forward that checks a fresh patch (e.g. a keep rate that
-        really drops tokens); restored afterwards."""
+        really drops tokens), restored afterwards; it may raise
+        :class:`UnsupportedModelError` on what that forward shows."""
         return contextlib.nullcontext()
 
 
@@ -88,7 +89,8 @@ def attach(model: ModelT, state: PatchState) -> ModelT:
 
     When the patched model fails and the unpatched one does not, the patch is rolled
     back and :class:`UnsupportedModelError` says why: a model whose later layers cannot
-    take a shorter sequence is refused now, not in the middle of training.
+    take a shorter sequence is refused now, not in the middle of training. So is a model
+    on which the method's own check of that forward fails.
     """
     check_unpatched(model)
     _install(model, state)
@@ -96,6 +98,8 @@ def attach(model: ModelT, state: PatchState) -> ModelT:
     if failure is None:
         return model
     detach(model)
+    if isinstance(failure, UnsupportedModelError):  # the method's own verdict on the test forward
+        raise failure
     if probe_failure(model, None) is not None:  # the unpatched model fails too: not ours to judge
         _install(model, state)
         return model
@@ -126,7 +130,7 @@ def probe_failure(model: nn.Module, state: PatchState | None) -> Exception | Non
     if native_input_shape(model) is None or parameter is None or parameter.device.type == "meta":
         return None
     image = example_images(model, seed=0)
-    settings = state.probe_settings() if state is not None else contextlib.nullcontext()
+    settings = state.probe_settings(model) if state is not None else contextlib.nullcontext()
     try:
         with torch.no_grad(), eval_mode(model), settings:
             model(image)

@@ -28,18 +28,32 @@ def transformer_blocks(model: nn.Module) -> nn.Sequential | nn.ModuleList:
     return blocks
 
 
+_LATE_CLASS_TOKEN_STAGES = ("blocks_token_only", "cls_attn_blocks")  # CaiT, XCiT
+
+
+def class_token_joins_after_blocks(model: nn.Module) -> bool:
+    """Whether the class token is added only after ``blocks`` (CaiT's and XCiT's class-attention
+    stage): timm counts it in ``num_prefix_tokens``, but the blocks see patch tokens only."""
+    return getattr(model, "cls_token", None) is not None and any(
+        hasattr(model, stage) for stage in _LATE_CLASS_TOKEN_STAGES
+    )
+
+
 def prefix_token_count(model: nn.Module) -> int:
-    """Class, distillation and register tokens, which are never pruned or fused."""
+    """Class, distillation and register tokens in the sequence ``blocks`` see, which are never
+    pruned or fused: timm's ``num_prefix_tokens``, less a class token that joins after ``blocks``."""
     count = getattr(model, "num_prefix_tokens", None)
     if not isinstance(count, int) or isinstance(count, bool) or count < 0:
         raise UnsupportedModelError(
             model_name(model), "it has no integer `num_prefix_tokens` telling which tokens are class/register tokens"
         )
-    return count
+    return count - 1 if count > 0 and class_token_joins_after_blocks(model) else count
 
 
 def score_mode(model: nn.Module) -> ScoreMode:
-    """Class-attention scores when there is a class token, else mean received attention."""
+    """Class-attention scores when the blocks see a class token, else mean received attention."""
+    if class_token_joins_after_blocks(model):
+        return "mean"
     has_class_token = getattr(model, "has_class_token", None)
     if has_class_token is None:
         has_class_token = getattr(model, "cls_token", None) is not None

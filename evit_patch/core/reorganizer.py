@@ -10,9 +10,10 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from evit_patch.core.lifecycle import PatchState
-from evit_patch.core.model_info import transformer_blocks
+from evit_patch.core.model_info import model_name, transformer_blocks
 from evit_patch.core.reduction import LayerContext, TokenMap, TokenReducer
 from evit_patch.core.scores import AttentionTensors, ScoreMode
+from evit_patch.errors import UnsupportedModelError
 
 
 @dataclass(eq=False)
@@ -57,18 +58,29 @@ class ReductionState(PatchState):
         self.forward_hook.remove()
 
     @contextlib.contextmanager
-    def probe_settings(self) -> Iterator[None]:
-        """Keep rates of at most 0.5, so the test forward really shortens the sequence."""
+    def probe_settings(self, model: nn.Module) -> Iterator[None]:
+        """Keep rates of at most 0.5, so the test forward really shortens the sequence; and
+        a check that the blocks up to the first reorganization see the patches plus the
+        prefix tokens (a class token that joins between blocks, or any other token timm
+        does not count, would be scored and fused as an image token)."""
         rates = list(self.keep_rates)
         self.keep_rates[:] = [min(rate, 0.5) for rate in rates]
+        lengths: list[int] = []
+        hooks = [block.register_forward_pre_hook(lambda _, args: lengths.append(args[0].shape[1]))
+                 for block in transformer_blocks(model)[: self.layers[0] + 1]]
         try:
             yield
         finally:
+            for hook in hooks:
+                hook.remove()
             self.keep_rates[:] = rates
             self.clear_record()
-
-    def clear_record(self) -> None:
-        self.records = [None] * len(self.layers)
+        patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
+        if isinstance(patches, int) and any(length != patches + self.num_prefix_tokens for length in lengths):
+            raise UnsupportedModelError(
+                model_name(model), f"its blocks see {sorted(set(lengths))} tokens, not its {patches} patches plus "
+                f"{self.num_prefix_tokens} prefix tokens (timm's num_prefix_tokens), so which tokens are "
+                "class/register tokens cannot be told")
 
     def start_forward(self, model: nn.Module, args: tuple[Any, ...]) -> None:
         """Forward pre-hook of the patched model: a new forward, a new record."""

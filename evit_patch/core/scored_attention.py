@@ -24,6 +24,8 @@ from evit_patch.errors import UnsupportedModelError
 _SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax)
 _MATMUL_FUNCTIONS = (operator.matmul, torch.matmul)
 _KEY_SEARCH_DEPTH = 8
+_PRODUCT_FUNCTIONS = (operator.matmul, torch.matmul, torch.bmm)
+_PRODUCT_METHODS = ("matmul", "bmm", "__matmul__")
 
 
 def _trace_in_eval_mode(attention: nn.Module) -> fx.Graph:
@@ -127,6 +129,34 @@ def _explicit_key(softmax: fx.Node) -> fx.Node | None:
     return None
 
 
+def _is_value_product_or_dropout(node: fx.Node, attention: nn.Module) -> bool:
+    if node.op == "call_function":
+        return node.target in _PRODUCT_FUNCTIONS or node.target is F.dropout
+    if node.op == "call_method":
+        return node.target in _PRODUCT_METHODS
+    return node.op == "call_module" and isinstance(attention.get_submodule(node.target), nn.Dropout)
+
+
+def weights_applied_to_values(softmax: fx.Node, attention: nn.Module, model_name: str) -> fx.Node:
+    """The post-softmax attention the values are multiplied by (before attention dropout).
+
+    In plain attention that is the softmax itself; talking-heads attention (CaiT's
+    ``proj_w``) mixes the heads again after the softmax, and the mixed weights are what
+    the tokens actually receive, so scores are taken from them.
+    """
+    node = softmax
+    while len(node.users) == 1:
+        (user,) = node.users
+        if _is_value_product_or_dropout(user, attention):
+            return node
+        node = user
+    if node is not softmax:
+        raise UnsupportedModelError(
+            model_name, f"its attention {type(attention).__name__} transforms the softmax weights into several "
+            "results, so the weights the values receive cannot be told")
+    return node
+
+
 def scored_attention(attention: nn.Module, model_name: str) -> fx.GraphModule:
     """A GraphModule sharing ``attention``'s submodules that returns ``(output, tensors)``.
 
@@ -140,7 +170,7 @@ def scored_attention(attention: nn.Module, model_name: str) -> fx.GraphModule:
         key = node.args[1] if len(node.args) > 1 else node.kwargs["key"]
         tensors = (query, key, node.kwargs.get("scale"), None)
     else:
-        tensors = (None, _explicit_key(node), None, node)
+        tensors = (None, _explicit_key(node), None, weights_applied_to_values(node, attention, model_name))
 
     output = next(node for node in graph.nodes if node.op == "output")
     output.args = ((output.args[0], tensors),)

@@ -19,7 +19,13 @@ from evit_patch.core.arguments import validated_layers
 from evit_patch.core.block_rewrite import check_block_inputs
 from evit_patch.core.key_weighting import KeyWeights, weighted_key_attention
 from evit_patch.core.lifecycle import attach, attached_state, check_unpatched, detach, patch_state
-from evit_patch.core.model_info import model_name, prefix_token_count, score_mode, transformer_blocks
+from evit_patch.core.model_info import (
+    class_token_joins_after_blocks,
+    model_name,
+    prefix_token_count,
+    score_mode,
+    transformer_blocks,
+)
 from evit_patch.dynamicvit.predictor import KeepPredictor
 from evit_patch.dynamicvit.state import DynamicViTState
 from evit_patch.errors import UnsupportedModelError
@@ -59,6 +65,10 @@ def _validated_keep_ratio(keep_ratio: float) -> float:
 def _check_class_token_head(model: nn.Module, name: str) -> None:
     """While training, dropped tokens stay in the sequence and are hidden from attention
     only; a head that pools all tokens would still read them."""
+    if class_token_joins_after_blocks(model):
+        raise UnsupportedModelError(
+            name, "its class token joins only after `blocks` (a class-attention stage), which would read the "
+            "tokens DynamicViT hides from attention while training")
     pool = getattr(model, "global_pool", None)
     if score_mode(model) != "class" or pool != "token" or getattr(model, "attn_pool", None) is not None:
         raise UnsupportedModelError(

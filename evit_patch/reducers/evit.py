@@ -15,13 +15,14 @@ ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
 def kept_token_count(num_tokens: int, keep_rate: float) -> int:
-    """Number of image tokens kept: ``ceil(keep_rate * num_tokens)``.
-
-    The product is rounded to 6 decimals first so that float noise such as
-    ``0.7 * 100 = 70.00000000000001`` does not keep one token more than the formula.
+    """Number of image tokens kept: ``ceil(keep_rate * num_tokens)`` of the float product,
+    exactly as the official EViT code counts (``math.ceil(keep_rate * (N - 1))``), so a
+    patched model keeps the same tokens at every size (e.g. ``0.55 * 180`` is
+    ``99.00000000000001`` in floats: 100 kept, as there). Any keep rate in (0, 1] keeps at
+    least one token of a non-empty sequence, since the product is then positive.
     """
     num_tokens = int(num_tokens)  # a tensor while torch.jit traces (fvcore)
-    return min(num_tokens, math.ceil(round(keep_rate * num_tokens, 6)))
+    return min(num_tokens, math.ceil(keep_rate * num_tokens))
 
 
 def evit_reduction(x: Tensor, scores: Tensor, num_prefix_tokens: int, keep_rate: float,
