@@ -126,3 +126,14 @@ def test_every_reducer_shortens_to_the_official_count(num_tokens: int, keep_rate
     if num_tokens - (keep + 1) <= math.ceil(num_tokens / 2):  # bipartite matching merges at most half
         assert ToMeMerge().reduce(x, (keys, keys, None, None), context).tokens.shape[1] == \
             1 + min(num_tokens, keep + 1)
+
+
+@pytest.mark.parametrize("tokens, ratio, expected", [(196, 0.7, [137, 96, 67]), (100, 0.7, [70, 48, 34]),
+                                                     (10, 0.1, [1, 1, 1])])
+def test_dynamicvit_keeps_the_official_int_of_the_float_product(tokens, ratio, expected) -> None:
+    """DynamicViT's stage counts are ``int(N * rho**s)`` of floats (0.7**2 * 100 is
+    48.99999999999999: 48 kept), and never fewer than one token."""
+    from evit_patch.dynamicvit.state import DynamicViTState
+
+    state = DynamicViTState([1, 2, 3], ratio, 1, None, {}, {}, None, None)
+    assert [state.kept_count(tokens, stage) for stage in range(3)] == expected

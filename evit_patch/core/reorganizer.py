@@ -82,6 +82,9 @@ class ReductionState(PatchState):
                 f"{self.num_prefix_tokens} prefix tokens (timm's num_prefix_tokens), so which tokens are "
                 "class/register tokens cannot be told")
 
+    def clear_record(self) -> None:
+        self.records = [None] * len(self.layers)
+
     def start_forward(self, model: nn.Module, args: tuple[Any, ...]) -> None:
         """Forward pre-hook of the patched model: a new forward, a new record."""
         self.clear_record()

@@ -63,7 +63,6 @@ class DynamicViTState(PatchState):
         return [self.keep_ratio ** (stage + 1) for stage in range(len(self.layers))]
 
     def kept_count(self, num_image_tokens: int, stage: int) -> int:
-        """``int(N * rho^(stage+1))`` (at least 1); the product is rounded to 6 decimals
-        first so that float noise such as ``0.7**2 * 100 = 48.99999999999999`` does not
-        keep one token fewer than the formula."""
-        return max(1, int(round(num_image_tokens * self.keep_fractions()[stage], 6)))
+        """``int(N * rho^(stage+1))`` of the float product, as the official DynamicViT code
+        counts (so ``0.7**2 * 100 = 48.99999999999999`` keeps 48, as there), and at least 1."""
+        return max(1, int(num_image_tokens * self.keep_fractions()[stage]))
