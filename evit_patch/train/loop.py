@@ -286,48 +286,47 @@ def train_one_epoch(run: Run, interrupt: Interrupt, show_progress: bool) -> Epoc
     model.train()
     if recipe.dynamicvit.enabled:
         set_backbone_frozen(unwrap_model(model), position.epoch < recipe.dynamicvit.freeze_epochs)
-    bar = tqdm(total=run.steps_per_epoch, initial=position.step_in_epoch,
-               disable=not (show_progress and runtime.is_main),
-               desc=f"epoch {position.epoch + 1}/{recipe.train.epochs}", dynamic_ncols=True)
     earlier_seconds, started = progress.seconds, time.perf_counter()
-    for index, (images, targets) in enumerate(loader, start=position.step_in_epoch):
-        if index >= run.steps_per_epoch:
-            break
-        images, targets = images.to(runtime.device), targets.to(runtime.device)
-        keep_rate = run.keep_rate(position.epoch + index / run.steps_per_epoch)
-        if reduces_tokens:
-            set_keep_rate(unwrap_model(model), keep_rate)
+    with tqdm(total=run.steps_per_epoch, initial=position.step_in_epoch, disable=not (show_progress and runtime.is_main),
+              desc=f"epoch {position.epoch + 1}/{recipe.train.epochs}", dynamic_ncols=True) as bar:  # closed on errors too
+        for index, (images, targets) in enumerate(loader, start=position.step_in_epoch):
+            if index >= run.steps_per_epoch:
+                break
+            images, targets = images.to(runtime.device), targets.to(runtime.device)
+            keep_rate = run.keep_rate(position.epoch + index / run.steps_per_epoch)
+            if reduces_tokens:
+                set_keep_rate(unwrap_model(model), keep_rate)
+                if run.ema is not None:
+                    set_keep_rate(run.ema.module, keep_rate)
+            if run.mixup is not None:
+                images, targets = run.mixup(images, targets)
+            with autocast(runtime.device, recipe.train.amp):
+                loss = run.criterion(model, images, targets)
+            diverged, interrupted = distributed.any_across([not math.isfinite(loss.item()), interrupt.requested],
+                                                           runtime)
+            if diverged:
+                value = loss.item() if not math.isfinite(loss.item()) else "not finite on another process"
+                raise TrainingDiverged(f"loss is {value} at epoch {position.epoch + 1}, step {index + 1}; nothing of "
+                                       f"this step was applied; {_where_to_restart(run)}")
+            _update(run, loss)
+            position.global_step += 1
+            position.step_in_epoch = index + 1
+            run.scheduler.step_update(position.global_step)
             if run.ema is not None:
-                set_keep_rate(run.ema.module, keep_rate)
-        if run.mixup is not None:
-            images, targets = run.mixup(images, targets)
-        with autocast(runtime.device, recipe.train.amp):
-            loss = run.criterion(model, images, targets)
-        diverged, interrupted = distributed.any_across([not math.isfinite(loss.item()), interrupt.requested], runtime)
-        if diverged:
-            value = loss.item() if not math.isfinite(loss.item()) else "not finite on another process"
-            raise TrainingDiverged(f"loss is {value} at epoch {position.epoch + 1}, step {index + 1}; nothing of this "
-                                   f"step was applied; {_where_to_restart(run)}")
-        _update(run, loss)
-        position.global_step += 1
-        position.step_in_epoch = index + 1
-        run.scheduler.step_update(position.global_step)
-        if run.ema is not None:
-            run.ema.update(model, step=position.global_step)
-        progress.loss_sum += loss.item()
-        progress.steps += 1
-        progress.images += images.shape[0]
-        progress.seconds = earlier_seconds + time.perf_counter() - started
-        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
-                        keep=f"{keep_rate:.3f}" if reduces_tokens else "-",
-                        img_s=f"{progress.images / progress.seconds:.0f}")
-        bar.update(1)
-        if interrupted:
-            save_checkpoint(run)
-            bar.close()
-            print(f"interrupted: saved {run.checkpoint_path}; continue with --resume {run.checkpoint_path}")
-            sys.exit(130)
-    bar.close()
+                run.ema.update(model, step=position.global_step)
+            progress.loss_sum += loss.item()
+            progress.steps += 1
+            progress.images += images.shape[0]
+            progress.seconds = earlier_seconds + time.perf_counter() - started
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
+                            keep=f"{keep_rate:.3f}" if reduces_tokens else "-",
+                            img_s=f"{progress.images / progress.seconds:.0f}")
+            bar.update(1)
+            if interrupted:
+                save_checkpoint(run)
+                bar.close()
+                print(f"interrupted: saved {run.checkpoint_path}; continue with --resume {run.checkpoint_path}")
+                sys.exit(130)
     return progress
 
 

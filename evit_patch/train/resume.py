@@ -9,7 +9,8 @@ recipe given now, key by key, before any data or model is built:
   meaning), the seed, the EMA, the optimizer, the teacher and token labeling. Any such
   change is refused, naming every changed key.
 - how long and how hard it trains may: ``train.epochs``, the learning rates, warm-up,
-  weight decay, gradient clipping and ``train.amp``. The lr schedule is a function of the
+  weight decay (between non-zero values: turning it on or off regroups the optimizer's
+  parameters), gradient clipping and ``train.amp``. The lr schedule is a function of the
   recipe and the update count, so from the resumed update on the lr is the one a fresh
   run of the new recipe has at that update (a 1-epoch run resumed with
   ``train.epochs: 3`` climbs back from its minimum lr to the 3-epoch cosine at update
@@ -129,6 +130,12 @@ def check_resume(state: dict, recipe: Recipe, source: Path) -> list[str]:
             f"--resume {str(source)!r} is a training checkpoint of {model}, and this recipe changes {listed}; a "
             "resumed run keeps its model, method, data, batch and seed: resume with the recipe it was written with "
             "(the run's recipe.yaml), or start a new run in another train.output_dir")
+    decay = changes.get("optimizer.weight_decay")
+    if decay is not None and (decay[0] == 0) != (decay[1] == 0):
+        raise RecipeError(
+            f"optimizer.weight_decay: {decay[0]} in the checkpoint {str(source)!r}, {decay[1]} here; turning weight "
+            "decay on or off changes the optimizer's parameter groups, so its state cannot be resumed: change it "
+            "between non-zero values only, or start a new run")
     update = position.get("global_step", 0) if isinstance(position, dict) else 0
     return [f"resuming with {key} changed from {_shown(old)} to {_shown(new)}: {MAY_CHANGE[key].format(update=update)}"
             for key, (old, new) in changes.items()]
