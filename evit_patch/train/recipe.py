@@ -409,11 +409,16 @@ def check_values(recipe: Recipe) -> None:
         if config is not None:
             _check_model_name(section, config.name)
     depth = _model_depth("model", recipe.model)
+    if recipe.teacher is not None:
+        _model_depth("teacher", recipe.teacher)  # its kwargs, before data is loaded for it
+    oracle_depth = _model_depth("oracle", recipe.oracle) if recipe.oracle is not None else None
     structural = recipe.structural
     if recipe.evit.enabled or (structural.enabled and structural.shape is None and structural.target_macs is None):
         _check_method_arguments("evit", recipe.evit.layers, recipe.evit.keep_rate, depth)
-        if recipe.evit.enabled and recipe.evit.reducer == "oracle" and recipe.oracle is not None:
-            _check_method_arguments("oracle", recipe.evit.layers, 1.0, _model_depth("oracle", recipe.oracle))
+        reads_oracle = recipe.evit.enabled and recipe.evit.reducer == "oracle" and oracle_depth is not None
+        if reads_oracle and max(recipe.evit.layers) >= oracle_depth:
+            raise RecipeError(f"evit.layers: the oracle is read at the same blocks, and oracle.name "
+                              f"{recipe.oracle.name!r} has blocks 0..{oracle_depth - 1}, not {max(recipe.evit.layers)}")
     if recipe.dynamicvit.enabled:
         _check_method_arguments("dynamicvit", recipe.dynamicvit.layers, recipe.dynamicvit.keep_ratio, depth,
                                 rate_key="keep_ratio")
