@@ -304,6 +304,20 @@ def test_resuming_a_finished_run_without_more_epochs_is_refused(one_epoch_run, t
            "nothing is left to train; to train longer, --set train.epochs=N with N > 1" in err
 
 
+def test_a_position_past_the_end_of_this_recipes_epochs_is_one_line(one_epoch_run, tmp_path, capsys) -> None:
+    """A checkpoint further into an epoch than the data now gives steps (the data root moved
+    to a smaller copy, say) cannot continue the same epoch."""
+    recipe, folder = copied(one_epoch_run, tmp_path)
+    state = load_checkpoint(folder / "checkpoint.pth")
+    state["position"] = {"epoch": 0, "step_in_epoch": 5, "global_step": 5}
+    torch.save(state, folder / "checkpoint.pth")
+    before = snapshot(folder)
+    code, err = run_cli([str(recipe), "--resume", str(folder / "checkpoint.pth")], capsys)
+    assert code == 1
+    assert "stopped after step 5 of epoch 1, but this recipe's epochs have 2 steps" in error_line(err)
+    assert snapshot(folder) == before
+
+
 def test_recipe_changes_count_kwargs_and_emptied_sections(tmp_path) -> None:
     recipe = load_recipe(write_recipe(tmp_path))
     saved = yaml.safe_load(yaml.safe_dump(loop.recipe_to_dict(recipe)))
