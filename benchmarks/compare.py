@@ -130,7 +130,7 @@ def evaluate_method(args: argparse.Namespace, method: str, keep_rate: Optional[f
     loader = eval_loader(build_dataset(recipe.data, build_model(recipe.model), training=False), recipe, runtime)
     before = accuracy(prepare_model(recipe), loader, runtime)["top1"] if meaningful_untrained else None
     started = time.perf_counter()
-    _, model = run_training(recipe, None, runtime, show_progress=args.progress)
+    _, model = run_training(recipe, None, runtime, show_progress=args.progress, overwrite=True)  # its own runs/
     minutes = (time.perf_counter() - started) / 60
     model.eval()
     after = accuracy(model, loader, runtime)["top1"]

@@ -9,6 +9,7 @@ keep rate, in steps (token counts are ceilings).
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from typing import Any, Callable, Sequence
 
@@ -57,6 +58,9 @@ def count_macs(model: nn.Module, img_size: int | tuple[int, int] | None = None) 
     """
     from fvcore.nn import FlopCountAnalysis  # imported here: fvcore's import warns about torch.jit
 
+    if any(tensor.is_meta for tensor in itertools.chain(model.parameters(), model.buffers())):
+        raise ValueError(f"count_macs: {model_name(model)} is on the meta device (its tensors hold no data, so it "
+                         "cannot run); call model.to_empty(device='cpu') first: MACs do not depend on the values")
     shape = native_input_shape(model)
     if shape is None:
         raise ValueError(f"cannot tell the input size of {model_name(model)}; pass img_size")

@@ -2,6 +2,10 @@
 
     python -m evit_patch.evaluate runs/fashion_mnist            # folder with recipe.yaml + model.safetensors
     python -m evit_patch.evaluate runs/deit_s --weights model_ema.safetensors
+
+Exit status 2: not a finished run's folder, or its recipe.yaml is not a valid recipe;
+1: weights that cannot be read or do not fit, missing data, an unsupported model. Each
+is one line.
 """
 
 from __future__ import annotations
@@ -12,12 +16,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import yaml
 from torch import nn
 
 from evit_patch.core.lifecycle import detach
 from evit_patch.core.model_info import example_images
 from evit_patch.cost import count_macs
+from evit_patch.errors import CheckpointError, UnsupportedModelError
 from evit_patch.tools.timing import images_per_second
 from evit_patch.train import distributed
 from evit_patch.train.assembly import rebuild
@@ -26,7 +30,7 @@ from evit_patch.train.loaders import eval_loader
 from evit_patch.train.methods import method_label, recipe_method, reduces_tokens
 from evit_patch.train.metrics import accuracy
 from evit_patch.train.model_source import build_model
-from evit_patch.train.recipe import Recipe, recipe_from_dict
+from evit_patch.train.recipe import Recipe, RecipeError, check_values, parse_yaml, recipe_from_dict
 
 
 def table(models: dict[str, nn.Module], recipe: Recipe, runtime: distributed.Runtime) -> str:
@@ -64,20 +68,59 @@ def compare_with_base(recipe: Recipe, weights: Path) -> str:
     return table(models, recipe, _runtime())
 
 
+def read_run_recipe(path: Path) -> Recipe:
+    """A run's ``recipe.yaml``, parsed and range-checked like a recipe (its weight and data
+    files are not required: evaluation needs neither the starting weights nor the
+    training split)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as error:
+        raise RecipeError(f"cannot be read ({type(error).__name__})") from None
+    values = parse_yaml(text, "it")
+    recipe = recipe_from_dict(values if values is not None else {})
+    check_values(recipe)
+    return recipe
+
+
+def _check_run_folder(run: Path, weights: str) -> Optional[str]:
+    """Why ``run`` is not a finished run to evaluate, or None."""
+    if not run.is_dir():
+        return f"{str(run)!r} is not a folder; pass the output folder of a fine-tuning run"
+    if not (run / "recipe.yaml").is_file():
+        return f"{str(run / 'recipe.yaml')!r} not found; pass the output folder of a fine-tuning run"
+    if not (run / weights).is_file():
+        resume = (f"; the folder has a checkpoint.pth: if the run was interrupted, finish it with evit-finetune "
+                  f"{run / 'recipe.yaml'} --resume {run / 'checkpoint.pth'}") if (run / "checkpoint.pth").is_file() else ""
+        return f"{str(run / weights)!r} not found: a run writes it when its last epoch ends{resume}"
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="output folder of a fine-tuning run")
     parser.add_argument("--weights", default="model.safetensors", help="weights file in the run folder")
     args = parser.parse_args(argv)
-    recipe_file = args.run / "recipe.yaml"
-    if not recipe_file.is_file():
-        parser.exit(2, f"error: {recipe_file} not found; pass the output folder of a fine-tuning run\n")
-    recipe = recipe_from_dict(yaml.safe_load(recipe_file.read_text()))
-    patched = rebuild(recipe, args.run / args.weights)
-    label = method_label(recipe)
-    models = {"unpatched": detach(copy.deepcopy(patched))} if reduces_tokens(recipe) else {}
-    models[label or "unpatched"] = patched
-    print(table(models, recipe, _runtime()))
+    problem = _check_run_folder(args.run, args.weights)
+    if problem is not None:
+        parser.exit(2, f"error: {problem}\n")
+    try:
+        recipe = read_run_recipe(args.run / "recipe.yaml")
+    except RecipeError as error:
+        parser.exit(2, f"error: {str(args.run / 'recipe.yaml')!r} is not a valid run recipe: {_one_line(error)}\n")
+    try:
+        patched = rebuild(recipe, args.run / args.weights)
+        label = method_label(recipe)
+        models = {"unpatched": detach(copy.deepcopy(patched))} if reduces_tokens(recipe) else {}
+        models[label or "unpatched"] = patched
+        print(table(models, recipe, _runtime()))
+    except RecipeError as error:
+        parser.exit(2, f"error: {_one_line(error)}\n")
+    except (CheckpointError, UnsupportedModelError, FileNotFoundError) as error:
+        parser.exit(1, f"error: {_one_line(error)}\n")
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 if __name__ == "__main__":

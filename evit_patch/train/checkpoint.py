@@ -1,31 +1,43 @@
-"""Checkpoints written atomically and read weights-only; final models as safetensors."""
+"""Checkpoints written atomically and read weights-only; final models as safetensors.
+
+Every failure to read or fit a file is one :class:`CheckpointError` line that says what
+the file is and what was expected; a file a weights-only load refuses is never loaded
+any other way.
+"""
 
 from __future__ import annotations
 
 import os
 import pickle
+import re
+import struct
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from evit_patch.errors import CheckpointError
 
+TRAINING_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "position", "rng")
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{8}")  # tempfile.mkstemp(prefix=".NAME.")
 
-def save_atomic(state: dict[str, Any], path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``:
-    a crash mid-write leaves the previous checkpoint intact."""
+
+def _write_atomic(write: Callable[[str], None], path: str | Path) -> None:
+    """``write`` a temporary file in the same folder, then rename it over ``path``: a crash
+    mid-write leaves the previous file intact (and at most a temporary file, which
+    :func:`remove_stale_temporaries` clears)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
     try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(state, stream)
-            stream.flush()
+        write(temporary)
+        with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
@@ -33,18 +45,102 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> None:
         raise
 
 
+def save_atomic(state: dict[str, Any], path: str | Path) -> None:
+    """``torch.save`` through a temporary file renamed over ``path``."""
+    _write_atomic(lambda temporary: torch.save(state, temporary), path)
+
+
+def remove_stale_temporaries(folder: str | Path, names: tuple[str, ...]) -> list[Path]:
+    """Delete the temporary files that writes of ``names`` in ``folder`` left behind when
+    their process was killed mid-write; returns them. Other files are not touched."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [entry for entry in folder.iterdir() if entry.is_file()
+             and (match := _TEMPORARY.fullmatch(entry.name)) and match.group("name") in names]
+    for entry in stale:
+        entry.unlink(missing_ok=True)
+    return stale
+
+
+def file_kind(path: str | Path) -> str:
+    """What a weights file holds, in words, from its first bytes: safetensors, a zip
+    (torch.save), or something else."""
+    with open(path, "rb") as stream:
+        head = stream.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] > 0:
+        return "a safetensors weights file"
+    if head[:2] == b"PK":
+        return "a torch.save file"
+    return "not a torch.save or safetensors file"
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A training checkpoint, loaded with ``weights_only=True``."""
+    """A file written by ``torch.save``, loaded with ``weights_only=True``."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a folder; pass the checkpoint.pth file in it")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as error:
+    except pickle.UnpicklingError as error:
+        blocked = re.search(r"GLOBAL (\S+)", str(error))
+        if blocked:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds Python objects ({blocked.group(1)}) besides tensors, which are "
+                "never loaded (weights only); it was not written by evit_patch"
+            ) from None
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated, or not a PyTorch checkpoint "
+                              f"({file_kind(path)}); resume from an earlier checkpoint or start again") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+        detail = "empty" if isinstance(error, EOFError) else file_kind(path)
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated ({detail}); resume from an "
+                              "earlier checkpoint or start again") from None
+
+
+def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint a run wrote: model, optimizer, schedule, scaler, position and RNG
+    state. Weights alone (a state_dict, a safetensors file) are refused with the recipe
+    key that starts from them instead."""
+    state = load_checkpoint(path)
+    if isinstance(state, Mapping) and all(key in state for key in TRAINING_CHECKPOINT_KEYS):
+        return dict(state)
+    start_from = f"to start a new run from these weights, set model.checkpoint: {str(path)!r}"
+    if isinstance(state, Mapping) and state and all(isinstance(value, torch.Tensor) for value in state.values()):
+        kind = file_kind(path)
+        what = kind if kind == "a safetensors weights file" else "a bare state_dict"
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is corrupt or truncated ({type(error).__name__}: {error}); "
-            "resume from an earlier checkpoint or start again"
-        ) from error
+            f"--resume {str(path)!r} is {what} ({len(state)} tensors, model weights only), not a training "
+            f"checkpoint; resume needs the checkpoint.pth a run writes, or {start_from}")
+    if isinstance(state, Mapping):
+        missing = [key for key in TRAINING_CHECKPOINT_KEYS if key not in state]
+        raise CheckpointError(f"--resume {str(path)!r} is not a training checkpoint of evit_patch (it has no "
+                              f"{missing} entries); resume needs the checkpoint.pth a run writes")
+    raise CheckpointError(f"--resume {str(path)!r} holds a {type(state).__name__}, not a training checkpoint; "
+                          "resume needs the checkpoint.pth a run writes")
+
+
+def load_state_exactly(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, expected: str) -> None:
+    """``model.load_state_dict(state)`` after checking that every key and shape fits, so a
+    mismatch is one line naming the first difference rather than torch's list of them all.
+
+    ``source`` names the file, ``expected`` what the recipe asks for."""
+    own = model.state_dict()
+    missing = [key for key in own if key not in state]
+    unexpected = [key for key in state if key not in own]
+    shapes = [(key, tuple(state[key].shape), tuple(own[key].shape)) for key in own
+              if key in state and isinstance(state[key], torch.Tensor) and state[key].shape != own[key].shape]
+    if shapes:
+        key, theirs, ours = shapes[0]
+        raise CheckpointError(
+            f"{source} holds weights of another model: {key} is {list(theirs)} there and {list(ours)} in "
+            f"{expected} ({len(shapes)} tensor(s) differ in shape); use the recipe the weights were written with")
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not fit {expected}: {len(missing)} missing key(s) {missing[:3]}, {len(unexpected)} "
+            f"unexpected key(s) {unexpected[:3]}; check model.name and model.kwargs")
+    model.load_state_dict(state)
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
@@ -52,20 +148,22 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     checkpoint's ``model`` entry is taken when present)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        state = load_file(str(path))
+        if not path.is_file():
+            raise CheckpointError(f"weights file {str(path)!r} does not exist")
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"weights file {str(path)!r} is not a readable safetensors file "
+                                  f"({' '.join(str(error).split())})") from None
     else:
         state = load_checkpoint(path)
-        state = state.get("model", state)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"weights in {str(path)!r} do not fit the model: missing keys {missing[:8]}, unexpected keys "
-            f"{unexpected[:8]} (check the model name and its kwargs in the recipe)"
-        )
+        state = state.get("model", state) if isinstance(state, Mapping) else state
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"weights file {str(path)!r} holds a {type(state).__name__}, not a state_dict")
+    load_state_exactly(model, state, f"weights file {str(path)!r}", "the recipe's model")
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:
-    """The model's state_dict as safetensors (shared tensors stored once)."""
+    """The model's state_dict as safetensors (shared tensors stored once), written atomically."""
     state = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path))
+    _write_atomic(lambda temporary: save_file(state, temporary), path)

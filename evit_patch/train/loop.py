@@ -1,10 +1,13 @@
 """The fine-tuning loop: start or resume a run, train epoch by epoch, evaluate, checkpoint.
 
-Each epoch writes ``checkpoint.pth`` atomically (model, optimizer, scheduler, scaler,
-EMA, position and RNG state) and a line of ``metrics.jsonl``; resuming continues to the
-same weights as an uninterrupted run. Ctrl-C saves and exits; a non-finite loss stops
-before the update, the last good checkpoint intact. The final weights go to
-``model.safetensors`` with the resolved ``recipe.yaml`` beside them.
+Each epoch writes a line of ``metrics.jsonl`` and ``checkpoint.pth`` atomically (model,
+optimizer, scheduler, scaler, EMA, position, the epoch's progress and RNG state);
+resuming continues to the same weights as an uninterrupted run, and a resumed epoch's
+metrics cover all its steps. What a resume may change in the recipe is in
+:mod:`evit_patch.train.resume`; a folder holding a run is never written over silently
+(:mod:`evit_patch.train.run_folder`). Ctrl-C saves and exits; a non-finite loss stops
+before the update, naming the last good checkpoint of this run if there is one. The
+final weights go to ``model.safetensors`` with the resolved ``recipe.yaml`` beside them.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ from tqdm import tqdm
 
 from evit_patch.core.token_patch import set_keep_rate
 from evit_patch.dynamicvit import set_backbone_frozen
+from evit_patch.errors import CheckpointError
 from evit_patch.train import distributed
 from evit_patch.train.assembly import prepare_model
-from evit_patch.train.checkpoint import load_checkpoint, save_atomic, save_weights
+from evit_patch.train.checkpoint import load_state_exactly, load_training_checkpoint, save_atomic, save_weights
 from evit_patch.train.criterion import Criterion, build_criterion
 from evit_patch.train.data import build_dataset
 from evit_patch.train.loaders import build_mixup, eval_loader, train_loader
@@ -41,6 +45,8 @@ from evit_patch.train.model_source import build_model
 from evit_patch.train.optim import build_optimizer, build_scheduler
 from evit_patch.train.recipe import Recipe, RecipeError, recipe_to_dict
 from evit_patch.train.reproducibility import rng_state, seed_everything, set_rng_state
+from evit_patch.train.resume import check_resume
+from evit_patch.train.run_folder import check_output_folder, prepare_output_folder
 from evit_patch.train.schedule import keep_rate_at
 
 
@@ -55,6 +61,17 @@ class Position:
     epoch: int = 0
     step_in_epoch: int = 0
     global_step: int = 0
+
+
+@dataclass
+class EpochProgress:
+    """The current epoch so far, on this process: kept in checkpoints so that the metrics
+    line of an epoch interrupted and resumed covers all its steps."""
+
+    loss_sum: float = 0.0
+    steps: int = 0
+    images: int = 0
+    seconds: float = 0.0
 
 
 class Interrupt:
@@ -92,6 +109,8 @@ class Run:
     evaluation: DataLoader
     steps_per_epoch: int
     position: Position = field(default_factory=Position)
+    progress: EpochProgress = field(default_factory=EpochProgress)
+    last_checkpoint: Optional[Path] = None  # the newest checkpoint of this run: written by it, or resumed from
 
     @property
     def output(self) -> Path:
@@ -107,45 +126,59 @@ class Run:
         return keep_rate_at(epoch, self.recipe.evit.keep_rate, schedule.kind, schedule.start_epoch, schedule.epochs)
 
 
-def train(recipe: Recipe, resume: Optional[str] = None, show_progress: bool = True) -> Path:
+def train(recipe: Recipe, resume: Optional[str] = None, show_progress: bool = True, overwrite: bool = False) -> Path:
     """Run the recipe; returns the output folder."""
     runtime = distributed.start()
     try:
-        return run_training(recipe, resume, runtime, show_progress)[0]
+        return run_training(recipe, resume, runtime, show_progress, overwrite)[0]
     finally:
         distributed.stop(runtime)
 
 
 def run_training(recipe: Recipe, resume: Optional[str], runtime: distributed.Runtime,
-                 show_progress: bool = True) -> tuple[Path, nn.Module]:
-    """The training loop in an already started runtime: the output folder and the model."""
+                 show_progress: bool = True, overwrite: bool = False) -> tuple[Path, nn.Module]:
+    """The training loop in an already started runtime: the output folder and the model.
+
+    The output folder, the checkpoint to resume and the recipe's changes against it are
+    checked before any data or model is built; ``overwrite`` lets a fresh run replace the
+    run in ``train.output_dir`` (its files are deleted once the new run has started)."""
+    output = Path(recipe.train.output_dir)
+    source = Path(resume) if resume else None
+    state = load_training_checkpoint(source) if source is not None else None
+    check_output_folder(output, source, overwrite)
+    if state is not None:
+        for warning in check_resume(state, recipe, source):
+            if runtime.is_main:
+                print(f"warning: {warning}", file=sys.stderr)
     run = start_run(recipe, runtime)
-    if resume:
-        resume_run(run, resume)
+    if state is not None:
+        resume_run(run, state, source)
     run.scheduler.step_update(run.position.global_step)  # per-group lr_scale from the first step on
     if runtime.distributed:  # DynamicViT freezes the backbone for some epochs: frozen parameters go unused
         run.model = DistributedDataParallel(
             run.model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
             find_unused_parameters=recipe.dynamicvit.enabled)
     if runtime.is_main:
-        run.output.mkdir(parents=True, exist_ok=True)
-        (run.output / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        prepare_output_folder(output, overwrite, run.position.epoch if state is not None else None)
+        (output / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
     with Interrupt() as interrupt:
         while run.position.epoch < recipe.train.epochs:
-            losses, seen, seconds = train_one_epoch(run, interrupt, show_progress)
-            metrics = epoch_metrics(run, losses, seen, seconds)
+            progress = train_one_epoch(run, interrupt, show_progress)
+            metrics = epoch_metrics(run, progress)
             run.position.epoch, run.position.step_in_epoch = run.position.epoch + 1, 0
+            run.progress = EpochProgress()
+            if runtime.is_main:  # before the checkpoint: a resume from the one before drops this line again
+                with open(output / "metrics.jsonl", "a") as handle:
+                    handle.write(json.dumps(metrics) + "\n")
             save_checkpoint(run)
             if runtime.is_main:
-                with open(run.output / "metrics.jsonl", "a") as handle:
-                    handle.write(json.dumps(metrics) + "\n")
                 print(json.dumps(metrics))
     if runtime.is_main:
-        save_weights(unwrap_model(run.model), run.output / "model.safetensors")
+        save_weights(unwrap_model(run.model), output / "model.safetensors")
         if run.ema is not None:
-            save_weights(run.ema.module, run.output / "model_ema.safetensors")
+            save_weights(run.ema.module, output / "model_ema.safetensors")
     distributed.barrier(runtime)
-    return run.output, unwrap_model(run.model)
+    return output, unwrap_model(run.model)
 
 
 def start_run(recipe: Recipe, runtime: distributed.Runtime) -> Run:
@@ -176,16 +209,37 @@ def start_run(recipe: Recipe, runtime: distributed.Runtime) -> Run:
     )
 
 
-def resume_run(run: Run, checkpoint: str | Path) -> None:
-    """Model, optimizer, schedule, scaler, EMA, position and this rank's RNG from a checkpoint."""
-    state = load_checkpoint(checkpoint)
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
-    if run.ema is not None and state["ema"] is not None:
+def resume_run(run: Run, state: dict[str, Any], source: Path) -> None:
+    """Model, optimizer, scaler, EMA, position, epoch progress and this rank's RNG from a
+    training checkpoint (see :func:`load_training_checkpoint`). The lr schedule and every
+    optimizer setting come from the recipe, which may have changed them
+    (:mod:`evit_patch.train.resume`): the schedule is not loaded but rebuilt, and the
+    optimizer's settings are the recipe's again after its state is loaded."""
+    where = f"--resume {str(source)!r}"
+    load_state_exactly(run.model, state["model"], where, f"this recipe's model ({run.recipe.model.name})")
+    settings = [{key: value for key, value in group.items() if key != "params"} for group in run.optimizer.param_groups]
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{where}: its optimizer state does not fit this recipe's optimizer "
+                              f"({' '.join(str(error).split())})") from None
+    for group, values in zip(run.optimizer.param_groups, settings):
+        group.update(values)
+    saved_amp = (state.get("recipe") or {}).get("train", {}).get("amp", run.recipe.train.amp)
+    if saved_amp == run.recipe.train.amp:
+        run.scaler.load_state_dict(state["scaler"])
+    if run.ema is not None and state.get("ema") is not None:
         run.ema.load_state_dict(state["ema"])
-    run.position = Position(**state["position"])
+    try:
+        run.position = Position(**state["position"])
+        run.progress = EpochProgress(**state.get("epoch_progress", {}))
+    except TypeError as error:
+        raise CheckpointError(f"{where}: its position is not one this version reads ({error})") from None
+    if run.position.step_in_epoch > run.steps_per_epoch:
+        raise CheckpointError(
+            f"{where} stopped after step {run.position.step_in_epoch} of epoch {run.position.epoch + 1}, but this "
+            f"recipe's epochs have {run.steps_per_epoch} steps; has the training data changed?")
+    run.last_checkpoint = source
     set_rng_state(_own_rng(state["rng"], run.runtime))
 
 
@@ -207,6 +261,7 @@ def _checkpoint_state(run: Run, rng: list[dict]) -> dict[str, Any]:
         "scaler": run.scaler.state_dict(),
         "ema": run.ema.state_dict() if run.ema is not None else None,
         "position": vars(run.position).copy(),
+        "epoch_progress": vars(run.progress).copy(),
         "rng": rng,  # one entry per rank: each process draws its own augmentation
         "recipe": recipe_to_dict(run.recipe),
     }
@@ -218,62 +273,70 @@ def save_checkpoint(run: Run) -> None:
     if run.runtime.is_main:
         save_atomic(_checkpoint_state(run, rng), run.checkpoint_path)
     distributed.barrier(run.runtime)
+    run.last_checkpoint = run.checkpoint_path
 
 
-def train_one_epoch(run: Run, interrupt: Interrupt, show_progress: bool) -> tuple[list[float], int, float]:
-    """The rest of the current epoch: its step losses, images seen and seconds taken.
+def train_one_epoch(run: Run, interrupt: Interrupt, show_progress: bool) -> EpochProgress:
+    """The rest of the current epoch, added to ``run.progress``, which it returns.
     Ctrl-C saves a checkpoint and exits with 130; a non-finite loss raises
     :class:`TrainingDiverged` before the update."""
-    recipe, runtime, model, position = run.recipe, run.runtime, run.model, run.position
+    recipe, runtime, model, position, progress = run.recipe, run.runtime, run.model, run.position, run.progress
     reduces_tokens = recipe.evit.enabled
     loader = train_loader(run.train_set, recipe, runtime, position.epoch, skip_batches=position.step_in_epoch)
     model.train()
     if recipe.dynamicvit.enabled:
         set_backbone_frozen(unwrap_model(model), position.epoch < recipe.dynamicvit.freeze_epochs)
-    progress = tqdm(total=run.steps_per_epoch, initial=position.step_in_epoch,
-                    disable=not (show_progress and runtime.is_main),
-                    desc=f"epoch {position.epoch + 1}/{recipe.train.epochs}", dynamic_ncols=True)
-    losses, seen, started = [], 0, time.perf_counter()
-    for index, (images, targets) in enumerate(loader, start=position.step_in_epoch):
-        if index >= run.steps_per_epoch:
-            break
-        images, targets = images.to(runtime.device), targets.to(runtime.device)
-        keep_rate = run.keep_rate(position.epoch + index / run.steps_per_epoch)
-        if reduces_tokens:
-            set_keep_rate(unwrap_model(model), keep_rate)
+    earlier_seconds, started = progress.seconds, time.perf_counter()
+    with tqdm(total=run.steps_per_epoch, initial=position.step_in_epoch, disable=not (show_progress and runtime.is_main),
+              desc=f"epoch {position.epoch + 1}/{recipe.train.epochs}", dynamic_ncols=True) as bar:  # closed on errors too
+        for index, (images, targets) in enumerate(loader, start=position.step_in_epoch):
+            if index >= run.steps_per_epoch:
+                break
+            images, targets = images.to(runtime.device), targets.to(runtime.device)
+            keep_rate = run.keep_rate(position.epoch + index / run.steps_per_epoch)
+            if reduces_tokens:
+                set_keep_rate(unwrap_model(model), keep_rate)
+                if run.ema is not None:
+                    set_keep_rate(run.ema.module, keep_rate)
+            if run.mixup is not None:
+                images, targets = run.mixup(images, targets)
+            with autocast(runtime.device, recipe.train.amp):
+                loss = run.criterion(model, images, targets)
+            diverged, interrupted = distributed.any_across([not math.isfinite(loss.item()), interrupt.requested],
+                                                           runtime)
+            if diverged:
+                value = loss.item() if not math.isfinite(loss.item()) else "not finite on another process"
+                raise TrainingDiverged(f"loss is {value} at epoch {position.epoch + 1}, step {index + 1}; nothing of "
+                                       f"this step was applied; {_where_to_restart(run)}")
+            _update(run, loss)
+            position.global_step += 1
+            position.step_in_epoch = index + 1
+            run.scheduler.step_update(position.global_step)
             if run.ema is not None:
-                set_keep_rate(run.ema.module, keep_rate)
-        if run.mixup is not None:
-            images, targets = run.mixup(images, targets)
-        with autocast(runtime.device, recipe.train.amp):
-            loss = run.criterion(model, images, targets)
-        diverged, interrupted = distributed.any_across([not math.isfinite(loss.item()), interrupt.requested], runtime)
-        if diverged:
-            value = loss.item() if not math.isfinite(loss.item()) else "not finite on another process"
-            raise TrainingDiverged(
-                f"loss is {value} at epoch {position.epoch + 1}, step {index + 1}; nothing of this step was "
-                f"applied and the last good checkpoint is {run.checkpoint_path}. Lower optimizer.lr, set "
-                "optimizer.clip_grad, or use train.amp: none"
-            )
-        _update(run, loss)
-        position.global_step += 1
-        position.step_in_epoch = index + 1
-        run.scheduler.step_update(position.global_step)
-        if run.ema is not None:
-            run.ema.update(model, step=position.global_step)
-        losses.append(loss.item())
-        seen += images.shape[0]
-        progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
-                             keep=f"{keep_rate:.3f}" if reduces_tokens else "-",
-                             img_s=f"{seen / (time.perf_counter() - started):.0f}")
-        progress.update(1)
-        if interrupted:
-            save_checkpoint(run)
-            progress.close()
-            print(f"interrupted: saved {run.checkpoint_path}; continue with --resume {run.checkpoint_path}")
-            sys.exit(130)
-    progress.close()
-    return losses, seen, time.perf_counter() - started
+                run.ema.update(model, step=position.global_step)
+            progress.loss_sum += loss.item()
+            progress.steps += 1
+            progress.images += images.shape[0]
+            progress.seconds = earlier_seconds + time.perf_counter() - started
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
+                            keep=f"{keep_rate:.3f}" if reduces_tokens else "-",
+                            img_s=f"{progress.images / progress.seconds:.0f}")
+            bar.update(1)
+            if interrupted:
+                save_checkpoint(run)
+                bar.close()
+                print(f"interrupted: saved {run.checkpoint_path}; continue with --resume {run.checkpoint_path}")
+                sys.exit(130)
+    return progress
+
+
+def _where_to_restart(run: Run) -> str:
+    """After a diverged step: the last good checkpoint of this run, or that there is none."""
+    remedy = "a lower optimizer.lr, optimizer.clip_grad, or train.amp: none"
+    if run.last_checkpoint is None:
+        return (f"no checkpoint of this run was written yet (it diverged in its first epoch): start again with "
+                f"{remedy} (--overwrite replaces this run)")
+    return f"the last good checkpoint is {run.last_checkpoint}: --resume {run.last_checkpoint} with {remedy}"
 
 
 def _update(run: Run, loss: torch.Tensor) -> None:
@@ -287,14 +350,17 @@ def _update(run: Run, loss: torch.Tensor) -> None:
     run.scaler.update()
 
 
-def epoch_metrics(run: Run, losses: list[float], seen: int, seconds: float) -> dict[str, Any]:
+def epoch_metrics(run: Run, progress: EpochProgress) -> dict[str, Any]:
     """The line ``metrics.jsonl`` gets for the epoch just trained: loss, lr, keep rate,
-    speed, and top-1/top-5 of the model (and of its EMA) on the evaluation split."""
+    speed, and top-1/top-5 of the model (and of its EMA) on the evaluation split. Loss and
+    speed are null when no step of the epoch is known (a checkpoint of an older version
+    resumed at an epoch's end), never a made-up 0."""
     recipe, amp = run.recipe, run.recipe.train.amp
-    metrics = {"epoch": run.position.epoch + 1, "train_loss": sum(losses) / max(len(losses), 1),
+    metrics = {"epoch": run.position.epoch + 1,
+               "train_loss": progress.loss_sum / progress.steps if progress.steps else None,
                "lr": run.optimizer.param_groups[0]["lr"],
                "keep_rate": run.keep_rate(run.position.epoch + 1) if recipe.evit.enabled else None,
-               "train_images_per_second": seen / seconds,
+               "train_images_per_second": progress.images / progress.seconds if progress.steps else None,
                **accuracy(run.model, run.evaluation, run.runtime, amp)}
     if run.ema is not None:
         metrics.update({f"ema_{k}": v for k, v in accuracy(run.ema.module, run.evaluation, run.runtime, amp).items()})

@@ -1,21 +1,30 @@
 """Fine-tuning recipes: YAML validated into typed dataclasses before any work starts.
 
 An unknown key names the closest valid one; a wrong type names the expected one; a file
-the recipe points at must exist. ``--set a.b=c`` overrides are applied before checking.
+the recipe points at must exist; every value is checked against its range (keep rates,
+layers against the model's depth, learning rates, batch sizes, the timm model name)
+before any data or model is built. ``--set a.b=c`` overrides are applied before checking.
+Every problem is one :class:`RecipeError` of one line naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
+import timm
+import timm.optim
+import torch
 import yaml
+from torch import nn
 
+from evit_patch.core.arguments import validated_keep_rates, validated_layers
 from evit_patch.models import DEFAULT_EVIT_LAYERS
 
 
@@ -166,16 +175,19 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise RecipeError(f"{key}: {value!r} is not one of {list(args)}{hint}")
+            raise RecipeError(f"{key}: {_short(value)} is not one of {list(args)}{hint}")
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise RecipeError(f"{key}: expected a list, got {value!r}")
+            raise RecipeError(f"{key}: expected a list, got {_short(value)}")
         return [_check_type(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, f"{key}.")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise RecipeError(f"{key}: {_short(value)} is too large for a float") from None
     if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
         try:
             return float(value)
@@ -183,20 +195,20 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
             pass
     expected = dict if origin is dict else hint
     if not isinstance(value, expected) or (expected in (int, float) and isinstance(value, bool)):
-        raise RecipeError(f"{key}: expected {getattr(expected, '__name__', expected)}, got {value!r}")
+        raise RecipeError(f"{key}: expected {getattr(expected, '__name__', expected)}, got {_short(value)}")
     return value
 
 
 def _build(cls: type, values: Any, prefix: str) -> Any:
     if not isinstance(values, dict):
-        raise RecipeError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping of keys, got {values!r}")
+        raise RecipeError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping of keys, got {_short(values)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in values:
         if key not in hints:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {names}"
-            raise RecipeError(f"unknown recipe key '{prefix}{key}'{hint}")
+            raise RecipeError(f"unknown recipe key '{prefix}{_short(key, quote=False)}'{hint}")
     missing = [f.name for f in dataclasses.fields(cls)
                if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -204,20 +216,50 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     return cls(**{key: _check_type(value, hints[key], f"{prefix}{key}") for key, value in values.items()})
 
 
-def apply_overrides(values: dict, overrides: list[str]) -> dict:
+def apply_overrides(values: Any, overrides: list[str]) -> dict:
     """``a.b=c`` pairs into the nested mapping; values are read as YAML scalars."""
+    if overrides and not isinstance(values, dict):
+        raise RecipeError(f"--set needs a recipe that is a mapping of sections; this one is a "
+                          f"{type(values).__name__}: {_short(values)}")
     for override in overrides:
         path, separator, raw = override.partition("=")
         if not separator:
-            raise RecipeError(f"--set expects key.sub=value, got {override!r}")
+            raise RecipeError(f"--set expects key.sub=value, got {_short(override)}")
         *parents, last = path.split(".")
         node = values
         for part in parents:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # an empty section (`teacher:`) takes keys like a missing one
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
-                raise RecipeError(f"--set {override!r}: {part!r} is not a section")
-        node[last] = yaml.safe_load(raw)
+                raise RecipeError(f"--set {_short(override)}: {part!r} is not a section")
+        node[last] = parse_yaml(raw, f"--set {path}: the value {_short(raw)}")
     return values
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load`` whose every failure is a one-line :class:`RecipeError` about ``what``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise RecipeError(f"{what} is not valid YAML: {_one_line(error.problem or error.context)}{where}") from None
+    except (yaml.YAMLError, ValueError, OverflowError) as error:  # bad dates, `!!int x`, `0x_`
+        raise RecipeError(f"{what} is not valid YAML: {_one_line(error)}") from None
+    except RecursionError:
+        raise RecipeError(f"{what} is not valid YAML: nested too deeply") from None
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def _short(value: Any, limit: int = 80, quote: bool = True) -> str:
+    """A value as one line of at most ``limit`` characters (its repr, or str for keys)."""
+    text = repr(value) if quote else str(value)
+    text = _one_line(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _resolve_files(recipe: Recipe, base: Path) -> None:
@@ -295,23 +337,212 @@ def _check_token_labeling(recipe: Recipe) -> None:
         raise RecipeError("token_labeling: the teacher has no trained weights, so its token labels would be "
                           "noise; set teacher.checkpoint or teacher.pretrained_file")
     for key in ("dense_weight", "cls_weight"):
-        if getattr(recipe.token_labeling, key) < 0:
+        if not getattr(recipe.token_labeling, key) >= 0:
             raise RecipeError(f"token_labeling.{key}: a loss weight must be >= 0, "
                               f"got {getattr(recipe.token_labeling, key)}")
 
 
+def _finite_at_least(low: float) -> Callable[[Any], bool]:
+    return lambda value: math.isfinite(value) and value >= low
+
+
+def _finite_above(low: float) -> Callable[[Any], bool]:
+    return lambda value: math.isfinite(value) and value > low
+
+
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    # key: (test, what the value must be); None values of optional keys are not tested
+    "train.epochs": (lambda v: v >= 1, "at least 1 (the number of epochs to train)"),
+    "train.batch_size": (lambda v: v >= 1, "at least 1"),
+    "train.max_steps_per_epoch": (lambda v: v >= 1, "at least 1 (or null: the whole training set)"),
+    "train.eval_batch_size": (lambda v: v >= 1, "at least 1"),
+    "train.benchmark_batch_size": (lambda v: v >= 1, "at least 1"),
+    "train.ema_decay": (lambda v: 0 < v < 1, "in (0, 1) (or null: no EMA)"),
+    "train.seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    "optimizer.lr": (_finite_above(0.0), "a positive learning rate"),
+    "optimizer.min_lr": (_finite_at_least(0.0), "a learning rate >= 0"),
+    "optimizer.weight_decay": (_finite_at_least(0.0), ">= 0"),
+    "optimizer.warmup_epochs": (_finite_at_least(0.0), ">= 0"),
+    "optimizer.warmup_lr": (_finite_at_least(0.0), "a learning rate >= 0"),
+    "optimizer.clip_grad": (_finite_above(0.0), "a positive gradient norm (or null: no clipping)"),
+    "keep_rate_schedule.start_epoch": (_finite_at_least(0.0), ">= 0"),
+    "keep_rate_schedule.epochs": (_finite_at_least(0.0), ">= 0"),
+    "evit.seed": (lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
+    "data.train_subset": (lambda v: v >= 1, "at least 1 (or null: all images)"),
+    "data.eval_subset": (lambda v: v >= 1, "at least 1 (or null: all images)"),
+    "data.workers": (lambda v: v >= 0, ">= 0"),
+    "data.random_erasing": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "data.mixup": (_finite_at_least(0.0), ">= 0 (0: off)"),
+    "data.cutmix": (_finite_at_least(0.0), ">= 0 (0: off)"),
+    "data.label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "dynamicvit.backbone_lr_scale": (_finite_at_least(0.0), ">= 0"),
+    "dynamicvit.freeze_epochs": (lambda v: v >= 0, ">= 0"),
+    "dynamicvit.ratio_weight": (_finite_at_least(0.0), "a loss weight >= 0"),
+    "dynamicvit.distill_weight": (_finite_at_least(0.0), "a loss weight >= 0"),
+    "dynamicvit.token_distill_weight": (_finite_at_least(0.0), "a loss weight >= 0"),
+    "teacher.alpha": (lambda v: 0 <= v <= 1, "a weight in [0, 1]"),
+    "teacher.tau": (_finite_above(0.0), "a positive temperature"),
+    "token_labeling.dense_weight": (_finite_at_least(0.0), "a loss weight >= 0"),
+    "token_labeling.cls_weight": (_finite_at_least(0.0), "a loss weight >= 0"),
+    "structural.target_macs": (_finite_above(0.0), "a positive number of MACs (or null: EViT's cost)"),
+}
+
+_DEPTHS: dict[tuple[str, str], Optional[int]] = {}  # (timm name, repr of kwargs) -> number of blocks
+
+
+def check_values(recipe: Recipe) -> None:
+    """Every value in its range, the model names known to timm, and the method's layers
+    and keep rates as the methods themselves check them, against the model's depth: all
+    before any data or model is built."""
+    for key, (test, requirement) in _RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(recipe, section), name) if getattr(recipe, section) is not None else None
+        if value is not None and not test(value):
+            raise RecipeError(f"{key}: must be {requirement}, got {_short(value)}")
+    if recipe.optimizer.min_lr > recipe.optimizer.lr:
+        raise RecipeError(f"optimizer.min_lr: must be at most optimizer.lr ({recipe.optimizer.lr}), "
+                          f"got {recipe.optimizer.min_lr}")
+    _check_optimizer_name(recipe.optimizer.name)
+    _check_output_dir(recipe.train.output_dir)
+    for section in ("model", "teacher", "oracle"):
+        config = getattr(recipe, section)
+        if config is not None:
+            _check_model_name(section, config.name)
+    depth = _model_depth("model", recipe.model)
+    if recipe.teacher is not None:
+        _model_depth("teacher", recipe.teacher)  # its kwargs, before data is loaded for it
+    oracle_depth = _model_depth("oracle", recipe.oracle) if recipe.oracle is not None else None
+    structural = recipe.structural
+    if recipe.evit.enabled or (structural.enabled and structural.shape is None and structural.target_macs is None):
+        _check_method_arguments("evit", recipe.evit.layers, recipe.evit.keep_rate, depth)
+        reads_oracle = recipe.evit.enabled and recipe.evit.reducer == "oracle" and oracle_depth is not None
+        if reads_oracle and max(recipe.evit.layers) >= oracle_depth:
+            raise RecipeError(f"evit.layers: the oracle is read at the same blocks, and oracle.name "
+                              f"{recipe.oracle.name!r} has blocks 0..{oracle_depth - 1}, not {max(recipe.evit.layers)}")
+    if recipe.dynamicvit.enabled:
+        _check_method_arguments("dynamicvit", recipe.dynamicvit.layers, recipe.dynamicvit.keep_ratio, depth,
+                                rate_key="keep_ratio")
+    if structural.shape is not None and depth is not None:
+        for key in ("heads", "mlp_hidden"):
+            widths = getattr(structural.shape, key)
+            if len(widths) != depth or not all(width >= 1 for width in widths):
+                raise RecipeError(f"structural.shape.{key}: must list one width >= 1 per block ({depth} blocks), "
+                                  f"got {_short(widths)}")
+
+
+def _check_method_arguments(section: str, layers: list[int], rate: float, depth: Optional[int],
+                            rate_key: str = "keep_rate") -> None:
+    """The layer and keep-rate checks ``apply_evit`` and ``apply_dynamicvit`` make."""
+    try:
+        validated_keep_rates(rate, 1)
+    except (TypeError, ValueError) as error:
+        raise RecipeError(f"{section}.{rate_key}: {_without_subject(error, 'keep_rate')}") from None
+    if depth is None:  # not a ViT with `blocks`: applying the method names the reason
+        return
+    try:
+        validated_layers(layers, depth)
+    except (TypeError, ValueError) as error:
+        raise RecipeError(f"{section}.layers: {_without_subject(error, 'layers')}") from None
+
+
+def _without_subject(error: Exception, subject: str) -> str:
+    """``keep_rate must be ...`` as ``must be ...``, for a message that names the key first."""
+    text = _one_line(error)
+    for prefix in (f"{subject}: ", f"{subject} "):
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
+
+
+def _check_optimizer_name(name: str) -> None:
+    """timm's optimizer names, with its optional ``lookahead_`` prefix."""
+    base = name.lower().split("_")[-1]
+    known = timm.optim.list_optimizers()
+    if base not in known:
+        close = difflib.get_close_matches(base, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "; see timm.optim.list_optimizers()"
+        raise RecipeError(f"optimizer.name: timm has no optimizer {_short(name)}{hint}")
+
+
+def _check_model_name(section: str, name: str) -> None:
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else "; see timm.list_models()"
+    raise RecipeError(f"{section}.name: timm has no model {_short(name)}{hint}")
+
+
+def _model_depth(section: str, config: ModelConfig | TeacherConfig) -> Optional[int]:
+    """How many transformer blocks the section's model has (None: no ``blocks``).
+
+    The model is built on the meta device, so no memory is allocated and nothing is
+    downloaded; a constructor that cannot run there is built on the CPU instead. Bad
+    ``kwargs`` show here, before any data is loaded.
+    """
+    key = (config.name, repr(config.kwargs))
+    if key not in _DEPTHS:
+        if not all(isinstance(name, str) for name in config.kwargs):
+            raise RecipeError(f"{section}.kwargs: keys must be keyword names, got {_short(list(config.kwargs))}")
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(config.name, **config.kwargs)
+        except Exception:  # a constructor that needs real tensors; the CPU build says what is wrong
+            try:
+                model = timm.create_model(config.name, **config.kwargs)
+            except Exception as error:  # timm and model constructors raise anything on bad kwargs
+                raise RecipeError(f"{section}.kwargs: timm cannot build {config.name!r} with {_short(config.kwargs)} "
+                                  f"({type(error).__name__}: {_short(str(error), 160, quote=False)})") from None
+        blocks = getattr(model, "blocks", None)
+        _DEPTHS[key] = len(blocks) if isinstance(blocks, (nn.Sequential, nn.ModuleList)) else None
+    return _DEPTHS[key]
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """The output folder, or the nearest part of its path that exists, must be a folder."""
+    if not output_dir.strip():
+        raise RecipeError("train.output_dir: must name a folder, got ''")
+    try:
+        path = Path(output_dir).expanduser()
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        is_folder = existing is None or existing.is_dir()
+    except (OSError, ValueError, RuntimeError) as error:  # too long a name, a NUL byte, an unknown ~user
+        raise RecipeError(f"train.output_dir: {_short(output_dir)} cannot be used: {_one_line(error)}") from None
+    if not is_folder:
+        where = "is a file" if existing == path else f"lies under {str(existing)!r}, which is a file"
+        raise RecipeError(f"train.output_dir: {output_dir!r} {where}, not a folder; set train.output_dir "
+                          "to a folder (new or holding a run)")
+
+
 def _resolve(path: str, base: Path) -> Path:
-    candidate = Path(path).expanduser()
-    return candidate if candidate.is_absolute() or candidate.exists() else base / candidate
+    try:
+        candidate = Path(path).expanduser()
+        return candidate if candidate.is_absolute() or candidate.exists() else base / candidate
+    except (OSError, ValueError, RuntimeError) as error:  # too long a name, a NUL byte, an unknown ~user
+        raise RecipeError(f"path {_short(path)} cannot be used: {_one_line(error)}") from None
+
+
+def _read_recipe_file(path: Path) -> Any:
+    """The YAML document of a recipe file (an empty file: no keys)."""
+    if path.is_dir():
+        raise RecipeError(f"recipe path {str(path)!r} is a folder; pass a YAML recipe file (see recipes/)")
+    if not path.is_file():
+        raise RecipeError(f"recipe file {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise RecipeError(f"recipe file {str(path)!r} is not UTF-8 text (byte {error.object[error.start]:#04x} at "
+                          f"offset {error.start}); save it as UTF-8") from None
+    except OSError as error:
+        raise RecipeError(f"recipe file {str(path)!r} cannot be read: {error.strerror}") from None
+    values = parse_yaml(text, f"recipe file {str(path)!r}")
+    return {} if values is None else values
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe; relative file paths are taken from the
     current folder, else from the project root the recipe lives under."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file {str(path)!r} does not exist")
-    values = yaml.safe_load(path.read_text()) or {}
+    values = _read_recipe_file(path)
     recipe = _build(Recipe, apply_overrides(values, overrides or []), "")
     if recipe.dynamicvit.enabled and recipe.evit.enabled:
         raise RecipeError("dynamicvit.enabled and evit.enabled are both true; a run prunes with one method: "
@@ -319,6 +550,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     _resolve_files(recipe, path.resolve().parent.parent)
     _check_structural(recipe)
     _check_token_labeling(recipe)
+    check_values(recipe)
     return recipe
 
 
