@@ -47,16 +47,6 @@ def assert_one_line(err: str, *fragments: str) -> None:
         assert fragment in err, (fragment, err)
 
 
-@pytest.fixture
-def no_work(monkeypatch):
-    """Fail the test if a dataset or a model is built."""
-    def forbidden(*args, **kwargs):
-        pytest.fail("data or a model was built for an input that should have been refused first")
-
-    monkeypatch.setattr(loop, "build_dataset", forbidden)
-    monkeypatch.setattr(loop, "prepare_model", forbidden)
-
-
 BAD_VALUES = [
     ("evit.keep_rate=0", "evit.keep_rate: must be in (0, 1]"),
     ("evit.keep_rate=1.5", "evit.keep_rate: must be in (0, 1]"),

@@ -58,15 +58,6 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture
-def no_work(monkeypatch):
-    def forbidden(*args, **kwargs):
-        pytest.fail("data or a model was built for an input that should have been refused first")
-
-    monkeypatch.setattr(loop, "build_dataset", forbidden)
-    monkeypatch.setattr(loop, "prepare_model", forbidden)
-
-
 @pytest.fixture(scope="module")
 def one_epoch_run(tmp_path_factory) -> Path:
     """A finished one-epoch run of two steps, to copy."""
