@@ -15,6 +15,10 @@ Methods are the registry's (``evit``, ``evit-no-fusion``, ``random``, ``tome``,
 ``dynamicvit``, ``width-pruning``), each at every keep rate (DynamicViT: that keep
 ratio; width pruning: EViT's MACs at that keep rate). Writes ``<out>.json``, ``<out>.md``
 and ``<out>.png`` (speed-up against keep rate).
+
+``--bound`` adds, per keep rate, the same token counts as EViT reached by cutting the
+sequence (no scores, no top-k, no gather, no fused sum): what any method at these counts
+could gain on this machine, so the cost of EViT's own work shows as the gap to it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ from torch import nn
 
 import evit_patch
 from evit_patch.core.model_info import example_images
+from evit_patch.core.reduction import LayerContext, Reduction, TokenMap, TokenReducer, identity_reduction
+from evit_patch.core.scores import AttentionTensors
+from evit_patch.reducers.evit import kept_token_count
 from evit_patch.tools.timing import autocast_to, interleaved_images_per_second, interleaved_rates, timed_call
 from evit_patch.train.methods import METHODS
 from evit_patch.train.recipe import apply_overrides, recipe_from_dict
@@ -52,6 +59,21 @@ class Variant:
     macs: float
     images_per_second: list[float] = field(default_factory=list)
     peak_memory_mb: Optional[float] = None
+
+
+class TokenCountBound(TokenReducer):
+    """EViT's token counts (kept tokens plus the fused one) by keeping the first tokens
+    as they lie: the cheapest possible way to reach those counts."""
+
+    name = "token-count bound"
+
+    def reduce(self, x: torch.Tensor, attention: AttentionTensors, context: LayerContext) -> Reduction:
+        num_image = x.shape[1] - context.num_prefix_tokens
+        keep = kept_token_count(num_image, context.keep_rate)
+        if keep >= num_image:
+            return identity_reduction(x, context.num_prefix_tokens)
+        kept_index = torch.arange(keep + 1, device=x.device).expand(x.shape[0], -1)
+        return Reduction(x[:, :context.num_prefix_tokens + keep + 1], TokenMap.selection(kept_index, num_image, False))
 
 
 def with_method(base: nn.Module, model_name: str, model_kwargs: dict, method: str, keep_rate: float,
@@ -73,6 +95,10 @@ def build_models(args: argparse.Namespace, model_name: str) -> dict[str, tuple[f
         for rate in args.keep_rates:
             name = f"{method} {rate}" if len(args.methods) > 1 or method != "evit" else f"evit {rate}"
             models[name] = (rate, with_method(base, model_name, args.model_kwargs, method, rate, args.layers))
+    if args.bound:
+        for rate in args.keep_rates:
+            bound = evit_patch.apply_token_reducer(copy.deepcopy(base), args.layers, rate, TokenCountBound())
+            models[f"token-count bound {rate}"] = (rate, bound)
     return {name: (rate, model.to(args.device)) for name, (rate, model) in models.items()}
 
 
@@ -187,6 +213,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=["evit"], choices=TIMED_METHODS)
     parser.add_argument("--keep-rates", type=float, nargs="+", default=[1.0, 0.7, 0.5])
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9])
+    parser.add_argument("--bound", action="store_true", help="add EViT's token counts reached by cutting the sequence")
     parser.add_argument("--train", action="store_true", help="time training steps instead of inference")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="autocast dtype")
     parser.add_argument("--compile", action="store_true", help="torch.compile every variant")
@@ -208,7 +235,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, list[Variant]]:
     setup = {
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "threads": torch.get_num_threads(), "train": args.train, "dtype": args.dtype, "compile": args.compile,
-        "layers": args.layers, "methods": args.methods, "repeats": args.repeats,
+        "layers": args.layers, "methods": args.methods, "bound": args.bound, "repeats": args.repeats,
         "torch": torch.__version__, "timm": timm.__version__,
     }
     table = markdown(results, setup)
