@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from evit_patch.core.key_weighting import KeyWeights
-from evit_patch.core.reduction import LayerContext, Reduction, TokenMap, TokenReducer, identity_reduction
+from evit_patch.core.reduction import LayerContext, Reduction, TokenMap, TokenReducer, identity_reduction, token_rows
 from evit_patch.core.scores import AttentionTensors
 from evit_patch.reducers.evit import kept_token_count
 
@@ -58,9 +58,9 @@ def bipartite_merge(x: Tensor, metric: Tensor, sizes: Tensor, num_merged: int) -
     a_tokens, b_tokens = weighted[:, a_index], weighted[:, b_index]
     a_sizes, b_sizes = sizes[:, a_index], sizes[:, b_index]
     b_tokens = b_tokens.scatter_add(1, target_b.unsqueeze(-1).expand(-1, -1, channels),
-                                    a_tokens.gather(1, merged_a.unsqueeze(-1).expand(-1, -1, channels)))
+                                    token_rows(a_tokens, merged_a))
     b_sizes = b_sizes.scatter_add(1, target_b, a_sizes.gather(1, merged_a))
-    kept_a = a_tokens.gather(1, unmerged_a.unsqueeze(-1).expand(-1, -1, channels))
+    kept_a = token_rows(a_tokens, unmerged_a)
     out_sizes = torch.cat([a_sizes.gather(1, unmerged_a), b_sizes], dim=1)
     out = torch.cat([kept_a, b_tokens], dim=1) / out_sizes.unsqueeze(-1).to(x.dtype)
 
