@@ -161,18 +161,22 @@ def selection_reduction(x: Tensor, num_prefix_tokens: int, kept_index: Tensor,
     """Keep ``kept_index`` in that order and, with ``fused_weights`` ``(B, n)``, append
     their weighted sum over the other tokens as one fused token (zero weight on kept ones).
 
-    The prefix and the kept tokens are copied in one pass (without fusion, that copy is
-    the whole output). The weights (scores, float32 under autocast) are not rounded to
-    the tokens' dtype: the sum is taken in the wider of the two, outside autocast, and
-    only the fused token is cast back to ``x``'s dtype."""
+    The output is written once: one row copy takes the prefix and the kept tokens (and a
+    placeholder row where the fused token goes, which is then overwritten), so fusing
+    costs no second pass over the sequence. The weights (scores, float32 under autocast)
+    are not rounded to the tokens' dtype: the sum is taken in the wider of the two,
+    outside autocast, and only the fused token is cast back to ``x``'s dtype."""
     batch = x.shape[0]
     prefix = torch.arange(num_prefix_tokens, device=kept_index.device).expand(batch, -1)
-    tokens = token_rows(x, torch.cat([prefix, kept_index + num_prefix_tokens], dim=1))
+    rows = [prefix, kept_index + num_prefix_tokens]
+    if fused_weights is not None:
+        rows.append(kept_index.new_zeros(batch, 1))
+    tokens = token_rows(x, torch.cat(rows, dim=1))
     if fused_weights is not None:
         image = x[:, num_prefix_tokens:]
         precision = torch.promote_types(fused_weights.dtype, image.dtype)
         with without_autocast(x.device):
             fused = torch.bmm(fused_weights.to(precision).unsqueeze(1), image.to(precision))
-        tokens = torch.cat([tokens, fused.to(x.dtype)], dim=1)
+        tokens[:, -1:] = fused.to(x.dtype)
     token_map = TokenMap.selection(kept_index, x.shape[1] - num_prefix_tokens, fused_weights is not None)
     return Reduction(tokens, token_map)

@@ -40,9 +40,9 @@ def token_scores(tensors: AttentionTensors, mode: ScoreMode, num_prefix_tokens: 
 
 
 def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """A region where autocast does not run matmuls in bf16/fp16 (nothing to turn off on
-    devices without autocast, such as ``meta``)."""
-    if torch.amp.is_autocast_available(device.type):
+    """A region where autocast does not run matmuls in bf16/fp16 (nothing to turn off
+    where autocast is off, or on devices without it, such as ``meta``)."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
