@@ -142,31 +142,45 @@ def measure(args: argparse.Namespace, model_name: str, batch_size: int) -> list[
         for name, call in calls.items():
             for _ in range(args.warmup):
                 variants[name].peak_memory_mb = peak_memory_mb(call, images.device)
-        rates = interleaved_rates(calls, batch_size, images.device, args.repeats, warmup=0)
+        rates = interleaved_rates(calls, batch_size, images.device, args.repeats, 0, args.calls_per_repeat)
     else:
         with torch.inference_mode():
             for name, model in compiled.items():
                 model.eval()
                 for _ in range(args.warmup):
                     variants[name].peak_memory_mb = peak_memory_mb(lambda: model(images), images.device)
-        rates = interleaved_images_per_second(compiled, images, args.repeats, dtype, warmup=0)
+        rates = interleaved_images_per_second(compiled, images, args.repeats, dtype, 0, args.calls_per_repeat)
     for name, values in rates.items():
         variants[name].images_per_second = values
     return list(variants.values())
 
 
+def speedups(variant: Variant, base: Variant) -> list[float]:
+    """Per-repeat ratios of images/s to the unpatched model (timed in the same repeat)."""
+    return [v / b for v, b in zip(variant.images_per_second, base.images_per_second)]
+
+
 def speedup(variant: Variant, base: Variant) -> float:
-    return statistics.median(v / b for v, b in zip(variant.images_per_second, base.images_per_second))
+    return statistics.median(speedups(variant, base))
+
+
+def quartiles(values: list[float]) -> str:
+    """The middle half of the per-repeat ratios: how far one median can be trusted."""
+    if len(values) < 4:
+        return "n/a"
+    low, _, high = statistics.quantiles(values, n=4)
+    return f"{low:.2f}-{high:.2f}"
 
 
 def markdown(results: dict[str, list[Variant]], setup: dict) -> str:
     mode = "training step (forward, backward, AdamW)" if setup["train"] else "inference"
     lines = [
         f"{setup['device']} ({setup['threads']} CPU threads), {mode}, {setup['dtype']}, compile={setup['compile']}, "
-        f"layers {setup['layers']}, median of {setup['repeats']} interleaved repeats",
+        f"layers {setup['layers']}, median of {setup['repeats']} interleaved repeats of "
+        f"{setup['calls_per_repeat']} calls; speed-up = median of per-repeat ratios (quartiles beside it)",
         "",
-        "| model | batch | variant | GMACs | MAC ratio | images/s | speed-up | peak MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | batch | variant | GMACs | MAC ratio | images/s | speed-up | quartiles | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, variants in results.items():
         model_name = key.rsplit("@", 1)[0]
@@ -176,7 +190,7 @@ def markdown(results: dict[str, list[Variant]], setup: dict) -> str:
             lines.append(
                 f"| {model_name} | {variant.batch_size} | {variant.name} | {variant.macs / 1e9:.3f} | "
                 f"{base.macs / variant.macs:.2f}x | {statistics.median(variant.images_per_second):.1f} | "
-                f"{speedup(variant, base):.3f}x | {memory} |"
+                f"{speedup(variant, base):.3f}x | {quartiles(speedups(variant, base))} | {memory} |"
             )
     return "\n".join(lines)
 
@@ -219,6 +233,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile every variant")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--calls-per-repeat", type=int, default=1, help="calls timed back to back in one repeat")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="write <out>.json, <out>.md and <out>.png")
@@ -236,6 +251,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, list[Variant]]:
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "threads": torch.get_num_threads(), "train": args.train, "dtype": args.dtype, "compile": args.compile,
         "layers": args.layers, "methods": args.methods, "bound": args.bound, "repeats": args.repeats,
+        "calls_per_repeat": args.calls_per_repeat,
         "torch": torch.__version__, "timm": timm.__version__,
     }
     table = markdown(results, setup)

@@ -46,23 +46,34 @@ def timed_forward(model: nn.Module, images: torch.Tensor, dtype: Optional[torch.
 
 
 def interleaved_rates(calls: dict[str, Callable[[], object]], items_per_call: int, device: torch.device,
-                      repeats: int = 5, warmup: int = 1) -> dict[str, list[float]]:
-    """Items per second of each call in every repeat, timed interleaved in rotating order."""
+                      repeats: int = 5, warmup: int = 1, calls_per_repeat: int = 1) -> dict[str, list[float]]:
+    """Items per second of each call in every repeat, timed interleaved in rotating order.
+
+    A repeat times ``calls_per_repeat`` calls back to back, which averages out jitter
+    shorter than that (a call of a few milliseconds is at the mercy of every interrupt)."""
     names = list(calls)
     for call in calls.values():
         for _ in range(warmup):
             call()
+
+    def repeated(call: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(calls_per_repeat):
+                call()
+        return run
+
     rates: dict[str, list[float]] = {name: [] for name in names}
     for repeat in range(repeats):
         shift = repeat % len(names)
         for name in names[shift:] + names[:shift]:
-            rates[name].append(items_per_call / timed_call(calls[name], device))
+            rates[name].append(items_per_call * calls_per_repeat / timed_call(repeated(calls[name]), device))
     return rates
 
 
 @torch.inference_mode()
 def interleaved_images_per_second(models: dict[str, nn.Module], images: torch.Tensor, repeats: int = 5,
-                                  dtype: Optional[torch.dtype] = None, warmup: int = 1) -> dict[str, list[float]]:
+                                  dtype: Optional[torch.dtype] = None, warmup: int = 1,
+                                  calls_per_repeat: int = 1) -> dict[str, list[float]]:
     """Inference images/s of each model (put in eval mode) in every repeat, timed interleaved."""
 
     def forward(model: nn.Module) -> Callable[[], object]:
@@ -74,7 +85,7 @@ def interleaved_images_per_second(models: dict[str, nn.Module], images: torch.Te
     for model in models.values():
         model.eval()
     return interleaved_rates({name: forward(model) for name, model in models.items()}, images.shape[0],
-                             images.device, repeats, warmup)
+                             images.device, repeats, warmup, calls_per_repeat)
 
 
 def images_per_second(models: dict[str, nn.Module], images: torch.Tensor, repeats: int = 5,
