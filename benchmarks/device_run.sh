@@ -8,7 +8,8 @@
 # interleaved repeats, peak memory on CUDA):
 #   1. inference at batch 256, fp16 and bf16, DeiT-S and DeiT-B: unpatched, EViT 0.7 / 0.5,
 #      EViT w/o fusion, ToMe-style merging, DynamicViT and width pruning at EViT's MACs (0.7)
-#   2. batch-1 latency, fp16, DeiT-S and DeiT-B: unpatched, EViT 0.7 / 0.5
+#   2. batch-1 latency, fp16, DeiT-S and DeiT-B: unpatched, EViT 0.7 / 0.5, and the token-count
+#      bound at those counts (what any token method could gain there)
 #   3. a training step (forward, backward, AdamW) at batch 128, bf16, DeiT-S, every method at 0.7
 #   4. torch.compile, bf16, DeiT-S at batch 256 and batch 1: unpatched, EViT 0.7
 # --quick swaps in a 4-block DeiT-Tiny at 32 px, small batches, one repeat and no
@@ -53,7 +54,7 @@ for dtype in "${DTYPES[@]}"; do
     step "inference_b${BIG_BATCH}_${dtype}_evit" "${BASE[@]}" --batch-sizes "$BIG_BATCH" --dtype "$dtype" \
         --keep-rates 0.7 0.5
 done
-step "latency_b1_${DTYPES[0]}" "${BASE[@]}" --batch-sizes 1 --dtype "${DTYPES[0]}" --keep-rates 0.7 0.5
+step "latency_b1_${DTYPES[0]}" "${BASE[@]}" --batch-sizes 1 --dtype "${DTYPES[0]}" --keep-rates 0.7 0.5 --bound
 step "train_b${TRAIN_BATCH}_bf16" "${SMALL[@]}" --train --batch-sizes "$TRAIN_BATCH" --dtype bf16 \
     --methods "${ALL_METHODS[@]}" --keep-rates 0.7
 if [ "$QUICK" = 0 ]; then

@@ -9,7 +9,7 @@ EXPECTED = {  # file -> variants its table must list
     "inference_b4_bf16": ["unpatched", "evit 0.7", "evit-no-fusion 0.7", "tome 0.7", "dynamicvit 0.7",
                           "width-pruning 0.7"],
     "inference_b4_bf16_evit": ["unpatched", "evit 0.7", "evit 0.5"],
-    "latency_b1_bf16": ["unpatched", "evit 0.7", "evit 0.5"],
+    "latency_b1_bf16": ["unpatched", "evit 0.7", "evit 0.5", "token-count bound 0.7", "token-count bound 0.5"],
     "train_b4_bf16": ["unpatched", "evit 0.7", "evit-no-fusion 0.7", "tome 0.7", "dynamicvit 0.7",
                       "width-pruning 0.7"],
 }
