@@ -41,7 +41,8 @@ def describe(recipe: Recipe, world_size: int) -> tuple[dict[str, Any], list[str]
     notes: list[str] = []
     runtime = Runtime(torch.device("cpu"), 0, world_size)
     images = _train_images(recipe.data, notes)
-    steps = len(train_sampler(range(images), recipe, 0, world_size, 0)) // recipe.train.batch_size
+    sampler = train_sampler(range(images), recipe, 0, world_size, 0, torch.Generator())
+    steps = len(sampler) // recipe.train.batch_size
     if recipe.train.max_steps_per_epoch:
         steps = min(steps, recipe.train.max_steps_per_epoch)
     implied: dict[str, Any] = {
@@ -54,7 +55,7 @@ def describe(recipe: Recipe, world_size: int) -> tuple[dict[str, Any], list[str]
         "steps_per_epoch": steps,
         "updates": steps * recipe.train.epochs,
         "lr_at_epoch_starts": _lr_at_epoch_starts(recipe, runtime, max(steps, 1)),
-        "data_pipeline": _pipeline(recipe.data, recipe.model, notes),
+        "data_pipeline": {**_pipeline(recipe.data, recipe.model), "sampler": type(sampler).__name__},
     }
     implied.update(_model_facts(recipe, notes))
     return implied, notes
@@ -88,7 +89,7 @@ def _lr_at_epoch_starts(recipe: Recipe, runtime: Runtime, steps_per_epoch: int) 
     return values
 
 
-def _pipeline(data: DataConfig, config: ModelConfig, notes: list[str]) -> dict[str, Any]:
+def _pipeline(data: DataConfig, config: ModelConfig) -> dict[str, Any]:
     """The training and evaluation transforms an image-folder run builds, summarized."""
     if data.dataset != "imagefolder":
         return {"dataset": data.dataset, "transform": "normalized tensors, no augmentation"}
@@ -104,7 +105,6 @@ def _pipeline(data: DataConfig, config: ModelConfig, notes: list[str]) -> dict[s
         "eval_resize": getattr(resize, "size", None),
         "eval_crop": list(getattr(crop, "size", ())),
         "eval_crop_pct": image_transform_args(data, model, training=False)["crop_pct"],
-        "sampler": "RepeatAugSampler (3 repeats)" if data.repeated_augmentation else "shuffle (DistributedSampler)",
     }
 
 
