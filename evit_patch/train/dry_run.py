@@ -55,9 +55,11 @@ def describe(recipe: Recipe, world_size: int) -> tuple[dict[str, Any], list[str]
         "steps_per_epoch": steps,
         "updates": steps * recipe.train.epochs,
         "lr_at_epoch_starts": _lr_at_epoch_starts(recipe, runtime, max(steps, 1)),
-        "data_pipeline": {**_pipeline(recipe.data, recipe.model), "sampler": type(sampler).__name__},
     }
-    implied.update(_model_facts(recipe, notes))
+    dry = _dry_recipe(recipe, notes)
+    model = build_model(dry.model).eval()
+    implied["data_pipeline"] = {**_pipeline(recipe.data, model), "sampler": type(sampler).__name__}
+    implied.update(_model_facts(dry, model))
     return implied, notes
 
 
@@ -89,11 +91,10 @@ def _lr_at_epoch_starts(recipe: Recipe, runtime: Runtime, steps_per_epoch: int) 
     return values
 
 
-def _pipeline(data: DataConfig, config: ModelConfig) -> dict[str, Any]:
+def _pipeline(data: DataConfig, model: nn.Module) -> dict[str, Any]:
     """The training and evaluation transforms an image-folder run builds, summarized."""
     if data.dataset != "imagefolder":
         return {"dataset": data.dataset, "transform": "normalized tensors, no augmentation"}
-    model = timm.create_model(config.name, pretrained=False, **config.kwargs)  # only its data config is read
     train = timm.data.create_transform(**image_transform_args(data, model, training=True))
     evaluation = timm.data.create_transform(**image_transform_args(data, model, training=False))
     erasing = next((t for t in train.transforms if isinstance(t, timm.data.random_erasing.RandomErasing)), None)
@@ -124,16 +125,20 @@ def _weightless(config: Optional[ModelConfig]) -> tuple[Optional[ModelConfig], b
     return config, dropped
 
 
-def _model_facts(recipe: Recipe, notes: list[str]) -> dict[str, Any]:
-    """GMACs without and with the method (at its target keep rate), image tokens after
-    each reorganization layer, and the modules that act differently in train mode."""
+def _dry_recipe(recipe: Recipe, notes: list[str]) -> Recipe:
+    """The recipe with its model and oracle built from local files only."""
     dry = copy.deepcopy(recipe)
     dry.model, dropped = _weightless(recipe.model)
     dry.oracle, oracle_dropped = _weightless(recipe.oracle)
     if dropped or oracle_dropped:
         notes.append("hub weights are not downloaded and absent files not read: the model is built with random "
                      "weights (costs and token counts do not depend on them)")
-    model = build_model(dry.model).eval()
+    return dry
+
+
+def _model_facts(dry: Recipe, model: nn.Module) -> dict[str, Any]:
+    """GMACs without and with the method (at its target keep rate), image tokens after
+    each reorganization layer, and the modules that act differently in train mode."""
     unpatched = count_macs(model)
     patched = recipe_method(dry).apply(model, dry, None, model).eval()
     layers = dry.dynamicvit.layers if dry.dynamicvit.enabled else dry.evit.layers if dry.evit.enabled else []
