@@ -239,7 +239,7 @@ def apply_overrides(values: Any, overrides: list[str]) -> dict:
             node = node[part]
             if not isinstance(node, dict):
                 raise RecipeError(f"--set {_short(override)}: {part!r} is not a section")
-        node[last] = parse_yaml(raw, f"--set {path}: the value {_short(raw)}")
+        node[last] = parse_yaml(raw, f"--set {_short(path, quote=False)}: the value {_short(raw)}")
     return values
 
 
