@@ -78,12 +78,22 @@ def _imagefolder(config: DataConfig, split: str, model: nn.Module, training: boo
     folder = Path(config.root) / split
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {str(folder)!r} does not exist (data.root / split)")
-    data_config = timm.data.resolve_data_config({"input_size": native_input_shape(model)}, model=model)
-    transform = timm.data.create_transform(
-        **data_config, is_training=training, auto_augment=config.auto_augment if training else None,
-        re_prob=config.random_erasing if training else 0.0,
-    )
+    transform = timm.data.create_transform(**image_transform_args(config, model, training))
     return timm.data.create_dataset("", root=str(folder), transform=transform)
+
+
+def image_transform_args(config: DataConfig, model: nn.Module, training: bool) -> dict:
+    """The arguments of timm's ``create_transform`` for an image-folder split: the model's
+    input size, interpolation, mean and std, the recipe's augmentation for training, and
+    the recipe's centre crop (``data.crop_pct``) or the model's for evaluation."""
+    overrides = {"input_size": native_input_shape(model)}
+    if config.crop_pct is not None:
+        overrides["crop_pct"] = config.crop_pct
+    data_config = timm.data.resolve_data_config(overrides, model=model)
+    if not training:
+        return {**data_config, "is_training": False}
+    return {**data_config, "is_training": True, "auto_augment": config.auto_augment,
+            "re_prob": config.random_erasing, "re_mode": config.random_erasing_mode}
 
 
 def build_dataset(config: DataConfig, model: nn.Module, training: bool) -> Dataset:

@@ -4,10 +4,11 @@ mid-epoch, sharded across processes, and mixed (mixup/cutmix) when the recipe as
 from __future__ import annotations
 
 import itertools
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sized
 
 import torch
 from timm.data import Mixup
+from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from evit_patch.train.distributed import Runtime
@@ -42,15 +43,30 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+def train_sampler(dataset: Sized, recipe: Recipe, rank: int, world_size: int, epoch: int,
+                  generator: Optional[torch.Generator] = None) -> Sampler[int]:
+    """This process's indices of an epoch: timm's ``RepeatAugSampler`` under repeated
+    augmentation (each image three times, on different processes; per process about
+    1/world_size of the set, rounded down to 256 images, as DeiT's ``RASampler``),
+    else ``DistributedSampler`` across processes, or one shuffle alone. The order depends
+    only on (seed, epoch); with seed 0 the repeated-augmentation order is DeiT's. Alone,
+    the shuffle draws from ``generator`` (the loader's own, shared as it always was)."""
+    if recipe.data.repeated_augmentation:
+        sampler: Sampler[int] = RepeatAugSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True)
+        sampler.set_epoch(recipe.train.seed * 100_003 + epoch)
+    elif world_size > 1:
+        sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=recipe.train.seed)
+        sampler.set_epoch(epoch)
+    else:
+        sampler = RandomSampler(dataset, generator=generator)
+    return sampler
+
+
 def train_loader(dataset: Dataset, recipe: Recipe, runtime: Runtime, epoch: int, skip_batches: int = 0) -> DataLoader:
     """Shuffled batches whose order depends only on (seed, epoch), so a resumed run sees
     the same data in the same order; the first ``skip_batches`` are left out."""
     generator = torch.Generator().manual_seed(recipe.train.seed * 100_003 + epoch)
-    if runtime.distributed:
-        sampler = DistributedSampler(dataset, runtime.world_size, runtime.rank, shuffle=True, seed=recipe.train.seed)
-        sampler.set_epoch(epoch)
-    else:
-        sampler = RandomSampler(dataset, generator=generator)
+    sampler = train_sampler(dataset, recipe, runtime.rank, runtime.world_size, epoch, generator)
     return DataLoader(dataset, batch_size=recipe.train.batch_size,
                       sampler=SkipSampler(sampler, skip_batches * recipe.train.batch_size), drop_last=True,
                       num_workers=recipe.data.workers, generator=generator)

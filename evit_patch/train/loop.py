@@ -42,7 +42,7 @@ from evit_patch.train.data import build_dataset
 from evit_patch.train.loaders import build_mixup, eval_loader, train_loader
 from evit_patch.train.metrics import accuracy, autocast
 from evit_patch.train.model_source import build_model
-from evit_patch.train.optim import build_optimizer, build_scheduler
+from evit_patch.train.optim import build_optimizer, build_scheduler, start_epoch_lr
 from evit_patch.train.recipe import Recipe, RecipeError, recipe_to_dict
 from evit_patch.train.reproducibility import rng_state, seed_everything, set_rng_state
 from evit_patch.train.resume import check_resume
@@ -153,7 +153,6 @@ def run_training(recipe: Recipe, resume: Optional[str], runtime: distributed.Run
     run = start_run(recipe, runtime)
     if state is not None:
         resume_run(run, state, source)
-    run.scheduler.step_update(run.position.global_step)  # per-group lr_scale from the first step on
     if runtime.distributed:  # DynamicViT freezes the backbone for some epochs: frozen parameters go unused
         run.model = DistributedDataParallel(
             run.model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
@@ -283,6 +282,7 @@ def train_one_epoch(run: Run, interrupt: Interrupt, show_progress: bool) -> Epoc
     recipe, runtime, model, position, progress = run.recipe, run.runtime, run.model, run.position, run.progress
     reduces_tokens = recipe.evit.enabled
     loader = train_loader(run.train_set, recipe, runtime, position.epoch, skip_batches=position.step_in_epoch)
+    start_epoch_lr(run.scheduler, recipe, position.epoch, position.global_step)  # per-group lr_scale included
     model.train()
     if recipe.dynamicvit.enabled:
         set_backbone_frozen(unwrap_model(model), position.epoch < recipe.dynamicvit.freeze_epochs)

@@ -100,6 +100,9 @@ class DataConfig:
     workers: int = 0
     auto_augment: Optional[str] = None  # timm's name, e.g. "rand-m9-mstd0.5-inc1"
     random_erasing: float = 0.0
+    random_erasing_mode: Literal["const", "rand", "pixel"] = "const"  # timm's RandomErasing fill (DeiT: pixel)
+    repeated_augmentation: bool = False  # timm's RepeatAugSampler: each image 3x per epoch on different processes
+    crop_pct: Optional[float] = None  # evaluation centre crop as a fraction of the resize; null: the model's own
     mixup: float = 0.0
     cutmix: float = 0.0
     label_smoothing: float = 0.0
@@ -112,8 +115,11 @@ class OptimizerConfig:
     min_lr: float = 2e-6
     weight_decay: float = 1e-6
     warmup_epochs: float = 0.0
-    warmup_lr: float = 1e-7
+    warmup_lr: float = 1e-7  # not scaled by the batch
     clip_grad: Optional[float] = None
+    schedule_step: Literal["update", "epoch"] = "update"  # cosine per update, or per epoch as DeiT's loop steps it
+    scale_min_lr: bool = True  # min_lr scaled with the batch like lr (false: used as given)
+    warmup_prefix: bool = False  # the cosine spans the steps after warm-up (timm's warmup_prefix), not the whole run
 
 
 @dataclass
@@ -233,7 +239,7 @@ def apply_overrides(values: Any, overrides: list[str]) -> dict:
             node = node[part]
             if not isinstance(node, dict):
                 raise RecipeError(f"--set {_short(override)}: {part!r} is not a section")
-        node[last] = parse_yaml(raw, f"--set {path}: the value {_short(raw)}")
+        node[last] = parse_yaml(raw, f"--set {_short(path, quote=False)}: the value {_short(raw)}")
     return values
 
 
@@ -262,8 +268,9 @@ def _short(value: Any, limit: int = 80, quote: bool = True) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _resolve_files(recipe: Recipe, base: Path) -> None:
-    """Make weight paths absolute and check that the files exist."""
+def _resolve_files(recipe: Recipe, base: Path, missing: Optional[list[str]] = None) -> None:
+    """Make weight paths absolute and check that the files exist (or, given ``missing``,
+    list the absent ones there)."""
     for section_name in ("model", "teacher", "oracle"):
         section = getattr(recipe, section_name)
         for key in ("checkpoint", "pretrained_file"):
@@ -271,10 +278,18 @@ def _resolve_files(recipe: Recipe, base: Path) -> None:
             if path:
                 resolved = _resolve(path, base)
                 if not resolved.is_file():
-                    raise RecipeError(f"{section_name}.{key}: file {path!r} does not exist")
+                    _absent(f"{section_name}.{key}: file {path!r} does not exist", missing)
+                    continue
                 setattr(section, key, str(resolved))
-    _check_data_folders(recipe.data, base)
+    _check_data_folders(recipe.data, base, missing)
     _check_oracle(recipe)
+
+
+def _absent(message: str, missing: Optional[list[str]]) -> None:
+    """A file or folder the recipe names is not there: refused, or listed in ``missing``."""
+    if missing is None:
+        raise RecipeError(message)
+    missing.append(message)
 
 
 def _check_oracle(recipe: Recipe) -> None:
@@ -298,22 +313,24 @@ def _check_structural(recipe: Recipe) -> None:
         recipe.evit.enabled = False
 
 
-def _check_data_folders(data: DataConfig, base: Path) -> None:
+def _check_data_folders(data: DataConfig, base: Path, missing: Optional[list[str]] = None) -> None:
     """The data folders a recipe names must exist (Fashion-MNIST may be downloaded if allowed)."""
     if data.dataset == "imagefolder":
         if not data.root:
             raise RecipeError("data.root: an imagefolder dataset needs the folder holding its train/ and val/ splits")
         root = _resolve(data.root, base)
-        for key in ("train_split", "eval_split"):
-            if not (root / getattr(data, key)).is_dir():
-                raise RecipeError(f"data.{key}: folder {str(root / getattr(data, key))!r} does not exist "
-                                  f"(data.root={data.root!r}; set data.root, or --set data.{key}=NAME)")
-        data.root = str(root)
+        absent = [key for key in ("train_split", "eval_split") if not (root / getattr(data, key)).is_dir()]
+        for key in absent:
+            _absent(f"data.{key}: folder {str(root / getattr(data, key))!r} does not exist "
+                    f"(data.root={data.root!r}; set data.root, or --set data.{key}=NAME)", missing)
+        if not absent:
+            data.root = str(root)
     elif data.root and not data.download:
         root = _resolve(data.root, base)
         if not root.is_dir():
-            raise RecipeError(f"data.root: folder {data.root!r} does not exist; point it at the Fashion-MNIST IDX "
-                              "files, drop it to use /usr/share/datasets/fashion-mnist, or set data.download: true")
+            _absent(f"data.root: folder {data.root!r} does not exist; point it at the Fashion-MNIST IDX "
+                    "files, drop it to use /usr/share/datasets/fashion-mnist, or set data.download: true", missing)
+            return
         data.root = str(root)
 
 
@@ -372,6 +389,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.eval_subset": (lambda v: v >= 1, "at least 1 (or null: all images)"),
     "data.workers": (lambda v: v >= 0, ">= 0"),
     "data.random_erasing": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "data.crop_pct": (lambda v: 0 < v <= 1, "a fraction in (0, 1] (or null: the model's own)"),
     "data.mixup": (_finite_at_least(0.0), ">= 0 (0: off)"),
     "data.cutmix": (_finite_at_least(0.0), ">= 0 (0: off)"),
     "data.label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -538,16 +556,17 @@ def _read_recipe_file(path: Path) -> Any:
     return {} if values is None else values
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, missing: Optional[list[str]] = None) -> Recipe:
     """Read, override and validate a recipe; relative file paths are taken from the
-    current folder, else from the project root the recipe lives under."""
+    current folder, else from the project root the recipe lives under. Given ``missing``
+    (a dry run), absent data folders and weight files are listed there, not refused."""
     path = Path(path)
     values = _read_recipe_file(path)
     recipe = _build(Recipe, apply_overrides(values, overrides or []), "")
     if recipe.dynamicvit.enabled and recipe.evit.enabled:
         raise RecipeError("dynamicvit.enabled and evit.enabled are both true; a run prunes with one method: "
                           "set evit.enabled: false (or dynamicvit.enabled: false)")
-    _resolve_files(recipe, path.resolve().parent.parent)
+    _resolve_files(recipe, path.resolve().parent.parent, missing)
     _check_structural(recipe)
     _check_token_labeling(recipe)
     check_values(recipe)

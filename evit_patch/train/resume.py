@@ -9,6 +9,7 @@ recipe given now, key by key, before any data or model is built:
   meaning), the seed, the EMA, the optimizer, the teacher and token labeling. Any such
   change is refused, naming every changed key.
 - how long and how hard it trains may: ``train.epochs``, the learning rates, warm-up,
+  the schedule's stepping (per update or epoch, min lr scaled or not, warm-up prefix),
   weight decay (between non-zero values: turning it on or off regroups the optimizer's
   parameters), gradient clipping and ``train.amp``. The lr schedule is a function of the
   recipe and the update count, so from the resumed update on the lr is the one a fresh
@@ -16,7 +17,7 @@ recipe given now, key by key, before any data or model is built:
   ``train.epochs: 3`` climbs back from its minimum lr to the 3-epoch cosine at update
   ``steps_per_epoch``). Every other optimizer setting follows the new recipe too.
 - where things are and how evaluation runs may: the output folder, evaluation batch
-  sizes, data workers, the data root, the evaluation split and subset, and weight-file
+  sizes, data workers, the data root, the evaluation split, subset and crop, and weight-file
   paths (taken to be the same files, moved).
 
 Every allowed change is named in a warning with what it does.
@@ -39,6 +40,9 @@ MAY_CHANGE: dict[str, str] = {
     "optimizer.min_lr": _SCHEDULE,
     "optimizer.warmup_epochs": _SCHEDULE,
     "optimizer.warmup_lr": _SCHEDULE,
+    "optimizer.schedule_step": _SCHEDULE,
+    "optimizer.scale_min_lr": _SCHEDULE,
+    "optimizer.warmup_prefix": _SCHEDULE,
     "optimizer.weight_decay": _FROM_NOW,
     "optimizer.clip_grad": _FROM_NOW,
     "train.amp": _FROM_NOW + " (with a fresh loss scaler)",
@@ -50,6 +54,7 @@ MAY_CHANGE: dict[str, str] = {
     "data.download": "taken to hold the same images",
     "data.eval_split": "evaluation only: earlier metrics lines were measured on the old split",
     "data.eval_subset": "evaluation only: earlier metrics lines were measured on the old subset",
+    "data.crop_pct": "evaluation only: earlier metrics lines were measured with the old crop",
     **{f"model.{key}": "starting weights only: the checkpoint's weights are used"
        for key in ("pretrained", "pretrained_file", "checkpoint")},
     **{f"{section}.{key}": _PLACE for section in ("teacher", "oracle") for key in ("pretrained_file", "checkpoint")},
