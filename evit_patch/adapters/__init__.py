@@ -5,9 +5,11 @@ Importing this package imports neither library: a family claims a model by the m
 its class comes from.
 """
 
+from evit_patch.adapters.open_clip_vit import OPEN_CLIP
 from evit_patch.adapters.transformers_vit import TRANSFORMERS
 from evit_patch.core.model_info import register_family
 
 register_family(TRANSFORMERS)
+register_family(OPEN_CLIP)
 
-__all__ = ["TRANSFORMERS"]
+__all__ = ["TRANSFORMERS", "OPEN_CLIP"]

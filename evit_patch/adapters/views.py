@@ -32,8 +32,12 @@ def shared_as(module: nn.Module, cls: type[ModuleT]) -> ModuleT:
 
 def computation_view(module: nn.Module, cls: type[ModuleT]) -> ModuleT:
     """A view of ``module`` as ``cls`` (whose ``forward`` calls ``self.computation(self, x)``),
-    named after ``module``'s class so that rewrites built from it are named after it too."""
-    named = type(type(module).__name__, (cls,), {"__module__": cls.__module__})
+    with the other methods of ``module``'s class (which its forward may call) and its name,
+    so that rewrites built from it are named after it too. The class is not subclassed:
+    a library's ``__init_subclass__`` (transformers wraps ``forward``) stays out."""
+    methods = {name: value for name, value in vars(type(module)).items()
+               if inspect.isfunction(value) and not name.startswith("__") and name != "forward"}
+    named = type(type(module).__name__, (cls,), {"__module__": cls.__module__, **methods})
     view = shared_as(module, named)
     view.computation = inspect.unwrap(type(module).forward)
     return view
