@@ -98,7 +98,7 @@ def test_keep_rate_one_is_the_identity_and_removal_is_exact(vision: dict) -> Non
         assert all(torch.equal(value, before[key]) for key, value in visual.state_dict().items())
         assert torch.equal(visual(x), expected)
         evit_patch.set_keep_rate(visual, 0.5)
-        assert counted(visual, x)[1] == [17, 9, 6, 6]
+        assert counted(visual, x)[1] == [17, 10, 7, 7]  # 16 -> 8 + fused -> 5 + fused image tokens
         evit_patch.remove_evit(visual)
         assert all(a is b for a, b in zip(transformer_blocks(visual), originals))
         assert torch.equal(visual(x), expected)
