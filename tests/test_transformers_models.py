@@ -273,6 +273,15 @@ def test_count_macs_is_the_cost_of_the_tokens_really_run(name: str, keep_rate: f
     assert evit_patch.count_macs(model) == analytic_macs(LAYERS, keep_rate, fuse, CASES[name][1], 5)
 
 
+def test_keep_rate_for_budget_works_on_a_copy() -> None:
+    """The unpatched cost is met at keep 1.0 (the bisection below it is timm's, and a slow
+    test's here); the model itself stays unpatched."""
+    model = build("vit", torch.float32)
+    assert evit_patch.keep_rate_for_budget(model, evit_patch.count_macs(model), LAYERS) == 1.0
+    assert not evit_patch.is_patched(model)
+
+
+@pytest.mark.slow
 def test_keep_rate_for_budget_meets_the_budget() -> None:
     """The largest keep rate within the cost of keep 0.6 keeps as many tokens at the first
     layer as keep 0.6 does; the model itself is not patched."""
