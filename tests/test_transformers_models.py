@@ -290,3 +290,20 @@ def test_keep_rate_for_budget_meets_the_budget() -> None:
     rate = evit_patch.keep_rate_for_budget(model, budget, LAYERS)
     assert not evit_patch.is_patched(model)
     assert math.ceil(rate * 16) == math.ceil(0.6 * 16)
+
+
+def test_attention_dropout_follows_train_and_eval() -> None:
+    """The attention function's dropout is the config's while training and off in eval,
+    read at run time (not frozen when the attention was traced)."""
+    model, x = build("vit", torch.float32, attention_probs_dropout_prob=0.5), images(torch.float32)
+    with torch.no_grad():
+        expected = model(x).logits
+        evit_patch.apply_evit(model, LAYERS, 1.0)
+        assert torch.equal(model(x).logits, expected)
+        model.train()
+        torch.manual_seed(0)
+        first = model(x).logits
+        assert not torch.equal(model(x).logits, first)
+        evit_patch.remove_evit(model)
+        torch.manual_seed(0)
+        assert torch.equal(model(x).logits, first)  # the same dropout draws as the unpatched model's

@@ -51,6 +51,7 @@ class ReductionState(PatchState):
     def uninstall(self, model: nn.Module) -> None:
         blocks = transformer_blocks(model)
         for index, block in self.original_blocks.items():
+            block.train(blocks[index].training)  # train()/eval() since patching reached the rewrite only
             blocks[index] = block
         for index, attention in self.original_attentions.items():
             attention.training = blocks[index].attn.training  # train()/eval() since patching reached the copy only
