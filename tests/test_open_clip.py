@@ -141,3 +141,15 @@ def test_count_macs_is_the_cost_of_the_tokens_really_run(keep_rate: float, fuse:
     visual = clip_model(torch.float32).visual
     evit_patch.apply_evit(visual, LAYERS, keep_rate, fuse=fuse)
     assert evit_patch.count_macs(visual) == total
+
+
+def test_gradient_checkpointing_runs_the_patched_blocks() -> None:
+    """open_clip checkpoints each block with ``(x, None, None, attn_mask)`` by position."""
+    visual, x = clip_model().visual, images()
+    expected, _ = open_clip_reference(visual, x, LAYERS, 0.5, True)
+    evit_patch.apply_evit(visual, LAYERS, 0.5)
+    visual.set_grad_checkpointing(True)
+    visual.train()
+    torch.testing.assert_close(visual(x), expected, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="k_x"):
+        transformer_blocks(visual)[1](visual._embeds(x), visual._embeds(x))

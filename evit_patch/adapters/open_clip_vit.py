@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -23,8 +24,8 @@ from evit_patch.errors import UnsupportedModelError
 
 
 class _BlockView(nn.Module):
-    """A residual attention block called as open_clip's ``Transformer`` calls it, with the
-    tokens and an attention mask (which a patched block refuses unless it is None)."""
+    """A residual attention block called with the tokens and an attention mask (which a
+    patched block refuses unless it is None)."""
 
     def forward(self, q_x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
         return self.computation(self, q_x)
@@ -116,8 +117,25 @@ class OpenClipFamily(ModelFamily):
             return reorganizing_block(block, reorganizer, model_name)  # open_clip's own Attention: traced as timm's
         if hasattr(block, "ln_1_kv"):
             raise UnsupportedModelError(model_name, "its blocks are cross-attention blocks")
-        return reorganizing_block(computation_view(block, _BlockView), reorganizer, model_name, "attn",
-                                  scored_multihead_attention)
+        patched = reorganizing_block(computation_view(block, _BlockView), reorganizer, model_name, "attn",
+                                     scored_multihead_attention)
+        _take_key_and_value_inputs(patched)
+        return patched
+
+
+def _take_key_and_value_inputs(patched: fx.GraphModule) -> None:
+    """Give the patched block the default block's ``(q_x, k_x, v_x, attn_mask)`` inputs (open_clip's
+    gradient checkpointing passes them by position); the reorganizer refuses ``k_x``/``v_x``
+    other than None, as it refuses a mask."""
+    graph = patched.graph
+    tokens = next(node for node in graph.nodes if node.op == "placeholder")
+    with graph.inserting_after(tokens):
+        value = graph.placeholder("v_x", default_value=None)
+    with graph.inserting_after(tokens):
+        key = graph.placeholder("k_x", default_value=None)
+    (call,) = [node for node in graph.nodes if node.op == "call_module" and node.target == "token_reorganizer"]
+    call.kwargs = {**call.kwargs, "k_x": key, "v_x": value}
+    patched.recompile()
 
 
 OPEN_CLIP = OpenClipFamily()
