@@ -10,6 +10,14 @@ backward, AdamW step) in train mode.
     python benchmarks/throughput.py --models deit_small_patch16_224 --batch-sizes 32 1 \\
         --keep-rates 1.0 0.7 0.5 --repeats 15 --out benchmarks/results/deit_s_cpu
     python benchmarks/throughput.py --train --batch-sizes 32 --keep-rates 0.7 --methods evit evit-no-fusion
+    python benchmarks/throughput.py --source transformers --models vit --batch-sizes 32 --keep-rates 1.0 0.7 \
+        --model-kwargs '{"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
+                         "intermediate_size": 1536, "image_size": 224, "patch_size": 16}' \
+        --out benchmarks/results/hf_vit_s_cpu
+
+With ``--source transformers`` a model is a transformers model type (``vit``, ``deit``,
+``dinov2``, ``dinov2_with_registers``) and ``--model-kwargs`` its config (the example is
+ViT-S/16 at 224 px, DeiT-S's shape), built as an image classifier with random weights.
 
 Methods are the registry's (``evit``, ``evit-no-fusion``, ``random``, ``tome``,
 ``dynamicvit``, ``width-pruning``), each at every keep rate (DynamicViT: that keep
@@ -44,6 +52,7 @@ from evit_patch.reducers.evit import kept_token_count
 from evit_patch.tools.timing import autocast_to, interleaved_images_per_second, interleaved_rates, timed_call
 from evit_patch.train.methods import METHODS
 from evit_patch.train.recipe import apply_overrides, recipe_from_dict
+from evit_patch.train.transformers_source import build_transformers_model, class_count, logits_of
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TIMED_METHODS = [name for name in METHODS if name not in ("unpatched", "oracle")]  # an oracle needs trained weights
@@ -77,9 +86,9 @@ class TokenCountBound(TokenReducer):
 
 
 def with_method(base: nn.Module, model_name: str, model_kwargs: dict, method: str, keep_rate: float,
-                layers: list[int]) -> nn.Module:
+                layers: list[int], source: str = "timm") -> nn.Module:
     """A copy of ``base`` with a registry method at ``keep_rate`` on ``layers``."""
-    values = {"model": {"name": model_name, "kwargs": model_kwargs},
+    values = {"model": {"name": model_name, "kwargs": model_kwargs, "source": source},
               "evit": {"layers": layers, "keep_rate": keep_rate},
               "dynamicvit": {"layers": layers, "keep_ratio": keep_rate}}
     recipe = recipe_from_dict(apply_overrides(values, list(METHODS[method].selection)))
@@ -89,12 +98,16 @@ def with_method(base: nn.Module, model_name: str, model_kwargs: dict, method: st
 def build_models(args: argparse.Namespace, model_name: str) -> dict[str, tuple[float, nn.Module]]:
     """The unpatched model and one copy per method and keep rate: ``name -> (keep rate, model)``."""
     torch.manual_seed(0)
-    base = timm.create_model(model_name, **args.model_kwargs).eval()
+    if args.source == "transformers":
+        base = build_transformers_model(model_name, args.model_kwargs).eval()
+    else:
+        base = timm.create_model(model_name, **args.model_kwargs).eval()
     models = {"unpatched": (1.0, copy.deepcopy(base))}  # every variant a copy: same memory placement
     for method in args.methods:
         for rate in args.keep_rates:
             name = f"{method} {rate}" if len(args.methods) > 1 or method != "evit" else f"evit {rate}"
-            models[name] = (rate, with_method(base, model_name, args.model_kwargs, method, rate, args.layers))
+            models[name] = (rate, with_method(base, model_name, args.model_kwargs, method, rate, args.layers,
+                                              args.source))
     if args.bound:
         for rate in args.keep_rates:
             bound = evit_patch.apply_token_reducer(copy.deepcopy(base), args.layers, rate, TokenCountBound())
@@ -106,14 +119,14 @@ def training_step(model: nn.Module, images: torch.Tensor, dtype: Optional[torch.
     """One AdamW step on a fixed batch, in train mode (fp16 without a scaler: a timing, not a run)."""
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-    labels = torch.randint(0, model.num_classes, (images.shape[0],), generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, class_count(model), (images.shape[0],), generator=torch.Generator().manual_seed(0))
     labels = labels.to(images.device)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with autocast_to(images.device, dtype):
             outputs = model(images)
-        logits = outputs[0] if isinstance(outputs, tuple) else outputs
+        logits = logits_of(outputs[0] if isinstance(outputs, tuple) else outputs)
         F.cross_entropy(logits.float(), labels).backward()
         optimizer.step()
 
@@ -222,7 +235,10 @@ def plot(results: dict[str, list[Variant]], path: Path) -> None:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["deit_small_patch16_224"])
-    parser.add_argument("--model-kwargs", type=json.loads, default={}, help="timm.create_model keywords, as JSON")
+    parser.add_argument("--model-kwargs", type=json.loads, default={},
+                        help="timm.create_model keywords (--source transformers: the config), as JSON")
+    parser.add_argument("--source", choices=["timm", "transformers"], default="timm",
+                        help="where --models come from: timm names, or transformers model types")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32])
     parser.add_argument("--methods", nargs="+", default=["evit"], choices=TIMED_METHODS)
     parser.add_argument("--keep-rates", type=float, nargs="+", default=[1.0, 0.7, 0.5])
@@ -251,8 +267,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, list[Variant]]:
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "threads": torch.get_num_threads(), "train": args.train, "dtype": args.dtype, "compile": args.compile,
         "layers": args.layers, "methods": args.methods, "bound": args.bound, "repeats": args.repeats,
-        "calls_per_repeat": args.calls_per_repeat,
-        "torch": torch.__version__, "timm": timm.__version__,
+        "calls_per_repeat": args.calls_per_repeat, "torch": torch.__version__, "timm": timm.__version__,
+        "source": args.source, "model_kwargs": args.model_kwargs,
     }
     table = markdown(results, setup)
     print(table)

@@ -11,6 +11,7 @@ top. Importing this package loads the mechanism, the methods and LV-ViT's timm
 registration, never the training code.
 """
 
+import evit_patch.adapters  # noqa: F401  (registers the transformers and open_clip families)
 import evit_patch.models  # noqa: F401  (registers lvvit_* in timm's registry)
 from evit_patch.core.lifecycle import is_patched
 from evit_patch.core.provenance import DROPPED, FUSED, KEPT, LayerTokens, kept_tokens

@@ -13,8 +13,9 @@ LAYERS = {
     "evit_patch.core": ("evit_patch.core", "evit_patch.errors"),
     "evit_patch.reducers": ("evit_patch.core", "evit_patch.errors", "evit_patch.reducers"),
     "evit_patch.dynamicvit": ("evit_patch.core", "evit_patch.errors", "evit_patch.losses", "evit_patch.dynamicvit"),
+    "evit_patch.adapters": ("evit_patch.core", "evit_patch.errors", "evit_patch.adapters"),
     "evit_patch": ("evit_patch.core", "evit_patch.errors", "evit_patch.losses", "evit_patch.reducers",
-                   "evit_patch.dynamicvit", "evit_patch.cost", "evit_patch.models"),
+                   "evit_patch.dynamicvit", "evit_patch.cost", "evit_patch.models", "evit_patch.adapters"),
 }
 
 

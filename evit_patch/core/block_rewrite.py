@@ -10,16 +10,23 @@ whatever the block's own graph says.
 from __future__ import annotations
 
 import operator
+from typing import Callable
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from evit_patch.core.fx_graph import ancestors, descendants, extra_forward_parameters, trace_own_forward
+from evit_patch.core.fx_graph import (
+    ancestors,
+    descendants,
+    extra_forward_parameters,
+    order_children_as,
+    trace_own_forward,
+)
 from evit_patch.core.scored_attention import scored_attention
 from evit_patch.errors import UnsupportedModelError
 
-_MASK_PARAMETERS = {"attn_mask", "is_causal"}
+_MASK_PARAMETERS = {"attn_mask", "is_causal", "attention_mask"}
 _ROTARY = "rotary position embeddings: positions would have to follow the kept tokens"
 _GRID = "its blocks take the patch grid's height and width (convolutions over the full token grid)"
 _KNOWN_POSITION_INPUTS = {
@@ -63,11 +70,16 @@ def _attention_residual_add(graph: fx.Graph, block_input: fx.Node, attention_out
     return None
 
 
-def reorganizing_block(block: nn.Module, reorganizer: nn.Module, model_name: str) -> fx.GraphModule:
-    """A GraphModule sharing ``block``'s submodules, with ``reorganizer`` after attention."""
-    attention = getattr(block, "attn", None)
+def reorganizing_block(block: nn.Module, reorganizer: nn.Module, model_name: str, attention_name: str = "attn",
+                       score: Callable[[nn.Module, str], nn.Module] = scored_attention) -> fx.GraphModule:
+    """A GraphModule sharing ``block``'s submodules, with ``reorganizer`` after attention.
+
+    ``attention_name`` is the block's attention child, called with the tokens alone;
+    ``score`` turns it into a module returning ``(its output, AttentionTensors)`` (a
+    family whose attention torch.fx cannot trace brings its own)."""
+    attention = getattr(block, attention_name, None)
     if not isinstance(attention, nn.Module):
-        raise UnsupportedModelError(model_name, f"its block {type(block).__name__} has no `attn` submodule")
+        raise UnsupportedModelError(model_name, f"its block {type(block).__name__} has no `{attention_name}` submodule")
     check_block_inputs(block, model_name)
     try:
         graph = trace_own_forward(block)
@@ -78,7 +90,7 @@ def reorganizing_block(block: nn.Module, reorganizer: nn.Module, model_name: str
 
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     block_input, mask_inputs = placeholders[0], placeholders[1:]
-    calls = [node for node in graph.nodes if node.op == "call_module" and node.target == "attn"]
+    calls = [node for node in graph.nodes if node.op == "call_module" and node.target == attention_name]
     if len(calls) != 1:
         raise UnsupportedModelError(model_name, f"its block calls its attention {len(calls)} times")
     call = calls[0]
@@ -113,9 +125,10 @@ def reorganizing_block(block: nn.Module, reorganizer: nn.Module, model_name: str
         for node in graph.nodes
         if node.op in ("call_module", "get_attr") and node.target != "token_reorganizer"
     }
-    children["attn"] = scored_attention(attention, model_name)
+    children[attention_name] = score(attention, model_name)
     children["token_reorganizer"] = reorganizer
     patched = fx.GraphModule(children, graph, class_name=f"Reorganizing{type(block).__name__}")
+    order_children_as(patched, block)
     patched.training = block.training
     return patched
 

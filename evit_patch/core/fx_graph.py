@@ -60,3 +60,10 @@ def find_nodes(graph: fx.Graph, op: str, targets: Iterable[Any]) -> list[fx.Node
     """Nodes of kind ``op`` whose target is one of ``targets``."""
     wanted = list(targets)
     return [node for node in graph.nodes if node.op == op and any(node.target is t or node.target == t for t in wanted)]
+
+
+def order_children_as(graph_module: fx.GraphModule, module: nn.Module) -> None:
+    """Register ``graph_module``'s children in ``module``'s order (torch.fx registers them in
+    call order), so that the ``state_dict`` keys of a rewrite come in the original's order."""
+    order = {name: index for index, name in enumerate(module._modules)}
+    graph_module._modules = dict(sorted(graph_module._modules.items(), key=lambda item: order.get(item[0], len(order))))

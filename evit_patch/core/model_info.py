@@ -1,24 +1,115 @@
-"""What evit_patch needs to know about a model: its blocks, prefix tokens, input size."""
+"""What evit_patch needs to know about a model: its blocks, prefix tokens, input size.
+
+Each answer comes from the model's family: :class:`ModelFamily` itself is timm's ViTs,
+and adapters for other libraries (``evit_patch.adapters``) subclass it and are put first
+with :func:`register_family`. The core names no library but timm's defaults.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from evit_patch.core.block_rewrite import reorganizing_block
 from evit_patch.core.scores import ScoreMode
 from evit_patch.errors import UnsupportedModelError
 
 
+class ModelFamily:
+    """How one family of ViTs is read and rewritten; this base class is timm's ViTs.
+
+    An adapter overrides what differs (where the blocks are, the prefix count, how a
+    block's attention is called and scored, what the output holds) and claims its
+    models with :meth:`matches`.
+    """
+
+    name = "timm"
+    key_weighting = True
+    """Whether attentions can weight their keys (ToMe's proportional attention, DynamicViT)."""
+
+    def matches(self, model: nn.Module) -> bool:
+        return True
+
+    def model_name(self, model: nn.Module) -> str:
+        return _timm_model_name(model)
+
+    def blocks(self, model: nn.Module) -> nn.Sequential | nn.ModuleList:
+        return _timm_blocks(model)
+
+    def prefix_token_count(self, model: nn.Module) -> int:
+        return _timm_prefix_token_count(model)
+
+    def score_mode(self, model: nn.Module) -> ScoreMode:
+        return _timm_score_mode(model)
+
+    def native_input_shape(self, model: nn.Module) -> Optional[tuple[int, int, int]]:
+        return _timm_native_input_shape(model)
+
+    def patch_count(self, model: nn.Module) -> Optional[int]:
+        """Patch tokens the first block sees (None when it cannot be told)."""
+        patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
+        return patches if isinstance(patches, int) else None
+
+    def rewrite_block(self, block: nn.Module, reorganizer: nn.Module, model_name: str) -> nn.Module:
+        """``block`` with ``reorganizer`` after its attention residual (see :mod:`evit_patch.core.block_rewrite`)."""
+        return reorganizing_block(block, reorganizer, model_name)
+
+    def output_tensor(self, output: Any) -> Tensor:
+        """The tensor a training loss or a benchmark reads from the model's output (timm: the output)."""
+        return output
+
+
+TIMM = ModelFamily()
+_FAMILIES: list[ModelFamily] = []
+
+
+def register_family(family: ModelFamily) -> None:
+    """Let ``family`` claim the models it matches, before the families registered earlier."""
+    if family not in _FAMILIES:
+        _FAMILIES.insert(0, family)
+
+
+def family_of(model: nn.Module) -> ModelFamily:
+    """The registered family that claims ``model``; timm's otherwise."""
+    return next((family for family in _FAMILIES if family.matches(model)), TIMM)
+
+
 def model_name(model: nn.Module) -> str:
+    """How messages name ``model`` (timm: the architecture name when known, else the class name)."""
+    return family_of(model).model_name(model)
+
+
+def transformer_blocks(model: nn.Module) -> nn.Sequential | nn.ModuleList:
+    """The model's sequence of transformer blocks (timm's ``model.blocks``)."""
+    return family_of(model).blocks(model)
+
+
+def prefix_token_count(model: nn.Module) -> int:
+    """Class, distillation and register tokens in the sequence the blocks see, which are never
+    pruned or fused."""
+    return family_of(model).prefix_token_count(model)
+
+
+def score_mode(model: nn.Module) -> ScoreMode:
+    """Class-attention scores when the blocks see a class token, else mean received attention."""
+    return family_of(model).score_mode(model)
+
+
+def native_input_shape(model: nn.Module) -> Optional[tuple[int, int, int]]:
+    """``(C, H, W)`` the model is built for, or None when it cannot be told."""
+    return family_of(model).native_input_shape(model)
+
+
+def _timm_model_name(model: nn.Module) -> str:
     """The timm architecture name when known, else the class name."""
     config = getattr(model, "pretrained_cfg", None) or {}
     architecture = config.get("architecture") if isinstance(config, dict) else None
     return f"{architecture} ({type(model).__name__})" if architecture else type(model).__name__
 
 
-def transformer_blocks(model: nn.Module) -> nn.Sequential | nn.ModuleList:
+def _timm_blocks(model: nn.Module) -> nn.Sequential | nn.ModuleList:
     """The model's sequence of transformer blocks (timm's ``model.blocks``)."""
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
@@ -39,7 +130,7 @@ def class_token_joins_after_blocks(model: nn.Module) -> bool:
     )
 
 
-def prefix_token_count(model: nn.Module) -> int:
+def _timm_prefix_token_count(model: nn.Module) -> int:
     """Class, distillation and register tokens in the sequence ``blocks`` see, which are never
     pruned or fused: timm's ``num_prefix_tokens``, less a class token that joins after ``blocks``."""
     count = getattr(model, "num_prefix_tokens", None)
@@ -50,7 +141,7 @@ def prefix_token_count(model: nn.Module) -> int:
     return count - 1 if count > 0 and class_token_joins_after_blocks(model) else count
 
 
-def score_mode(model: nn.Module) -> ScoreMode:
+def _timm_score_mode(model: nn.Module) -> ScoreMode:
     """Class-attention scores when the blocks see a class token, else mean received attention."""
     if class_token_joins_after_blocks(model):
         return "mean"
@@ -60,8 +151,8 @@ def score_mode(model: nn.Module) -> ScoreMode:
     return "class" if has_class_token else "mean"
 
 
-def native_input_shape(model: nn.Module) -> Optional[tuple[int, int, int]]:
-    """``(C, H, W)`` the model is built for, or None when it cannot be told."""
+def _timm_native_input_shape(model: nn.Module) -> Optional[tuple[int, int, int]]:
+    """``(C, H, W)`` a timm model is built for, or None when it cannot be told."""
     patch_embed = getattr(model, "patch_embed", None)
     size = getattr(patch_embed, "img_size", None)
     in_chans = next(

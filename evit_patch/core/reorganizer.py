@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from evit_patch.core.lifecycle import PatchState
-from evit_patch.core.model_info import model_name, transformer_blocks
+from evit_patch.core.model_info import family_of, model_name, transformer_blocks
 from evit_patch.core.reduction import LayerContext, TokenMap, TokenReducer
 from evit_patch.core.scores import AttentionTensors, ScoreMode
 from evit_patch.errors import UnsupportedModelError
@@ -51,6 +51,7 @@ class ReductionState(PatchState):
     def uninstall(self, model: nn.Module) -> None:
         blocks = transformer_blocks(model)
         for index, block in self.original_blocks.items():
+            block.train(blocks[index].training)  # train()/eval() since patching reached the rewrite only
             blocks[index] = block
         for index, attention in self.original_attentions.items():
             attention.training = blocks[index].attn.training  # train()/eval() since patching reached the copy only
@@ -75,7 +76,7 @@ class ReductionState(PatchState):
                 hook.remove()
             self.keep_rates[:] = rates
             self.clear_record()
-        patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
+        patches = family_of(model).patch_count(model)
         if isinstance(patches, int) and any(length != patches + self.num_prefix_tokens for length in lengths):
             raise UnsupportedModelError(
                 model_name(model), f"its blocks see {sorted(set(lengths))} tokens, not its {patches} patches plus "
@@ -109,11 +110,12 @@ class TokenReorganizer(nn.Module):
         self.state = state
         self.position = position
 
-    def forward(self, x: Tensor, attention: AttentionTensors, attn_mask: Optional[Tensor] = None,
-                is_causal: bool = False) -> Tensor:
-        if attn_mask is not None or is_causal:
+    def forward(self, x: Tensor, attention: AttentionTensors, **masks: Any) -> Tensor:
+        """``masks``: the block's mask inputs (``attn_mask``, ``is_causal``, ``attention_mask``),
+        which must be absent: a mask sized to the full sequence cannot follow the kept tokens."""
+        if any(mask is not None and mask is not False for mask in masks.values()):
             raise ValueError(
-                "an EViT-patched block shortens the token sequence, so attn_mask / is_causal "
+                f"an EViT-patched block shortens the token sequence, so {' / '.join(masks)} "
                 "cannot be applied; call the model without them, or remove_evit(model) first"
             )
         state = self.state

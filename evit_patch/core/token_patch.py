@@ -7,12 +7,12 @@ from typing import Sequence, TypeVar
 from torch import nn
 
 from evit_patch.core.arguments import validated_keep_rates, validated_layers
-from evit_patch.core.block_rewrite import reorganizing_block
 from evit_patch.core.key_weighting import weighted_key_attention
 from evit_patch.core.lifecycle import attach, check_unpatched, detach, patch_state
-from evit_patch.core.model_info import model_name, prefix_token_count, score_mode, transformer_blocks
+from evit_patch.core.model_info import family_of, model_name, prefix_token_count, score_mode, transformer_blocks
 from evit_patch.core.reduction import TokenReducer
 from evit_patch.core.reorganizer import ReductionState, TokenReorganizer
+from evit_patch.errors import UnsupportedModelError
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -37,12 +37,16 @@ def apply_token_reducer(model: ModelT, layers: Sequence[int], keep_rate: float |
     if not isinstance(reducer, TokenReducer):
         raise TypeError(f"reducer must be a TokenReducer from evit_patch.reducers, got {type(reducer).__name__}")
     name = model_name(model)
+    family = family_of(model)
     blocks = transformer_blocks(model)
     layers = validated_layers(layers, len(blocks))
     keep_rates = validated_keep_rates(keep_rate, len(layers))
+    if reducer.key_weights is not None and not family.key_weighting:
+        raise UnsupportedModelError(name, f"reducer {reducer.describe()} weights attention keys, which "
+                                    f"{family.name} attention does not take; use it without key weights")
     state = ReductionState(layers, keep_rates, reducer, prefix_token_count(model), score_mode(model))
     state.patched_blocks = {
-        index: reorganizing_block(blocks[index], TokenReorganizer(state, position), name)
+        index: family.rewrite_block(blocks[index], TokenReorganizer(state, position), name)
         for position, index in enumerate(layers)
     }
     state.original_blocks = {index: blocks[index] for index in layers}

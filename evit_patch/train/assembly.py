@@ -31,7 +31,7 @@ def rebuild(recipe: Recipe, weights: Path) -> nn.Module:
     if method.name == "width-pruning" and recipe.structural.shape is None:
         raise RecipeError("structural.shape: a width-pruned run's recipe.yaml records the widths it was "
                           "pruned to; rebuild from that file")
-    model = build_model(ModelConfig(name=recipe.model.name, kwargs=recipe.model.kwargs))
+    model = build_model(ModelConfig(name=recipe.model.name, kwargs=recipe.model.kwargs, source=recipe.model.source))
     if method.changes_architecture:
         method.apply(model, recipe, None, None)
     load_weights(model, weights)

@@ -19,6 +19,7 @@ from evit_patch.dynamicvit import DynamicViTLoss, unpruned_copy
 from evit_patch.losses import classification_loss, distillation_loss
 from evit_patch.models.token_labeling import token_labeling_loss
 from evit_patch.train.recipe import DataConfig, Recipe, RecipeError, TeacherConfig, TokenLabelingConfig
+from evit_patch.train.transformers_source import logits_of
 
 Criterion = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
@@ -43,7 +44,7 @@ class DistillationLoss(nn.Module):
         if self.teacher is None:
             return base
         with torch.no_grad():
-            teacher_logits = self.teacher(images)
+            teacher_logits = logits_of(self.teacher(images))
         distill = distillation_loss(distill_logits, teacher_logits, self.config.kind, self.config.tau)
         return (1 - self.config.alpha) * base + self.config.alpha * distill
 
@@ -55,7 +56,7 @@ class LossOfOutputs:
         self.loss = loss
 
     def __call__(self, model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
-        return self.loss(images, model(images), targets)
+        return self.loss(images, logits_of(model(images)), targets)
 
 
 class TokenLabelingCriterion:

@@ -48,6 +48,7 @@ from evit_patch.train.reproducibility import rng_state, seed_everything, set_rng
 from evit_patch.train.resume import check_resume
 from evit_patch.train.run_folder import check_output_folder, prepare_output_folder
 from evit_patch.train.schedule import keep_rate_at
+from evit_patch.train.transformers_source import class_count
 
 
 class TrainingDiverged(RuntimeError):
@@ -203,7 +204,7 @@ def start_run(recipe: Recipe, runtime: distributed.Runtime) -> Run:
         scaler=torch.amp.GradScaler(runtime.device.type, enabled=recipe.train.amp == "fp16"),
         ema=ModelEmaV3(model, decay=recipe.train.ema_decay) if recipe.train.ema_decay else None,
         criterion=build_criterion(recipe, model, teacher),
-        mixup=build_mixup(recipe.data, model.num_classes),
+        mixup=build_mixup(recipe.data, class_count(model)),
         train_set=train_set, evaluation=evaluation, steps_per_epoch=steps_per_epoch,
     )
 

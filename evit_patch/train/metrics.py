@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from evit_patch.train.distributed import Runtime, sum_across
+from evit_patch.train.transformers_source import logits_of
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -28,7 +29,7 @@ def accuracy(model: nn.Module, loader: DataLoader, runtime: Runtime, amp: str = 
     for images, labels in loader:
         images, labels = images.to(runtime.device), labels.to(runtime.device)
         with autocast(runtime.device, amp):
-            logits = model(images)
+            logits = logits_of(model(images))
         top = logits.float().topk(min(5, logits.shape[-1]), dim=-1).indices
         hits = top == labels.unsqueeze(-1)
         counts += torch.tensor([hits[:, 0].sum().item(), hits.any(-1).sum().item(), labels.numel()], dtype=torch.float64)

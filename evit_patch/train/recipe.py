@@ -39,6 +39,7 @@ class ModelConfig:
     pretrained_file: Optional[str] = None  # the same from a local file, through timm's loader (resizes pos-embed)
     checkpoint: Optional[str] = None  # this exact architecture's state_dict (.safetensors / .pth), loaded weights-only
     kwargs: dict = field(default_factory=dict)  # timm.create_model keywords (img_size, depth, ...)
+    source: Literal["timm", "transformers"] = "timm"  # transformers: name is a checkpoint folder or a model type
 
 
 @dataclass
@@ -425,7 +426,7 @@ def check_values(recipe: Recipe) -> None:
     for section in ("model", "teacher", "oracle"):
         config = getattr(recipe, section)
         if config is not None:
-            _check_model_name(section, config.name)
+            _check_model_name(section, config.name, getattr(config, "source", "timm"))
     depth = _model_depth("model", recipe.model)
     if recipe.teacher is not None:
         _model_depth("teacher", recipe.teacher)  # its kwargs, before data is loaded for it
@@ -482,8 +483,8 @@ def _check_optimizer_name(name: str) -> None:
         raise RecipeError(f"optimizer.name: timm has no optimizer {_short(name)}{hint}")
 
 
-def _check_model_name(section: str, name: str) -> None:
-    if timm.is_model(name):
+def _check_model_name(section: str, name: str, source: str = "timm") -> None:
+    if source == "transformers" or timm.is_model(name):  # a transformers name is checked with its config
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else "; see timm.list_models()"
@@ -497,6 +498,8 @@ def _model_depth(section: str, config: ModelConfig | TeacherConfig) -> Optional[
     downloaded; a constructor that cannot run there is built on the CPU instead. Bad
     ``kwargs`` show here, before any data is loaded.
     """
+    if getattr(config, "source", "timm") == "transformers":
+        return _transformers_depth(section, config)
     key = (config.name, repr(config.kwargs))
     if key not in _DEPTHS:
         if not all(isinstance(name, str) for name in config.kwargs):
@@ -513,6 +516,19 @@ def _model_depth(section: str, config: ModelConfig | TeacherConfig) -> Optional[
         blocks = getattr(model, "blocks", None)
         _DEPTHS[key] = len(blocks) if isinstance(blocks, (nn.Sequential, nn.ModuleList)) else None
     return _DEPTHS[key]
+
+
+def _transformers_depth(section: str, config: ModelConfig) -> int:
+    """The layer count of a transformers model, from its config alone (no weights are read)."""
+    from evit_patch.train.transformers_source import transformers_config
+
+    if config.pretrained or config.pretrained_file:
+        raise RecipeError(f"{section}.pretrained: a transformers model's weights come from its checkpoint folder; "
+                          f"set {section}.name to the folder (save_pretrained) and drop pretrained / pretrained_file")
+    try:
+        return int(transformers_config(config.name, config.kwargs).num_hidden_layers)
+    except ValueError as error:
+        raise RecipeError(f"{section}.{_one_line(error)}") from None
 
 
 def _check_output_dir(output_dir: str) -> None:

@@ -1,0 +1,217 @@
+"""Hugging Face transformers ViTs: ViT, DeiT (with its distillation token), DINOv2 and
+DINOv2 with registers, as classifiers or bare encoders.
+
+Only what differs from timm is here: the blocks are the base model's ``layers`` (or
+``encoder.layer``); the prefix tokens are the embeddings' class, distillation and
+register tokens; a layer's attention child is ``attention``, and its attention function
+(SDPA, eager, flash... whatever ``config._attn_implementation`` names) stays one call,
+looked up at run time as the model itself does, whose query and key tensors feed the
+scores; the output tensor is ``.logits`` (or the pooled / last hidden state).
+``transformers`` is imported only once a model of it is given.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import types
+from typing import Any, Callable, Optional
+from unittest import mock
+
+import torch.fx as fx
+from torch import Tensor, nn
+
+from evit_patch.adapters.views import TokenTracer, computation_view
+from evit_patch.core.block_rewrite import reorganizing_block
+from evit_patch.core.fx_graph import order_children_as
+from evit_patch.core.model_info import ModelFamily
+from evit_patch.core.scores import ScoreMode
+from evit_patch.errors import UnsupportedModelError
+
+SUPPORTED = {"vit": "ViT", "deit": "DeiT", "dinov2": "DINOv2", "dinov2_with_registers": "DINOv2 with registers"}
+"""``config.model_type`` of the families patched, and how the README names them."""
+
+_RELATIVE = "a relative position bias sized to the full token grid"
+REFUSED = {
+    "beit": _RELATIVE,
+    "data2vec-vision": _RELATIVE,
+    "dinov3_vit": "rotary position embeddings: positions would have to follow the kept tokens",
+    "vit_mae": "its encoder drops patches at random itself and its decoder restores them by position",
+    "vitdet": "windowed attention with a relative position bias over the full token grid",
+}
+"""Families refused, with the reason."""
+
+_LEAF = "attention_function"
+
+
+class _LayerView(nn.Module):
+    """A transformers layer called as its encoder calls it, with the tokens and an
+    attention mask (which a patched layer refuses unless it is None)."""
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None) -> Any:
+        return self.computation(self, hidden_states)
+
+
+class _AttentionView(nn.Module):
+    """A transformers attention called with the tokens alone."""
+
+    def forward(self, hidden_states: Tensor) -> Any:
+        return self.computation(self, hidden_states)
+
+
+class AttentionFunction(nn.Module):
+    """transformers' attention function as one module: the implementation the model's
+    config names now (``model.set_attn_implementation`` is followed), called with this
+    module as its ``module`` argument, which carries the attention's attributes
+    (``is_causal``, ``scaling``, the shared config) and follows ``train()``/``eval()``
+    for the dropout rate. It holds no parameter."""
+
+    def __init__(self, attention: nn.Module, eager: Callable[..., Any], dropout: float) -> None:
+        super().__init__()
+        for name, value in vars(attention).items():
+            if not name.startswith("_") and name != "training":
+                setattr(self, name, value)
+        self.eager = eager
+        self.training_dropout = dropout
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, **kwargs: Any) -> Any:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        function = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager)
+        kwargs["dropout"] = self.training_dropout if self.training else 0.0
+        return function(self, query, key, value, None, **kwargs)
+
+
+def scored_attention(attention: nn.Module, model_name: str) -> fx.GraphModule:
+    """``attention`` returning ``(its output, (q, k, scaling, None))``.
+
+    Traced in training mode with the config's implementation set to ``eager``, so that
+    the modeling module's ``eager_attention_forward`` is what transformers' dispatcher
+    returns; for the length of the trace that name records one leaf call (the way
+    torch.fx wraps functions), which :class:`AttentionFunction` then serves at run time.
+    """
+    computation = inspect.unwrap(type(attention).forward)
+    modeling = sys.modules[computation.__module__]
+    eager = getattr(modeling, "eager_attention_forward", None)
+    if not callable(eager):
+        raise UnsupportedModelError(model_name, f"its attention {type(attention).__name__} does not call "
+                                    "transformers' attention interface")
+    calls: list[dict[str, Any]] = []
+
+    def record(module: nn.Module, query: fx.Proxy, key: fx.Proxy, value: fx.Proxy, attention_mask: Any,
+               **kwargs: Any) -> tuple[fx.Proxy, fx.Proxy]:
+        calls.append(kwargs)
+        result = query.tracer.create_proxy("call_module", _LEAF, (query, key, value), kwargs)
+        return result[0], result[1]  # (output, weights), as every attention function returns
+
+    view = computation_view(attention, _AttentionView)
+    view.config = types.SimpleNamespace(_attn_implementation="eager")
+    view.training = True
+    try:
+        with mock.patch.object(modeling, "eager_attention_forward", record):
+            graph = TokenTracer().trace(view)
+    except Exception as error:  # torch.fx raises many kinds of errors on untraceable code
+        raise UnsupportedModelError(
+            model_name, f"its attention {type(attention).__name__} cannot be traced by torch.fx ({error})") from error
+    if len(calls) != 1:
+        raise UnsupportedModelError(model_name, f"its attention calls the attention function {len(calls)} times")
+    (leaf,) = [node for node in graph.nodes if node.op == "call_module" and node.target == _LEAF]
+    dropout = leaf.kwargs.get("dropout", 0.0)
+    leaf.kwargs = {name: value for name, value in leaf.kwargs.items() if name != "dropout"}
+    output = next(node for node in graph.nodes if node.op == "output")
+    output.args = ((output.args[0], (leaf.args[0], leaf.args[1], leaf.kwargs.get("scaling"), None)),)
+    graph.lint()
+    children: dict[str, Any] = {
+        node.target: attention.get_submodule(node.target)
+        for node in graph.nodes if node.op == "call_module" and node.target != _LEAF
+    }
+    children[_LEAF] = AttentionFunction(attention, eager, float(dropout))
+    scored = fx.GraphModule(children, graph, class_name=f"Scored{type(attention).__name__}")
+    order_children_as(scored, attention)
+    scored.train(attention.training)
+    return scored
+
+
+class TransformersFamily(ModelFamily):
+    """ViTs of Hugging Face transformers (see the module docstring)."""
+
+    name = "transformers"
+    key_weighting = False
+
+    def matches(self, model: nn.Module) -> bool:
+        return type(model).__module__.split(".")[0] == "transformers"
+
+    def _model_type(self, model: nn.Module) -> str:
+        return str(getattr(getattr(model, "config", None), "model_type", ""))
+
+    def model_name(self, model: nn.Module) -> str:
+        kind = self._model_type(model)
+        return f"{kind} ({type(model).__name__})" if kind else type(model).__name__
+
+    def _base(self, model: nn.Module) -> nn.Module:
+        """The encoder model inside a task model (``model.vit``, ``model.dinov2``, ...), after
+        refusing the families that cannot be patched."""
+        kind = self._model_type(model)
+        if kind in REFUSED:
+            raise UnsupportedModelError(self.model_name(model), REFUSED[kind])
+        if kind not in SUPPORTED:
+            raise UnsupportedModelError(
+                self.model_name(model), f"transformers model type {kind!r} is not a family evit_patch knows "
+                f"(supported: {', '.join(SUPPORTED)})")
+        return getattr(model, "base_model", model)
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        base = self._base(model)
+        blocks = getattr(base, "layers", None)
+        if blocks is None:
+            blocks = getattr(getattr(base, "encoder", None), "layer", None)
+        if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+            raise UnsupportedModelError(self.model_name(model), f"{type(base).__name__} has no `layers` or "
+                                        "`encoder.layer` list of transformer layers")
+        return blocks
+
+    def prefix_token_count(self, model: nn.Module) -> int:
+        """The class token, DeiT's distillation token and DINOv2's registers, as the
+        embeddings put them before the patches."""
+        embeddings = getattr(self._base(model), "embeddings", None)
+        count = sum(getattr(embeddings, name, None) is not None for name in ("cls_token", "distillation_token"))
+        registers = getattr(embeddings, "register_tokens", None)
+        return count + (registers.shape[1] if registers is not None else 0)
+
+    def score_mode(self, model: nn.Module) -> ScoreMode:
+        return "class"
+
+    def native_input_shape(self, model: nn.Module) -> Optional[tuple[int, int, int]]:
+        config = model.config
+        size = config.image_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return int(config.num_channels), int(height), int(width)
+
+    def patch_count(self, model: nn.Module) -> Optional[int]:
+        patches = getattr(getattr(getattr(self._base(model), "embeddings", None), "patch_embeddings", None),
+                          "num_patches", None)
+        return patches if isinstance(patches, int) else None
+
+    def rewrite_block(self, block: nn.Module, reorganizer: nn.Module, model_name: str) -> nn.Module:
+        """The layer rewritten from its own computation; it also takes (and, like the layer's
+        attention, ignores) the output flags the encoder passes on (``output_hidden_states``,
+        ...), which transformers' hooks read."""
+        patched = reorganizing_block(computation_view(block, _LayerView), reorganizer, model_name, "attention",
+                                     scored_attention)
+        last_input = [node for node in patched.graph.nodes if node.op == "placeholder"][-1]
+        with patched.graph.inserting_after(last_input):
+            patched.graph.placeholder("**kwargs")
+        patched.recompile()
+        return patched
+
+    def output_tensor(self, output: Any) -> Tensor:
+        for name in ("logits", "pooler_output", "last_hidden_state"):
+            value = getattr(output, name, None)
+            if value is not None:
+                return value
+        return output
+
+
+TRANSFORMERS = TransformersFamily()
+
+__all__ = ["TRANSFORMERS", "TransformersFamily", "AttentionFunction", "scored_attention"]
