@@ -71,10 +71,8 @@ class OpenClipFamily(ModelFamily):
     """open_clip's VisionTransformer (see the module docstring)."""
 
     name = "open_clip"
+    library = "open_clip"
     key_weighting = False
-
-    def matches(self, model: nn.Module) -> bool:
-        return type(model).__module__.split(".")[0] == "open_clip"
 
     def model_name(self, model: nn.Module) -> str:
         return f"open_clip {type(model).__name__}"

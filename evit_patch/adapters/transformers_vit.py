@@ -136,10 +136,8 @@ class TransformersFamily(ModelFamily):
     """ViTs of Hugging Face transformers (see the module docstring)."""
 
     name = "transformers"
+    library = "transformers"
     key_weighting = False
-
-    def matches(self, model: nn.Module) -> bool:
-        return type(model).__module__.split(".")[0] == "transformers"
 
     def _model_type(self, model: nn.Module) -> str:
         return str(getattr(getattr(model, "config", None), "model_type", ""))

@@ -26,11 +26,13 @@ class ModelFamily:
     """
 
     name = "timm"
+    library: Optional[str] = None
+    """The top-level package whose model classes the family claims (None: any model)."""
     key_weighting = True
     """Whether attentions can weight their keys (ToMe's proportional attention, DynamicViT)."""
 
     def matches(self, model: nn.Module) -> bool:
-        return True
+        return self.library is None or type(model).__module__.split(".")[0] == self.library
 
     def model_name(self, model: nn.Module) -> str:
         return _timm_model_name(model)

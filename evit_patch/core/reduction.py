@@ -156,6 +156,15 @@ def token_rows(x: Tensor, index: Tensor) -> Tensor:
     return x.reshape(batch * length, channels).index_select(0, (index + offsets).flatten()).view(batch, -1, channels)
 
 
+def prefix_and_kept(x: Tensor, num_prefix_tokens: int, kept_index: Tensor, placeholders: int = 0) -> Tensor:
+    """``[prefix, kept image tokens in kept_index order]`` in one row copy, followed by
+    ``placeholders`` rows (copies of token 0) for the caller to overwrite in place."""
+    batch = x.shape[0]
+    rows = [torch.arange(num_prefix_tokens, device=kept_index.device).expand(batch, -1),
+            kept_index + num_prefix_tokens, kept_index.new_zeros(batch, placeholders)]
+    return token_rows(x, torch.cat(rows, dim=1))
+
+
 def selection_reduction(x: Tensor, num_prefix_tokens: int, kept_index: Tensor,
                         fused_weights: Optional[Tensor]) -> Reduction:
     """Keep ``kept_index`` in that order and, with ``fused_weights`` ``(B, n)``, append
@@ -166,17 +175,12 @@ def selection_reduction(x: Tensor, num_prefix_tokens: int, kept_index: Tensor,
     costs no second pass over the sequence. The weights (scores, float32 under autocast)
     are not rounded to the tokens' dtype: the sum is taken in the wider of the two,
     outside autocast, and only the fused token is cast back to ``x``'s dtype."""
-    batch = x.shape[0]
-    prefix = torch.arange(num_prefix_tokens, device=kept_index.device).expand(batch, -1)
-    rows = [prefix, kept_index + num_prefix_tokens]
-    if fused_weights is not None:
-        rows.append(kept_index.new_zeros(batch, 1))
-    tokens = token_rows(x, torch.cat(rows, dim=1))
-    if fused_weights is not None:
+    fuse = fused_weights is not None
+    tokens = prefix_and_kept(x, num_prefix_tokens, kept_index, placeholders=int(fuse))
+    if fuse:
         image = x[:, num_prefix_tokens:]
         precision = torch.promote_types(fused_weights.dtype, image.dtype)
         with without_autocast(x.device):
             fused = torch.bmm(fused_weights.to(precision).unsqueeze(1), image.to(precision))
         tokens[:, -1:] = fused.to(x.dtype)
-    token_map = TokenMap.selection(kept_index, x.shape[1] - num_prefix_tokens, fused_weights is not None)
-    return Reduction(tokens, token_map)
+    return Reduction(tokens, TokenMap.selection(kept_index, x.shape[1] - num_prefix_tokens, fuse))

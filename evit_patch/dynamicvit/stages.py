@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evit_patch.core.reduction import token_rows
+from evit_patch.core.reduction import prefix_and_kept
 from evit_patch.dynamicvit.predictor import KEEP, KeepPredictor
 
 if TYPE_CHECKING:  # the state installs these hooks
@@ -80,7 +80,6 @@ class StagePruner:
     def _prune(self, x: Tensor) -> Tensor:
         state, record = self.state, self.state.record
         state.key_weights.weights = None
-        prefix_index = torch.arange(state.num_prefix_tokens, device=x.device).expand(x.shape[0], -1)
         image = x[:, state.num_prefix_tokens:]
         batch, count, _ = image.shape
         if self.stage == 0:
@@ -91,7 +90,7 @@ class StagePruner:
         keep = min(int(count), state.kept_count(record.num_image_tokens, self.stage))
         order = scores.topk(keep, dim=1).indices
         record.kept_indices.append(original.gather(1, order))
-        return token_rows(x, torch.cat([prefix_index, order + state.num_prefix_tokens], dim=1))
+        return prefix_and_kept(x, state.num_prefix_tokens, order)
 
 
 class FinalTokens:
