@@ -232,6 +232,14 @@ def plot(results: dict[str, list[Variant]], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts that must be at least 1 (batch sizes, repeats, calls)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["deit_small_patch16_224"])
@@ -239,7 +247,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="timm.create_model keywords (--source transformers: the config), as JSON")
     parser.add_argument("--source", choices=["timm", "transformers"], default="timm",
                         help="where --models come from: timm names, or transformers model types")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32])
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[32])
     parser.add_argument("--methods", nargs="+", default=["evit"], choices=TIMED_METHODS)
     parser.add_argument("--keep-rates", type=float, nargs="+", default=[1.0, 0.7, 0.5])
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9])
@@ -247,9 +255,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--train", action="store_true", help="time training steps instead of inference")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="autocast dtype")
     parser.add_argument("--compile", action="store_true", help="torch.compile every variant")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=positive_int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--calls-per-repeat", type=int, default=1, help="calls timed back to back in one repeat")
+    parser.add_argument("--calls-per-repeat", type=positive_int, default=1, help="calls timed back to back in one repeat")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="write <out>.json, <out>.md and <out>.png")

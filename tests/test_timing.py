@@ -1,6 +1,10 @@
 """Interleaved timing: every variant runs the same number of calls, in rotating order, so
 drift of the machine falls on all of them alike."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from evit_patch.tools import timing
@@ -23,3 +27,9 @@ def test_repeats_rotate_and_time_each_call_the_asked_number_of_times(monkeypatch
     assert blocks == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]  # the order rotates per repeat
     assert {name: len(values) for name, values in rates.items()} == {"a": 4, "b": 4, "c": 4}
     assert all(value == 8 * 3 / 1.0 for values in rates.values() for value in values)  # 3 calls of 8 items per tick
+
+
+def test_benchmark_refuses_counts_below_one() -> None:
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"
+    result = subprocess.run([sys.executable, str(script), "--calls-per-repeat", "0"], capture_output=True, text=True)
+    assert result.returncode == 2 and "--calls-per-repeat: must be at least 1, got 0" in result.stderr
