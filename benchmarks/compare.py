@@ -314,13 +314,6 @@ def plot(rows: list[Row], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "fashion_mnist.yaml",
@@ -328,14 +321,17 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE")
     parser.add_argument("--keep-rates", type=float, nargs="+", default=[0.7, 0.5])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--steps", type=positive_int, nargs="+", default=[150],
+    parser.add_argument("--steps", type=int, nargs="+", default=[150],
                         help="fine-tuning budgets in steps: one complete run of each for every method")
-    parser.add_argument("--repeats", type=positive_int, default=15)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--progress", action="store_true", help="show a progress bar per run")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compare_fashion_mnist")
     parser.add_argument("--runs", type=Path, help="folder of the runs (default: <out>_runs); comparisons that share "
                         "it reuse each other's finished runs, such as the unpatched model's")
     args = parser.parse_args()
+    for name, values in (("--steps", args.steps), ("--repeats", [args.repeats])):
+        if min(values) < 1:
+            parser.error(f"{name}: must be at least 1, got {min(values)}")
     args.steps = sorted(set(args.steps))
     runtime = distributed.Runtime(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     recipe = load_recipe(args.recipe, [*args.overrides, "evit.enabled=false"])

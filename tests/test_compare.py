@@ -2,25 +2,16 @@
 of exactly that many steps, reused when the comparison is run again, never reused for
 other settings."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.checkpoint=null", "model.kwargs.embed_dim=16", "model.kwargs.patch_size=4", "model.kwargs.num_heads=2",
         "data.train_subset=256", "data.eval_subset=64", "train.batch_size=32", "train.benchmark_batch_size=4"]
 STEPS_PER_EPOCH = 8  # 256 images in batches of 32
-
-
-def load_compare():
-    spec = importlib.util.spec_from_file_location("compare", ROOT / "benchmarks" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["compare"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_compare(compare, monkeypatch, out: Path, *arguments: str) -> None:
@@ -33,7 +24,7 @@ def run_compare(compare, monkeypatch, out: Path, *arguments: str) -> None:
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     """One comparison at budgets of 4 and 16 steps (16: two epochs of 8)."""
-    compare = load_compare()
+    compare = load_benchmark("compare")
     out = tmp_path_factory.mktemp("compare") / "table"
     with pytest.MonkeyPatch.context() as monkeypatch:
         run_compare(compare, monkeypatch, out, "--steps", "16", "4")
@@ -87,7 +78,7 @@ def test_finished_runs_of_other_settings_are_refused_not_reused(first_run, monke
 
 
 def test_a_budget_that_does_not_split_into_equal_epochs_is_refused_before_training(monkeypatch, tmp_path) -> None:
-    compare = load_compare()
+    compare = load_benchmark("compare")
     monkeypatch.setattr(compare, "run_training", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(SystemExit, match=r"--steps 15 does not split into 2 equal epochs.*use 14 or 16"):
         run_compare(compare, monkeypatch, tmp_path / "table", "--steps", "4", "15")
@@ -95,7 +86,7 @@ def test_a_budget_that_does_not_split_into_equal_epochs_is_refused_before_traini
 
 
 def test_within_half_a_point_counts_from_the_budget_it_stays_within() -> None:
-    compare = load_compare()
+    compare = load_benchmark("compare")
     reference = compare.Row("unpatched", "unpatched", None, "", 1.0, 1, 80.0, {150: 80.0, 600: 82.0, 1800: 83.0})
     row = compare.Row("evit", "EViT", 0.7, "", 1.0, 1, 60.0, {150: 79.6, 600: 81.0, 1800: 82.5})
     assert compare.within_from(row, reference) == 1800  # close at 150, not at 600: from 1800

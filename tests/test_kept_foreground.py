@@ -1,28 +1,16 @@
 """The foreground share of kept tokens counts exactly the kept patches that cover the object."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import timm
 import torch
+from benchmark_scripts import load_benchmark
 
 import evit_patch
 from evit_patch.train.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("kept_foreground", ROOT / "benchmarks" / "kept_foreground.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["kept_foreground"] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_shares_match_an_independent_count_from_the_kept_indices() -> None:
-    script = load_script()
+    script = load_benchmark("kept_foreground")
     torch.manual_seed(0)
     model = evit_patch.apply_evit(timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=1,
                                                     embed_dim=32, depth=3, num_heads=2, num_classes=3).eval(), [1], 0.5)

@@ -2,24 +2,12 @@
 sequence, so the gap between the two is EViT's own cost and nothing else."""
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import timm
 import torch
+from benchmark_scripts import load_benchmark
 
 import evit_patch
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_throughput():
-    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["throughput"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def block_lengths(model: torch.nn.Module, images: torch.Tensor) -> list[int]:
@@ -33,7 +21,7 @@ def block_lengths(model: torch.nn.Module, images: torch.Tensor) -> list[int]:
 
 
 def test_bound_runs_evit_token_counts_by_keeping_the_first_tokens() -> None:
-    throughput = load_throughput()
+    throughput = load_benchmark("throughput")
     torch.manual_seed(0)
     base = timm.create_model("deit_tiny_patch16_224", img_size=64, patch_size=8, depth=5, num_classes=10).eval()
     images = torch.randn(2, 3, 64, 64)
