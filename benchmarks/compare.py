@@ -29,6 +29,7 @@ import copy
 import json
 import math
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,7 +52,7 @@ from evit_patch.train.loop import run_training
 from evit_patch.train.methods import METHODS
 from evit_patch.train.metrics import accuracy
 from evit_patch.train.model_source import build_model
-from evit_patch.train.recipe import Recipe, load_recipe
+from evit_patch.train.recipe import Recipe, RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 WITHIN = 0.5  # points of top-1: "as accurate as the unpatched model fine-tuned alike"
@@ -92,14 +93,20 @@ def run_folder(args: argparse.Namespace, method: str, keep_rate: Optional[float]
     return (args.runs or args.out.parent / f"{args.out.name}_runs") / tag
 
 
+def fail(message: str) -> None:
+    """A bad argument or run folder: one line on stderr, exit status 2, nothing written."""
+    print(f"compare.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def epochs_for(steps: int, steps_per_epoch: int) -> int:
     """Whole epochs of equal length that make exactly ``steps`` (a budget longer than an
     epoch runs several, each a fresh shuffle of the data)."""
     epochs = math.ceil(steps / steps_per_epoch)
     if steps % epochs:
         fits = sorted({epochs * (steps // epochs), epochs * (steps // epochs + 1)})
-        raise SystemExit(f"compare.py: error: --steps {steps} does not split into {epochs} equal epochs of at most "
-                         f"{steps_per_epoch} steps; use {' or '.join(map(str, fits))}")
+        fail(f"--steps {steps} does not split into {epochs} equal epochs of at most "
+             f"{steps_per_epoch} steps; use {' or '.join(map(str, fits))}")
     return epochs
 
 
@@ -158,8 +165,9 @@ def cached(path: Path, settings: dict[str, Any], compute: Callable[[], Any]) -> 
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved["settings"] != settings:
-            raise SystemExit(f"compare.py: error: {path} holds a result of other settings ({saved['settings']}); "
-                             f"pass another --out or delete {path.parent}")
+            differing = ", ".join(key for key in settings if saved["settings"].get(key) != settings[key])
+            fail(f"{path} holds a result of other settings (differing: {differing}); pass another --out "
+                 f"or --runs, or delete {path.parent}")
         return saved["result"]
     result = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -334,7 +342,10 @@ def main() -> None:
             parser.error(f"{name}: must be at least 1, got {min(values)}")
     args.steps = sorted(set(args.steps))
     runtime = distributed.Runtime(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    recipe = load_recipe(args.recipe, [*args.overrides, "evit.enabled=false"])
+    try:
+        recipe = load_recipe(args.recipe, [*args.overrides, "evit.enabled=false"])
+    except RecipeError as error:
+        fail(str(error))
     args.steps_per_epoch = len(train_loader(build_dataset(recipe.data, build_model(recipe.model), training=True),
                                             recipe, runtime, 0))
     for steps in args.steps:

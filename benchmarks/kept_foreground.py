@@ -13,6 +13,7 @@ Fashion-MNIST only: a patch is foreground when its mean pixel intensity is above
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from evit_patch import DROPPED, FUSED, KEPT, apply_evit
 from evit_patch.tools.visualize import patch_grid, status_maps
 from evit_patch.train.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, build_dataset
 from evit_patch.train.model_source import build_model
-from evit_patch.train.recipe import load_recipe
+from evit_patch.train.recipe import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,9 +80,17 @@ def main() -> None:
     parser.add_argument("--label", default="base")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    recipe = load_recipe(args.recipe, args.overrides)
-    if recipe.data.dataset != "fashion_mnist":
-        parser.error("--recipe: foreground is defined for Fashion-MNIST's black background only")
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as error:
+        print(f"kept_foreground.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    problem = ("--images: must be at least 1" if args.images < 1 else
+               "--recipe: foreground is defined for Fashion-MNIST's black background only; use a Fashion-MNIST recipe"
+               if recipe.data.dataset != "fashion_mnist" else None)
+    if problem:
+        print(f"kept_foreground.py: error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     keep_rate = args.keep_rate or recipe.evit.keep_rate
     model = apply_evit(build_model(recipe.model).eval(), recipe.evit.layers, keep_rate, fuse=recipe.evit.fuse)
     dataset = build_dataset(recipe.data, model, training=False)

@@ -3,6 +3,7 @@ of exactly that many steps, reused when the comparison is run again, never reuse
 other settings."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -73,15 +74,22 @@ def test_a_second_call_reuses_finished_runs_and_trains_only_missing_budgets(firs
 
 def test_finished_runs_of_other_settings_are_refused_not_reused(first_run, monkeypatch, capsys) -> None:
     compare, out = first_run
-    with pytest.raises(SystemExit, match="holds a result of other settings"):
+    with pytest.raises(SystemExit) as exit_info:
         run_compare(compare, monkeypatch, out, "--steps", "4", "--set", "optimizer.lr=1e-3")
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in error and len(error.strip().splitlines()) == 1
+    assert "holds a result of other settings (differing: overrides)" in error
 
 
-def test_a_budget_that_does_not_split_into_equal_epochs_is_refused_before_training(monkeypatch, tmp_path) -> None:
+def test_a_budget_that_does_not_split_into_equal_epochs_is_refused_before_training(monkeypatch, tmp_path,
+                                                                                   capsys) -> None:
     compare = load_benchmark("compare")
     monkeypatch.setattr(compare, "run_training", lambda *a, **k: pytest.fail("trained"))
-    with pytest.raises(SystemExit, match=r"--steps 15 does not split into 2 equal epochs.*use 14 or 16"):
+    with pytest.raises(SystemExit) as exit_info:
         run_compare(compare, monkeypatch, tmp_path / "table", "--steps", "4", "15")
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(error.strip().splitlines()) == 1
+    assert re.search(r"--steps 15 does not split into 2 equal epochs.*use 14 or 16", error)
     assert not (tmp_path / "table_runs").exists()
 
 
