@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from evit_patch.core.key_weighting import KeyWeights
@@ -152,17 +153,21 @@ def token_rows(x: Tensor, index: Tensor) -> Tensor:
     over the flattened batch. ``gather`` with an index expanded over channels looks up
     every element and is about ten times slower on CPU, forward and backward."""
     batch, length, channels = x.shape
-    offsets = torch.arange(0, batch * length, length, device=index.device).unsqueeze(1)
-    return x.reshape(batch * length, channels).index_select(0, (index + offsets).flatten()).view(batch, -1, channels)
+    if batch > 1:
+        index = index + torch.arange(0, batch * length, length, device=index.device).unsqueeze(1)
+    return x.reshape(batch * length, channels).index_select(0, index.flatten()).view(batch, -1, channels)
 
 
 def prefix_and_kept(x: Tensor, num_prefix_tokens: int, kept_index: Tensor, placeholders: int = 0) -> Tensor:
     """``[prefix, kept image tokens in kept_index order]`` in one row copy, followed by
-    ``placeholders`` rows (copies of token 0) for the caller to overwrite in place."""
-    batch = x.shape[0]
-    rows = [torch.arange(num_prefix_tokens, device=kept_index.device).expand(batch, -1),
-            kept_index + num_prefix_tokens, kept_index.new_zeros(batch, placeholders)]
-    return token_rows(x, torch.cat(rows, dim=1))
+    ``placeholders`` rows (copies of token 0) for the caller to overwrite in place.
+
+    The row index is padded, not concatenated from pieces: every operation here costs
+    more than its arithmetic at batch 1, where this runs once per reorganizing layer."""
+    rows = F.pad(kept_index + num_prefix_tokens, (num_prefix_tokens, placeholders))
+    if num_prefix_tokens > 1:
+        rows[:, :num_prefix_tokens] = torch.arange(num_prefix_tokens, device=rows.device)
+    return token_rows(x, rows)
 
 
 def selection_reduction(x: Tensor, num_prefix_tokens: int, kept_index: Tensor,

@@ -53,14 +53,11 @@ def score_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _head_mean(attention: Tensor, mode: ScoreMode, num_prefix_tokens: int) -> Tensor:
-    """Reduce post-softmax attention ``(B, H, Nq, N)`` to one score per image token,
-    upcast to :func:`score_dtype` before any averaging."""
-    precision = score_dtype(attention.dtype)
-    if mode == "class":
-        rows = attention[:, :, 0].to(precision)
-    else:
-        rows = attention.mean(dim=2, dtype=precision)
-    return rows.mean(dim=1)[:, num_prefix_tokens:]
+    """Reduce post-softmax attention ``(B, H, Nq, N)`` to one score per image token: the
+    class token's row (``Nq`` may be that row alone) or all rows, averaged with the heads
+    in one reduction that accumulates in :func:`score_dtype` (no upcast copy first)."""
+    rows = attention[:, :, :1] if mode == "class" else attention
+    return rows.mean(dim=(1, 2), dtype=score_dtype(attention.dtype))[:, num_prefix_tokens:]
 
 
 def scores_from_qk(
@@ -72,8 +69,11 @@ def scores_from_qk(
         scale = q.shape[-1] ** -0.5
     queries = q[:, :, :1] if mode == "class" else q
     precision = score_dtype(q.dtype)
+    # One dense copy of k: a strided k (a view into the packed qkv projection) sends
+    # matmul down a path several times slower than the copy and a batched product.
+    keys = k.to(precision).contiguous()
     with without_autocast(q.device):
-        logits = (queries.to(precision) @ k.to(precision).transpose(-2, -1)) * scale
+        logits = (queries.to(precision) * scale) @ keys.transpose(-2, -1)  # scaled on the smaller side
         return _head_mean(logits.softmax(dim=-1), mode, num_prefix_tokens)
 
 
