@@ -165,7 +165,7 @@ def prefix_and_kept(x: Tensor, num_prefix_tokens: int, kept_index: Tensor, place
     The row index is padded, not concatenated from pieces: every operation here costs
     more than its arithmetic at batch 1, where this runs once per reorganizing layer."""
     rows = F.pad(kept_index + num_prefix_tokens, (num_prefix_tokens, placeholders))
-    if num_prefix_tokens > 1:
+    if num_prefix_tokens > 1:  # one prefix token is row 0, which the pad already wrote
         rows[:, :num_prefix_tokens] = torch.arange(num_prefix_tokens, device=rows.device)
     return token_rows(x, rows)
 
