@@ -1,5 +1,6 @@
 """Few-step fine-tuning runs on a Fashion-MNIST subset with a tiny ViT."""
 
+import gzip
 import json
 import os
 import signal
@@ -7,11 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from finetune_helpers import tiny_recipe
 from PIL import Image
 from safetensors.torch import load_file
 
+import evit_patch
 import evit_patch.train.loop as loop
 from evit_patch.tools.evaluate import main as evaluate_main
 from evit_patch.tools.finetune import main as finetune_main
@@ -127,11 +130,45 @@ def test_nan_loss_stops_clearly_and_keeps_the_last_good_checkpoint(tmp_path, mon
     assert all(torch.isfinite(value).all() for value in state["model"].values())
 
 
+def _top1_by_hand(model: torch.nn.Module, count: int) -> float:
+    """Top-1 in percent over the first ``count`` Fashion-MNIST test images, read from the
+    IDX files and normalized here."""
+    folder = Path("/usr/share/datasets/fashion-mnist")
+    images_file = next(folder.glob("t10k-images-idx3-ubyte*"))
+    labels_file = next(folder.glob("t10k-labels-idx1-ubyte*"))
+    opener = gzip.open if images_file.suffix == ".gz" else open
+    with opener(images_file, "rb") as stream:
+        pixels = np.frombuffer(stream.read(), dtype=np.uint8, offset=16)[: count * 784]
+    with opener(labels_file, "rb") as stream:
+        labels = torch.from_numpy(np.frombuffer(stream.read(), dtype=np.uint8, offset=8)[:count].astype(np.int64))
+    images = (torch.from_numpy(pixels.copy()).float().view(count, 1, 28, 28) / 255 - 0.2860) / 0.3530
+    with torch.no_grad():
+        predictions = model.eval()(images).argmax(dim=-1)
+    return 100.0 * (predictions == labels).float().mean().item()
+
+
+BASE_MODEL = {"name": "vit_tiny_patch16_224", "checkpoint": "recipes/checkpoints/fashion_mnist_vit.safetensors",
+              "kwargs": {"img_size": 28, "patch_size": 2, "in_chans": 1, "num_classes": 10, "embed_dim": 64,
+                         "depth": 6, "num_heads": 4, "mlp_ratio": 2}}
+
+
 def test_evaluate_rebuilds_the_patched_model_from_the_run(tmp_path, capsys) -> None:
-    run = loop.train(tiny_recipe(tmp_path, {"train": {"epochs": 1, "benchmark_batch_size": 8}}), show_progress=False)
+    """The printed top-1 of both rows is that of the run's weights (one step away from the
+    shipped base), computed here without the project's data or metric code: a model that
+    evaluate built with fresh weights would score near chance."""
+    overrides = {"model": BASE_MODEL, "evit": {"layers": [1, 3, 4], "keep_rate": 0.7},
+                 "optimizer": {"lr": 1e-6, "min_lr": 1e-6}, "data": {"train_subset": 32, "eval_subset": 256},
+                 "train": {"epochs": 1, "max_steps_per_epoch": 1, "benchmark_batch_size": 4}}
+    run = loop.train(tiny_recipe(tmp_path, overrides), show_progress=False)
     evaluate_main([str(run)])
-    printed = capsys.readouterr().out
-    assert "| unpatched |" in printed and "| EViT keep 0.5 |" in printed
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| model")}
+    trained = timm.create_model(BASE_MODEL["name"], **BASE_MODEL["kwargs"])
+    trained.load_state_dict(load_file(str(run / "model.safetensors")))
+    unpatched = _top1_by_hand(trained, 256)
+    assert rows["unpatched"] == pytest.approx(unpatched, abs=0.006) and unpatched > 70
+    patched = evit_patch.apply_evit(trained, [1, 3, 4], 0.7)
+    assert rows["EViT keep 0.7"] == pytest.approx(_top1_by_hand(patched, 256), abs=0.006)
 
 
 def image_folder(root: Path, per_class: int = 24) -> Path:
@@ -178,3 +215,20 @@ def test_command_line_reports_a_corrupt_resume_checkpoint(tmp_path) -> None:
         finetune_main([str(tmp_path / "recipe.yaml"), "--resume", str(tmp_path / "broken.pth"), "--no-report"])
     assert stopped.value.code == 1
     assert not (Path(recipe.train.output_dir) / "checkpoint.pth").exists()
+
+
+def test_a_run_says_what_it_does_and_where_it_writes_before_building_anything(tmp_path, monkeypatch, capsys) -> None:
+    class Built(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Built
+
+    monkeypatch.setattr(loop, "start_run", stop)
+    recipe = tiny_recipe(tmp_path)
+    with pytest.raises(Built):
+        loop.train(recipe, show_progress=False)
+    assert capsys.readouterr().out.splitlines() == [
+        f"fine-tuning vit_tiny_patch16_224 with EViT keep 0.5 at blocks [1] from random weights: 2 epoch(s) "
+        f"(at most 4 steps each) of 32 images per step and process; writing {recipe.train.output_dir}/ "
+        "(checkpoint.pth and metrics.jsonl every epoch, model.safetensors at the end)"]

@@ -1,9 +1,11 @@
 """The kept-token drawing agrees, pixel for pixel, with the recorded provenance."""
 
 import numpy as np
+import pytest
 import timm
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import evit_patch
 from evit_patch import DROPPED, FUSED, KEPT
@@ -42,7 +44,10 @@ def test_png_masks_agree_with_kept_indices(tmp_path) -> None:
 
 def test_command_line_draws_an_image_file(tmp_path) -> None:
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (80, 80, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    weights = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=4).state_dict()
+    save_file(weights, str(tmp_path / "weights.safetensors"))
     out = main(["--model", "deit_tiny_patch16_224", "--model-arg", "img_size=64", "--model-arg", "depth=4",
+                "--checkpoint", str(tmp_path / "weights.safetensors"),
                 "--layers", "1", "2", "--keep-rate", "0.5", "--image", str(tmp_path / "in.png"),
                 "--out", str(tmp_path / "out.png")])
     drawn = np.asarray(Image.open(out))
@@ -63,3 +68,16 @@ def test_command_line_draws_fashion_mnist_samples_from_a_run(tmp_path) -> None:
     out = main(["--run", str(run), "--fashion-mnist", "0", "1", "--scale", "2", "--out", str(tmp_path / "fm.png")])
     drawn = np.asarray(Image.open(out))
     assert drawn.shape == (2 * 56 + PANEL_GAP, 2 * 56 + PANEL_GAP, 3)  # 2 rows; input + 1 layer each
+
+
+@pytest.mark.parametrize("arguments, says", [
+    (["--model", "deit_tiny_patch16_224"], "random weights without --checkpoint FILE or --pretrained"),
+    ([], "give --run DIR"),
+])
+def test_command_line_refuses_to_draw_a_random_model(tmp_path, capsys, arguments, says) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main([*arguments, "--fashion-mnist", "0", "--out", str(tmp_path / "x.png")])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert says in error and "Traceback" not in error
+    assert not (tmp_path / "x.png").exists()

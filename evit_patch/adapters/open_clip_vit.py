@@ -110,6 +110,10 @@ class OpenClipFamily(ModelFamily):
         rows, columns = self._tower(model).grid_size
         return int(rows) * int(columns)
 
+    def input_module(self, model: nn.Module) -> nn.Module:
+        """The patch convolution, which ``forward`` and ``encode_image`` run first."""
+        return self._tower(model).conv1
+
     def rewrite_block(self, block: nn.Module, reorganizer: nn.Module, model_name: str) -> nn.Module:
         if not isinstance(getattr(block, "attn", None), nn.MultiheadAttention):
             return reorganizing_block(block, reorganizer, model_name)  # open_clip's own Attention: traced as timm's

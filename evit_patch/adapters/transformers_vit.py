@@ -190,6 +190,11 @@ class TransformersFamily(ModelFamily):
                           "num_patches", None)
         return patches if isinstance(patches, int) else None
 
+    def input_module(self, model: nn.Module) -> nn.Module:
+        """The embeddings, which every task model calls with the pixel values first."""
+        embeddings = getattr(self._base(model), "embeddings", None)
+        return embeddings if isinstance(embeddings, nn.Module) else model
+
     def rewrite_block(self, block: nn.Module, reorganizer: nn.Module, model_name: str) -> nn.Module:
         """The layer rewritten from its own computation; it also takes (and, like the layer's
         attention, ignores) the output flags the encoder passes on (``output_hidden_states``,

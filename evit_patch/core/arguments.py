@@ -6,8 +6,18 @@ import numbers
 from typing import Sequence
 
 
-def validated_layers(layers: Sequence[int], depth: int) -> list[int]:
-    """Sorted distinct block indices in ``[0, depth)``."""
+def paper_layers(depth: int) -> list[int]:
+    """The paper's placement scaled to ``depth`` blocks: the first block of each of the last
+    three quarters, ``depth * i // 4`` for i = 1, 2, 3 (DeiT's 12 blocks -> 3, 6, 9; LV-ViT-S's
+    16 -> 4, 8, 12; LV-ViT-M's 20 -> 5, 10, 15; 24 -> 6, 12, 18; 6 -> 1, 3, 4). Repeats at
+    depths under 4 collapse, so a 2-block model reorganizes at block 0 and 1 only once each."""
+    return sorted({depth * quarter // 4 for quarter in (1, 2, 3)})
+
+
+def validated_layers(layers: Sequence[int] | None, depth: int) -> list[int]:
+    """Sorted distinct block indices in ``[0, depth)``; :func:`paper_layers` when None."""
+    if layers is None:
+        return paper_layers(depth)
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
         raise TypeError(f"layers must be a sequence of block indices in [0, {depth}), got {layers!r}")
     if len(layers) == 0:

@@ -54,6 +54,16 @@ class ModelFamily:
         patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
         return patches if isinstance(patches, int) else None
 
+    def input_module(self, model: nn.Module) -> nn.Module:
+        """The module that takes the images first, whatever entry point runs the model
+        (``model(x)``, ``forward_features``, ``forward_intermediates``): timm's patch
+        embedding (``embeds`` for NaFlex ViTs); the model itself when it has neither."""
+        for name in ("patch_embed", "embeds"):
+            module = getattr(model, name, None)
+            if isinstance(module, nn.Module):
+                return module
+        return model
+
     def rewrite_block(self, block: nn.Module, reorganizer: nn.Module, model_name: str) -> nn.Module:
         """``block`` with ``reorganizer`` after its attention residual (see :mod:`evit_patch.core.block_rewrite`)."""
         return reorganizing_block(block, reorganizer, model_name)

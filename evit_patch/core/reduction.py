@@ -155,7 +155,7 @@ def token_rows(x: Tensor, index: Tensor) -> Tensor:
     batch, length, channels = x.shape
     if batch > 1:
         index = index + torch.arange(0, batch * length, length, device=index.device).unsqueeze(1)
-    return x.reshape(batch * length, channels).index_select(0, index.flatten()).view(batch, -1, channels)
+    return x.reshape(batch * length, channels).index_select(0, index.flatten()).view(batch, index.shape[1], channels)
 
 
 def prefix_and_kept(x: Tensor, num_prefix_tokens: int, kept_index: Tensor, placeholders: int = 0) -> Tensor:

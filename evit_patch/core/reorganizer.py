@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from evit_patch.core.arguments import validated_keep_rates
 from evit_patch.core.lifecycle import PatchState
 from evit_patch.core.model_info import family_of, model_name, transformer_blocks
 from evit_patch.core.reduction import LayerContext, TokenMap, TokenReducer
 from evit_patch.core.scores import AttentionTensors, ScoreMode
 from evit_patch.errors import UnsupportedModelError
+
+KEEP_RATE_ATTRIBUTE = "keep_rate"
+"""The attribute a patched model shows its keep rate under; assigning it changes the rate
+from the next forward on, as ``model.r = 16`` does for ToMe."""
 
 
 @dataclass(eq=False)
@@ -34,7 +40,9 @@ class ReductionState(PatchState):
     original_attentions: dict[int, nn.Module] = field(default_factory=dict)  # of blocks that only weight keys
     weighted_attentions: dict[int, nn.Module] = field(default_factory=dict)
     records: list[Optional[TokenMap]] = field(default_factory=list)
-    forward_hook: Optional[RemovableHandle] = None  # the model's pre-hook calling start_forward
+    input_hook: Optional[RemovableHandle] = None  # the input module's pre-hook calling start_forward
+    owner: Optional[nn.Module] = None  # the patched model, whose ``keep_rate`` attribute is read each forward
+    published_keep_rate: Any = None  # what ``model.keep_rate`` held when last read or set
 
     def __post_init__(self) -> None:
         self.method = f"EViT's token reorganization (reducer {self.reducer.describe()})"
@@ -46,7 +54,11 @@ class ReductionState(PatchState):
             blocks[index] = block
         for index, attention in self.weighted_attentions.items():
             blocks[index].attn = attention
-        self.forward_hook = model.register_forward_pre_hook(self.start_forward)
+        self.input_hook = family_of(model).input_module(model).register_forward_pre_hook(
+            self.start_forward, with_kwargs=True)
+        if not hasattr(model, KEEP_RATE_ATTRIBUTE):  # a model with its own ``keep_rate`` keeps it
+            self.owner = model
+            self.publish_keep_rate()
 
     def uninstall(self, model: nn.Module) -> None:
         blocks = transformer_blocks(model)
@@ -56,7 +68,10 @@ class ReductionState(PatchState):
         for index, attention in self.original_attentions.items():
             attention.training = blocks[index].attn.training  # train()/eval() since patching reached the copy only
             blocks[index].attn = attention
-        self.forward_hook.remove()
+        self.input_hook.remove()
+        if self.owner is not None:
+            model.__dict__.pop(KEEP_RATE_ATTRIBUTE, None)
+            self.owner = None
 
     @contextlib.contextmanager
     def probe_settings(self, model: nn.Module) -> Iterator[None]:
@@ -86,11 +101,33 @@ class ReductionState(PatchState):
     def clear_record(self) -> None:
         self.records = [None] * len(self.layers)
 
-    def start_forward(self, model: nn.Module, args: tuple[Any, ...]) -> None:
-        """Forward pre-hook of the patched model: a new forward, a new record."""
+    def set_keep_rates(self, keep_rate: float | Sequence[float]) -> None:
+        """Validate and apply ``keep_rate`` (one float or one per layer), and show it as
+        ``model.keep_rate``."""
+        self.keep_rates[:] = validated_keep_rates(keep_rate, len(self.layers))
+        self.publish_keep_rate()
+
+    def publish_keep_rate(self) -> None:
+        if self.owner is not None:
+            rates = list(self.keep_rates)
+            value = rates[0] if len(set(rates)) == 1 else rates
+            setattr(self.owner, KEEP_RATE_ATTRIBUTE, value)
+            self.published_keep_rate = copy.copy(value)
+
+    def start_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Pre-hook of the module that takes the images (:meth:`ModelFamily.input_module`),
+        so that every entry point (``model(x)``, keyword calls, ``forward_features``,
+        ``forward_intermediates``, ``encode_image``) starts a forward afresh: a new record,
+        the reducer's per-forward state reset, and a keep rate assigned to
+        ``model.keep_rate`` since the last forward taken up."""
+        if self.owner is not None:
+            current = getattr(self.owner, KEEP_RATE_ATTRIBUTE, None)
+            if current != self.published_keep_rate:
+                self.set_keep_rates(current)
         self.clear_record()
-        if args and isinstance(args[0], Tensor):
-            self.reducer.start_forward(args[0], model.training)
+        images = next((value for value in (*args, *kwargs.values()) if isinstance(value, Tensor)), None)
+        if images is not None:
+            self.reducer.start_forward(images, module.training)
 
     def context(self, position: int, training: bool) -> LayerContext:
         return LayerContext(position, self.layers[position], self.keep_rates[position], self.num_prefix_tokens,

@@ -23,14 +23,14 @@ def reduction_state(model: nn.Module) -> ReductionState:
                                               "apply_evit(model, layers, keep_rate) first")
 
 
-def apply_token_reducer(model: ModelT, layers: Sequence[int], keep_rate: float | Sequence[float],
+def apply_token_reducer(model: ModelT, layers: Sequence[int] | None, keep_rate: float | Sequence[float],
                         reducer: TokenReducer) -> ModelT:
     """Patch ``model`` in place with any token reducer at EViT's insertion point.
 
     ``reducer`` is one of :mod:`evit_patch.reducers` (EViT with or without fusion,
-    random drop, ToMe-style merging, oracle-guided EViT); ``layers`` and ``keep_rate``
-    mean what they mean for :func:`evit_patch.apply_evit`, so methods compare at equal
-    token counts. No parameter or buffer is added; on any error the model is left
+    random drop, ToMe-style merging, oracle-guided EViT); ``layers`` (None: the paper's
+    placement for the model's depth) and ``keep_rate`` mean what they mean for
+    :func:`evit_patch.apply_evit`, so methods compare at equal token counts. No parameter or buffer is added; on any error the model is left
     exactly as it was.
     """
     check_unpatched(model)
@@ -78,5 +78,4 @@ def remove_evit(model: ModelT) -> ModelT:
 
 def set_keep_rate(model: nn.Module, keep_rate: float | Sequence[float]) -> None:
     """Change the keep rate of a patched model at run time (cheap: no re-patching)."""
-    state = reduction_state(model)
-    state.keep_rates[:] = validated_keep_rates(keep_rate, len(state.layers))
+    reduction_state(model).set_keep_rates(keep_rate)

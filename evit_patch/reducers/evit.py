@@ -74,15 +74,19 @@ class EvitReducer(TokenReducer):
         return evit_reduction(x, context.scores(attention), context.num_prefix_tokens, context.keep_rate, self.fuse)
 
 
-def apply_evit(model: ModelT, layers: Sequence[int], keep_rate: float | Sequence[float], *,
+def apply_evit(model: ModelT, layers: Sequence[int] | None = None, keep_rate: float | Sequence[float] = 0.7, *,
                fuse: bool = True) -> ModelT:
     """Patch ``model`` in place with EViT token reorganization and return it.
 
     Args:
-        model: a timm-style ViT (``blocks``, ``num_prefix_tokens``).
-        layers: 0-indexed blocks that reorganize tokens (DeiT: ``[3, 6, 9]``).
+        model: a timm ViT (``blocks``, ``num_prefix_tokens``), a transformers ViT / DeiT /
+            DINOv2, or an open_clip image tower.
+        layers: 0-indexed blocks that reorganize tokens. None: the paper's placement
+            scaled to the depth, ``depth * i // 4`` for i = 1, 2, 3 (DeiT's 12 blocks ->
+            3, 6, 9; 16 -> 4, 8, 12; 24 -> 6, 12, 18; 6 -> 1, 3, 4).
         keep_rate: fraction in (0, 1] of image tokens each layer keeps; one float, or
-            one per layer.
+            one per layer (the paper's main setting: 0.7). Change it later with
+            :func:`evit_patch.set_keep_rate` or ``model.keep_rate = 0.5``.
         fuse: fuse the unkept tokens into one (EViT) or drop them ("EViT w/o fusion").
 
     No parameter or buffer is added: ``state_dict()`` is unchanged. On any error the

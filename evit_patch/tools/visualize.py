@@ -102,9 +102,7 @@ def _model(args: argparse.Namespace) -> nn.Module:
     if args.run:
         recipe = recipe_from_dict(yaml.safe_load((args.run / "recipe.yaml").read_text()))
         return rebuild(recipe, args.run / "model.safetensors")
-    if not args.model:
-        raise SystemExit("error: give --run DIR or --model NAME")
-    model = timm.create_model(args.model, **_parse_model_args(args.model_arg)).eval()
+    model = timm.create_model(args.model, pretrained=args.pretrained, **_parse_model_args(args.model_arg)).eval()
     if args.checkpoint:
         load_weights(model, args.checkpoint)
     if not is_patched(model):
@@ -124,8 +122,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--run", type=Path, help="output folder of a fine-tuning run (recipe.yaml + model.safetensors)")
     parser.add_argument("--model", help="timm model name (when not --run)")
     parser.add_argument("--model-arg", action="append", default=[], help="create_model keyword, key=value")
-    parser.add_argument("--checkpoint", type=Path, help="weights (.safetensors or .pth state_dict)")
-    parser.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9])
+    parser.add_argument("--checkpoint", type=Path, help="weights (.safetensors, a .pth state_dict or a timm "
+                        "train.py checkpoint)")
+    parser.add_argument("--pretrained", action="store_true", help="timm's hub weights for --model")
+    parser.add_argument("--layers", type=int, nargs="+", default=None,
+                        help="blocks that reorganize (default: the paper's placement for the depth, DeiT: 3 6 9)")
     parser.add_argument("--keep-rate", type=float, default=0.7)
     parser.add_argument("--no-fuse", action="store_true")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -134,6 +135,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--scale", type=int, default=1, help="integer upscaling of the drawing")
     parser.add_argument("--out", type=Path, default=Path("kept_tokens.png"))
     args = parser.parse_args(argv)
+    if not (args.run or args.model):
+        parser.error("give --run DIR (a fine-tuning run) or --model NAME with --checkpoint FILE or --pretrained")
+    if args.model and not (args.run or args.checkpoint or args.pretrained):
+        parser.error(f"--model {args.model} has random weights without --checkpoint FILE or --pretrained, and a "
+                     "random model's kept tokens say nothing; give one of them")
 
     model = _model(args)
     rows = []

@@ -7,6 +7,7 @@ any other way.
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import re
@@ -16,6 +17,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import timm.models
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -24,6 +26,9 @@ from torch import nn
 from evit_patch.errors import CheckpointError
 
 TRAINING_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "position", "rng")
+TIMM_CHECKPOINT_GLOBALS = [argparse.Namespace]
+"""The one non-tensor class timm's ``train.py`` pickles into its checkpoints (its command
+line, ``args``): allowed in weights-only loads; nothing else is."""
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{8}")  # tempfile.mkstemp(prefix=".NAME.")
 
 
@@ -83,7 +88,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(TIMM_CHECKPOINT_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         blocked = re.search(r"GLOBAL (\S+)", str(error))
         if blocked:
@@ -144,8 +150,10 @@ def load_state_exactly(model: nn.Module, state: Mapping[str, torch.Tensor], sour
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    """A state_dict from ``.safetensors`` or a weights-only ``.pth``/``.pt`` (a training
-    checkpoint's ``model`` entry is taken when present)."""
+    """A state_dict from ``.safetensors`` or a weights-only ``.pth``/``.pt``: an evit_patch
+    training checkpoint's ``model`` entry; from a timm ``train.py`` checkpoint, as timm's
+    own ``load_checkpoint`` takes it, ``state_dict_ema`` when present, else ``state_dict``,
+    with DDP's ``module.`` and ``torch.compile``'s ``_orig_mod.`` prefixes removed."""
     path = Path(path)
     if path.suffix == ".safetensors":
         if not path.is_file():
@@ -157,9 +165,13 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
                                   f"({' '.join(str(error).split())})") from None
     else:
         state = load_checkpoint(path)
-        state = state.get("model", state) if isinstance(state, Mapping) else state
         if not isinstance(state, Mapping):
             raise CheckpointError(f"weights file {str(path)!r} holds a {type(state).__name__}, not a state_dict")
+        if all(key in state for key in TRAINING_CHECKPOINT_KEYS):  # a run of evit_patch: its model, not its EMA
+            state = state["model"]
+        else:  # a state_dict, or timm's train.py checkpoint: timm picks the entry and strips wrapper prefixes
+            with torch.serialization.safe_globals(TIMM_CHECKPOINT_GLOBALS):
+                state = timm.models.load_state_dict(str(path), use_ema=True, weights_only=True)
     load_state_exactly(model, state, f"weights file {str(path)!r}", "the recipe's model")
 
 

@@ -40,6 +40,7 @@ from evit_patch.train.checkpoint import load_state_exactly, load_training_checkp
 from evit_patch.train.criterion import Criterion, build_criterion
 from evit_patch.train.data import build_dataset
 from evit_patch.train.loaders import build_mixup, eval_loader, train_loader
+from evit_patch.train.methods import method_label
 from evit_patch.train.metrics import accuracy, autocast
 from evit_patch.train.model_source import build_model
 from evit_patch.train.optim import build_optimizer, build_scheduler, start_epoch_lr
@@ -151,6 +152,8 @@ def run_training(recipe: Recipe, resume: Optional[str], runtime: distributed.Run
         for warning in check_resume(state, recipe, source):
             if runtime.is_main:
                 print(f"warning: {warning}", file=sys.stderr)
+    if runtime.is_main:
+        print(run_summary(recipe, output, resuming=state is not None), flush=True)
     run = start_run(recipe, runtime)
     if state is not None:
         resume_run(run, state, source)
@@ -274,6 +277,18 @@ def save_checkpoint(run: Run) -> None:
         save_atomic(_checkpoint_state(run, rng), run.checkpoint_path)
     distributed.barrier(run.runtime)
     run.last_checkpoint = run.checkpoint_path
+
+
+def run_summary(recipe: Recipe, output: Path, resuming: bool) -> str:
+    """One line, printed before anything is built: what the run trains, from what, and where it writes."""
+    model = recipe.model
+    start = model.checkpoint or model.pretrained_file or ("timm's hub weights" if model.pretrained else "random weights")
+    method = method_label(recipe) or "no token method"
+    where = f" at blocks {recipe.evit.layers}" if recipe.evit.enabled and not recipe.structural.enabled else ""
+    steps = f" (at most {recipe.train.max_steps_per_epoch} steps each)" if recipe.train.max_steps_per_epoch else ""
+    return (f"{'resuming' if resuming else 'fine-tuning'} {model.name} with {method}{where} from {start}: "
+            f"{recipe.train.epochs} epoch(s){steps} of {recipe.train.batch_size} images per step and process; "
+            f"writing {output}/ (checkpoint.pth and metrics.jsonl every epoch, model.safetensors at the end)")
 
 
 def train_one_epoch(run: Run, interrupt: Interrupt, show_progress: bool) -> EpochProgress:
