@@ -41,7 +41,6 @@ COMMANDS: dict[str, Small] = {
     # README.md
     # pip resolves and builds the package without installing it (--dry-run; the build backend as installed)
     "pip install .": Small({"pip install": PIP_DRY_RUN}),
-    'pip install ".[train]"': Small({"pip install": PIP_DRY_RUN}),
     'pip install ".[prune,plot]"': Small({"pip install": PIP_DRY_RUN}),
     "python -m evit_patch.finetune recipes/deit_s.yaml --set data.root=/data/imagenet": Small(
         {"/data/imagenet": "{imagefolder}"}, f"{DEIT_ON_TINY_IMAGES} --set train.output_dir={{tmp}}/deit_s_single"),
@@ -53,6 +52,8 @@ COMMANDS: dict[str, Small] = {
         {}, f"{FASHION_MNIST_RUN} --set train.output_dir={{tmp}}/fashion_mnist"),
     # docs/finetuning.md
     "python -m evit_patch.finetune recipes/deit_s.yaml --dry-run --world-size 8": Small(),
+    "python -m evit_patch.finetune recipes/fashion_mnist.yaml": Small(
+        {}, f"{FASHION_MNIST_RUN} --set train.output_dir={{tmp}}/fashion_mnist"),
     "python -m evit_patch.evaluate runs/fashion_mnist": Small({"runs/fashion_mnist": "{tmp}/fashion_mnist"}),
     "python -m evit_patch.visualize --run runs/fashion_mnist --fashion-mnist 0 1 2 3 --scale 8 --out kept.png": Small(
         {"runs/fashion_mnist": "{tmp}/fashion_mnist", "kept.png": "{tmp}/kept.png"}),
@@ -75,7 +76,7 @@ COMMANDS: dict[str, Small] = {
     """--threads 2 --model-kwargs '{"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, """
     """"intermediate_size": 1536, "image_size": 224, "patch_size": 16}'""": Small(
         {}, f"""{QUICK_TIMING} --model-kwargs '{{"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, """
-            """"intermediate_size": 64, "image_size": 32, "patch_size": 8}}' --layers 1 2 3"""),
+            """"intermediate_size": 64, "image_size": 32, "patch_size": 8}' --layers 1 2 3"""),
     # docs/baselines.md
     "python benchmarks/compare.py": Small({}, f"{SMALL_COMPARE} --out {{tmp}}/default"),
     "python benchmarks/compare.py --steps 150 600 1800 --methods unpatched evit tome width-pruning": Small(
