@@ -19,7 +19,7 @@ def test_the_documented_command_writes_the_table(tmp_path) -> None:
     (row,) = [line for line in (tmp_path / "macs.md").read_text().splitlines() if line.startswith("| DeiT-S keep 0.7 |")]
     fvcore, torch_count, ratio, alone = (float(cell) for cell in row.split("|")[2:6])
     assert fvcore == torch_count == 3.0359 and ratio == 1.0  # the paper's 3.0, and the two engines agree
-    assert alone < fvcore - 0.3  # FlopCounterMode alone misses norms and the CPU attention kernel
+    assert alone < fvcore - 0.1  # FlopCounterMode alone misses norms and the CPU attention kernel
 
 
 def test_a_case_it_does_not_know_exits_2() -> None:
