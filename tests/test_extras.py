@@ -59,7 +59,7 @@ CALLS = "".join(guarded(case, call) for case, (call, _) in NEEDS_EXTRA.items())
 def run_blocked(code: str, cwd: Path) -> subprocess.CompletedProcess:
     """``code`` in a fresh interpreter (in ``cwd``, tests/ importable) without the optional packages."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(ROOT / "tests")]))
     return subprocess.run([sys.executable, "-c", f"import json\n{BLOCKED}\n{code}"], capture_output=True, text=True,
                           cwd=cwd, env=env)
 
