@@ -62,7 +62,7 @@ no extra package; it prints no `torch.jit` deprecation warning (fvcore traces wi
 eagerly, so nothing has to survive tracing; and a count takes about half of fvcore's time, which matters because
 `keep_rate_for_budget` bisects on some 14 counts. Alone it counts neither norms nor `scaled_dot_product_attention`
 on the CPU (its formulas cover the CUDA attention kernels only): the column "alone". `evit_patch/cost.py` adds
-fvcore's formulas for layer, group and batch norm and the two matmuls of the CPU attention kernel, and then every row
+fvcore's formulas for layer and batch norm and the two matmuls of the CPU attention kernel, and then every row
 is fvcore's count. fvcore stays the cross-check, `count_macs(model, engine="fvcore")` (`pip install
 "evit_patch[fvcore]"`), which `tests/test_macs.py` holds the default engine to.
 """

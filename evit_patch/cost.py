@@ -2,7 +2,7 @@
 
 MACs are counted by torch's own ``FlopCounterMode`` on one real forward (so every token
 count a patched layer really runs on is in it), with the few formulas it lacks added so
-that the count is fvcore's: layer, batch and group norms, and the attention matmuls of
+that the count is fvcore's: layer and batch norms, and the attention matmuls of
 ``scaled_dot_product_attention`` on the CPU. fvcore itself (``engine="fvcore"``, the
 ``fvcore`` extra) is the cross-check; ``docs/macs.md`` compares the two. The keep rate
 for a MAC budget (or for a higher input resolution at the same cost) is found by
@@ -44,41 +44,40 @@ def _sdpa_macs(inputs: list[Any], outputs: list[Any]) -> int:
     return _attention_macs(*(list(i.type().sizes()) for i in inputs[:3]))
 
 
-# FlopCounterMode's formulas get shapes and return FLOPs (2 per MAC); these return twice
-# fvcore's MACs, so that half the total is fvcore's count.
-def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    """The CPU kernel of ``scaled_dot_product_attention``, which FlopCounterMode skips."""
+# FlopCounterMode's formulas get the shapes of an op's arguments and return FLOPs (2 per
+# MAC); these return twice fvcore's MACs, so that half the total is fvcore's count.
+Shape = Sequence[int]
+
+
+def _cpu_attention_flops(query: Shape, key: Shape, value: Shape, *args: Any, **kwargs: Any) -> int:
+    """The CPU kernel of ``scaled_dot_product_attention``, which FlopCounterMode skips
+    (its own formulas cover the CUDA kernels)."""
     return 2 * _attention_macs(query, key, value)
 
 
-def _layer_norm_flops(input, normalized_shape, weight=None, *args, out_shape=None, **kwargs) -> int:
+def _layer_norm_flops(shape: Shape, normalized_shape: Any, weight: Shape | None = None, *args: Any, **kwargs: Any) -> int:
     """fvcore: 5 per element with an affine transform, 4 without."""
-    return 2 * math.prod(input) * (5 if weight is not None else 4)
+    return 2 * math.prod(shape) * (5 if weight is not None else 4)
 
 
-def _group_norm_flops(input, weight=None, *args, out_shape=None, **kwargs) -> int:
-    return _layer_norm_flops(input, None, weight)
-
-
-def _batch_norm_flops(input, weight=None, bias=None, running_mean=None, running_var=None, training=False,
-                      *args, out_shape=None, **kwargs) -> int:
+def _batch_norm_flops(shape: Shape, weight: Shape | None = None, bias: Shape | None = None, running_mean: Any = None,
+                      running_var: Any = None, training: bool = False, *args: Any, **kwargs: Any) -> int:
     """fvcore: as a layer norm in training; in eval a scale and shift (2), or a scale (1)."""
     if training:
-        return _layer_norm_flops(input, None, weight)
-    return 2 * math.prod(input) * (2 if weight is not None else 1)
+        return _layer_norm_flops(shape, None, weight)
+    return 2 * math.prod(shape) * (2 if weight is not None else 1)
 
 
-def _no_training_batch_norm_flops(input, weight=None, *args, out_shape=None, **kwargs) -> int:
-    return _batch_norm_flops(input, weight)
+def _no_training_batch_norm_flops(shape: Shape, weight: Shape | None = None, *args: Any, **kwargs: Any) -> int:
+    return _batch_norm_flops(shape, weight)
 
 
 _FORMULAS = {
     aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
     aten.native_layer_norm: _layer_norm_flops,
-    aten.native_group_norm: _group_norm_flops,
-    aten.native_batch_norm: _batch_norm_flops,
-    aten.cudnn_batch_norm: _batch_norm_flops,
-    aten._native_batch_norm_legit_no_training: _no_training_batch_norm_flops,
+    aten.native_batch_norm: _batch_norm_flops,  # the CPU's batch norm
+    aten.cudnn_batch_norm: _batch_norm_flops,  # the same arguments, on CUDA
+    aten._native_batch_norm_legit_no_training: _no_training_batch_norm_flops,  # eval batch norm in exported graphs
 }
 
 
