@@ -42,6 +42,7 @@ from evit_patch import apply_evit, count_macs
 from evit_patch.core.model_info import example_images
 from evit_patch.cost import largest_within
 from evit_patch.dynamicvit import apply_dynamicvit, dynamicvit_state
+from evit_patch.extras import require
 from evit_patch.tools.evaluate import read_run_recipe
 from evit_patch.tools.timing import interleaved_images_per_second
 from evit_patch.train import distributed
@@ -300,7 +301,7 @@ def markdown(rows: list[Row], setup: dict) -> str:
 def plot(rows: list[Row], path: Path) -> None:
     """Top-1 against the fine-tuning budget, one panel per MAC budget (keep rate), the
     unpatched model in each; budget 0 is the model before fine-tuning."""
-    import matplotlib
+    matplotlib = require("matplotlib", "plot")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

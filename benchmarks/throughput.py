@@ -48,6 +48,7 @@ import evit_patch
 from evit_patch.core.model_info import example_images
 from evit_patch.core.reduction import LayerContext, Reduction, TokenMap, TokenReducer, identity_reduction
 from evit_patch.core.scores import AttentionTensors
+from evit_patch.extras import require
 from evit_patch.reducers.evit import kept_token_count
 from evit_patch.tools.timing import autocast_to, interleaved_images_per_second, interleaved_rates, timed_call
 from evit_patch.train.methods import METHODS
@@ -209,7 +210,7 @@ def markdown(results: dict[str, list[Variant]], setup: dict) -> str:
 
 
 def plot(results: dict[str, list[Variant]], path: Path) -> None:
-    import matplotlib
+    matplotlib = require("matplotlib", "plot")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

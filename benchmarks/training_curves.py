@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from evit_patch.extras import require
+
 
 def fail(message: str) -> None:
     """A bad argument: one line on stderr, exit status 2."""
@@ -42,7 +44,7 @@ def markdown(curves: dict[str, dict[int, float]]) -> str:
 
 
 def plot(curves: dict[str, dict[int, float]], path: Path) -> None:
-    import matplotlib
+    matplotlib = require("matplotlib", "plot")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -7,7 +7,8 @@ are removed, the least important first, with torch-pruning's dependency graph. T
 embedding width is kept, so patch embedding, position embedding, norms and head keep
 their shapes and the result is still a plain timm model.
 
-MACs are fvcore's (:func:`evit_patch.count_macs`): torch-pruning's own counter misses
+Needs torch-pruning (``pip install "evit_patch[prune]"``). MACs are
+:func:`evit_patch.count_macs`'s (fvcore's count): torch-pruning's own counter misses
 the attention matmuls. Every term of the cost is one width (heads or hidden channels
 kept) times sizes that pruning leaves alone, so the cost of a model whose blocks all keep
 ``k`` heads and ``m`` channels is affine in ``(k, m)``: three exact counts fix it, and
@@ -19,10 +20,9 @@ from __future__ import annotations
 import copy
 import math
 from fractions import Fraction
-from typing import Literal, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Literal, Mapping, Optional, Sequence
 
 import torch
-import torch_pruning as tp
 from timm.layers import Attention, Mlp
 from torch import Tensor, nn
 
@@ -31,6 +31,10 @@ from evit_patch.core.lifecycle import is_patched
 from evit_patch.core.model_info import example_images, model_name, transformer_blocks
 from evit_patch.cost import count_macs
 from evit_patch.errors import UnsupportedModelError
+from evit_patch.extras import require
+
+if TYPE_CHECKING:
+    import torch_pruning as tp
 
 ImportanceName = Literal["magnitude", "random"]
 PrunedShape = dict[str, list[int]]
@@ -43,6 +47,7 @@ TOLERANCE = 0.03
 def _importance(importance: ImportanceName | tp.importance.Importance) -> tp.importance.Importance:
     """Weight magnitude (L2 over every weight a head or channel owns), random as the
     control, or any torch-pruning importance (e.g. Taylor after a backward pass)."""
+    tp = require("torch_pruning", "prune")
     if isinstance(importance, tp.importance.Importance):
         return importance
     if importance == "magnitude":
@@ -104,10 +109,10 @@ class _Narrowing:
     heads and hidden channels."""
 
     def __init__(self, model: nn.Module, example_input: Tensor, importance: tp.importance.Importance) -> None:
-        self.label, self.importance = model_name(model), importance
+        self.tp, self.label, self.importance = require("torch_pruning", "prune"), model_name(model), importance
         self.names = {module: name for name, module in model.named_modules()}
         with eval_mode(model):
-            self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+            self.graph = self.tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
 
     def _group(self, owner: nn.Module, layer: nn.Linear, function, indices: list[int]) -> tp.Group:
         """The dependency group of ``indices``; refused when it reaches outside ``owner``
@@ -124,20 +129,22 @@ class _Narrowing:
     def heads(self, attention: Attention, keep: int) -> None:
         """Remove all but ``keep`` heads, scored by the mean importance of their channels."""
         head_dim = attention.head_dim
-        group = self._group(attention, attention.proj, tp.prune_linear_in_channels, list(range(attention.attn_dim)))
+        prune_in = self.tp.prune_linear_in_channels
+        group = self._group(attention, attention.proj, prune_in, list(range(attention.attn_dim)))
         dropped = _least_important(self.importance(group).view(attention.num_heads, head_dim).mean(1), keep)
         if dropped:
             channels = [head * head_dim + offset for head in dropped for offset in range(head_dim)]
-            self._group(attention, attention.proj, tp.prune_linear_in_channels, channels).prune()
+            self._group(attention, attention.proj, prune_in, channels).prune()
         attention.num_heads = keep
         attention.attn_dim = keep * head_dim
 
     def hidden(self, mlp: Mlp, keep: int) -> None:
         """Remove all but ``keep`` hidden channels of the MLP."""
-        group = self._group(mlp, mlp.fc1, tp.prune_linear_out_channels, list(range(mlp.fc1.out_features)))
+        prune_out = self.tp.prune_linear_out_channels
+        group = self._group(mlp, mlp.fc1, prune_out, list(range(mlp.fc1.out_features)))
         dropped = _least_important(self.importance(group), keep)
         if dropped:
-            self._group(mlp, mlp.fc1, tp.prune_linear_out_channels, dropped).prune()
+            self._group(mlp, mlp.fc1, prune_out, dropped).prune()
 
 
 def _least_important(scores: Tensor, keep: int) -> list[int]:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from evit_patch.core.model_info import example_images
+from evit_patch.extras import require
 
 
 def export_program(model: nn.Module, batch_size: int = 1,
@@ -24,7 +25,9 @@ def export_program(model: nn.Module, batch_size: int = 1,
 
 def export_onnx(model: nn.Module, path: str | Path, batch_size: int = 1,
                 img_size: int | tuple[int, int] | None = None) -> Path:
-    """ONNX file of the model at a fixed input shape (needs the ``onnx`` and ``onnxscript`` packages)."""
+    """ONNX file of the model at a fixed input shape (needs ``pip install "evit_patch[export]"``)."""
+    for module in ("onnx", "onnxscript"):  # torch.onnx's dynamo exporter imports both
+        require(module, "export")
     model.eval()
     path = Path(path)
     torch.onnx.export(model, (example_images(model, batch_size, img_size),), str(path), dynamo=True,

@@ -14,14 +14,11 @@ from typing import Any
 
 from torch import nn
 
+from evit_patch.extras import require
+
 
 def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError:
-        raise ValueError("source: transformers needs the transformers library; "
-                         "pip install 'evit_patch[transformers]'") from None
-    return transformers
+    return require("transformers", "transformers")
 
 
 def _folder(name: str) -> Path | None:
