@@ -31,7 +31,8 @@ SPEED = ("python benchmarks/throughput.py --models vit_tiny_patch16_224 --layers
          "--calls-per-repeat 5 --threads 2 --out benchmarks/results/training_free_speed_fashion_mnist")
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_DATA = ["--set", "data.eval_subset=32"]
-SMALL_TRAINING = ["--set", "data.train_subset=64", "--set", "data.eval_subset=32", "--set", "train.max_steps_per_epoch=2",
+SMALL_TRAINING = ["--set", "data.train_subset=64", "--set", "train.batch_size=32", "--set", "data.eval_subset=32",
+                  "--set", "train.max_steps_per_epoch=2",
                   "--set", "train.epochs=1", "--set", "train.benchmark_batch_size=2"]
 
 
