@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from evit_patch.core.key_weighting import KeyWeights
@@ -63,24 +62,22 @@ def absorb_into_kept(image: Tensor, scores: Tensor, sizes: Tensor, keep: int) ->
     """
     batch, count, channels = image.shape
     order = scores.argsort(dim=1, descending=True)
-    kept_index, rest_index = order[:, :keep], order[:, keep:]
+    kept_index = order[:, :keep]
     precision = torch.promote_types(image.dtype, torch.float32)
     with without_autocast(image.device):
-        tokens = image.to(precision)
-        metric = F.normalize(tokens, dim=-1)
-        similarity = token_rows(metric, rest_index) @ token_rows(metric, kept_index).transpose(1, 2)
-        partner = similarity.argmax(dim=-1)  # (B, n - keep): the kept slot each other token joins
-        weighted = tokens * sizes.to(precision).unsqueeze(-1)
-        sums = token_rows(weighted, kept_index).scatter_add(
-            1, partner.unsqueeze(-1).expand(-1, -1, channels), token_rows(weighted, rest_index))
-        kept_sizes = sizes.gather(1, kept_index)
-        out_sizes = kept_sizes.scatter_add(1, partner, sizes.gather(1, rest_index))
-        out = (sums / out_sizes.to(precision).unsqueeze(-1)).to(image.dtype)
-    slots = torch.arange(keep, device=image.device).expand(batch, -1)
-    destination = torch.empty(batch, count, dtype=torch.long, device=image.device)
-    destination.scatter_(1, kept_index, slots).scatter_(1, rest_index, partner)
-    mixed = out_sizes > kept_sizes
-    return out, out_sizes, TokenMap.merge(kept_index, destination, mixed)
+        kept = token_rows(image, kept_index).to(precision)
+        others = token_rows(image, order[:, keep:]).to(precision)
+        # cosine's argmax over kept tokens: the other token's own length does not change it
+        partner = ((others @ kept.transpose(1, 2)) / kept.norm(dim=-1).unsqueeze(1)).argmax(dim=-1)
+        slots = torch.arange(keep, device=image.device).expand(batch, -1)
+        destination = torch.empty(batch, count, dtype=torch.long, device=image.device).scatter_(
+            1, order, torch.cat([slots, partner], dim=1))
+        rows = (destination + torch.arange(0, batch * keep, keep, device=image.device).unsqueeze(1)).flatten()
+        weighted = (image.to(precision) * sizes.to(precision).unsqueeze(-1)).view(-1, channels)
+        sums = weighted.new_zeros(batch * keep, channels).index_add_(0, rows, weighted)
+        out_sizes = sizes.new_zeros(batch * keep).index_add_(0, rows, sizes.flatten()).view(batch, keep)
+        out = (sums.view(batch, keep, channels) / out_sizes.to(precision).unsqueeze(-1)).to(image.dtype)
+    return out, out_sizes, TokenMap.merge(kept_index, destination, out_sizes > sizes.gather(1, kept_index))
 
 
 def _per_sample(flat: Tensor, pooled: tuple[Tensor, Tensor, TokenMap],
