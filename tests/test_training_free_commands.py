@@ -5,6 +5,7 @@ arguments (images, steps, repeats, output paths) for small ones and runs it in-p
 """
 
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -106,3 +107,11 @@ def test_speed_side_by_side(tmp_path, monkeypatch) -> None:
                                            "--out": str(out)}), monkeypatch)
     variants = {v["name"] for result in json.loads(out.with_suffix(".json").read_text())["results"].values() for v in result}
     assert {"evit 0.7", "evit-training-free 0.5", "tome 0.7"} <= variants
+
+
+def test_the_findings_give_exactly_these_commands() -> None:
+    """Every command of the training-free section of docs/findings.md is one run above."""
+    findings = (ROOT / "docs" / "findings.md").read_text()
+    section = findings[findings.index("## Training-free EViT"):]
+    documented = [line for block in re.findall(r"```bash\n(.*?)```", section, re.S) for line in block.strip().splitlines()]
+    assert set(documented) == {BASE, LVVIT, REG4_BASE, REG4, FINETUNE, COMPARE, SPEED}
