@@ -68,7 +68,7 @@ def absorb_into_kept(image: Tensor, scores: Tensor, sizes: Tensor, keep: int) ->
         kept = token_rows(image, kept_index).to(precision)
         others = token_rows(image, order[:, keep:]).to(precision)
         # cosine's argmax over kept tokens: the other token's own length does not change it
-        partner = ((others @ kept.transpose(1, 2)) / kept.norm(dim=-1).unsqueeze(1)).argmax(dim=-1)
+        partner = ((others @ kept.transpose(1, 2)) / kept.norm(dim=-1).clamp_min(1e-12).unsqueeze(1)).argmax(dim=-1)
         slots = torch.arange(keep, device=image.device).expand(batch, -1)
         destination = torch.empty(batch, count, dtype=torch.long, device=image.device).scatter_(
             1, order, torch.cat([slots, partner], dim=1))
