@@ -156,8 +156,10 @@ def test_stale_sizes_of_another_batch_are_not_read(model, images) -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(batch=st.integers(1, 3), count=st.integers(2, 20), channels=st.integers(1, 6), data=st.data())
+@given(batch=st.integers(1, 3), count=st.integers(2, 20), channels=st.integers(2, 6), data=st.data())
 def test_absorb_matches_the_loop_and_conserves_mass(batch, count, channels, data) -> None:
+    """(One channel is left out: there every cosine is +-1, and which of the tied kept
+    tokens is the partner would be decided by rounding.)"""
     keep = data.draw(st.integers(1, count))
     seed = data.draw(st.integers(0, 2**16))
     generator = torch.Generator().manual_seed(seed)
