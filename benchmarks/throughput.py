@@ -51,6 +51,7 @@ from evit_patch.core.scores import AttentionTensors
 from evit_patch.extras import require
 from evit_patch.reducers.evit import kept_token_count
 from evit_patch.tools.timing import autocast_to, interleaved_images_per_second, interleaved_rates, timed_call
+from evit_patch.train.checkpoint import load_weights
 from evit_patch.train.methods import METHODS
 from evit_patch.train.recipe import apply_overrides, recipe_from_dict
 from evit_patch.train.transformers_source import build_transformers_model, class_count, logits_of
@@ -103,6 +104,8 @@ def build_models(args: argparse.Namespace, model_name: str) -> dict[str, tuple[f
         base = build_transformers_model(model_name, args.model_kwargs).eval()
     else:
         base = timm.create_model(model_name, **args.model_kwargs).eval()
+    if args.checkpoint is not None:  # trained weights: a method whose work depends on them is timed as it runs
+        load_weights(base, args.checkpoint)
     models = {"unpatched": (1.0, copy.deepcopy(base))}  # every variant a copy: same memory placement
     for method in args.methods:
         for rate in args.keep_rates:
@@ -261,6 +264,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--calls-per-repeat", type=positive_int, default=1, help="calls timed back to back in one repeat")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="weights of the model (default: random), e.g. recipes/checkpoints/fashion_mnist_vit.safetensors")
     parser.add_argument("--out", type=Path, default=None, help="write <out>.json, <out>.md and <out>.png")
     return parser.parse_args(argv)
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import math
-from typing import Sequence, TypeVar
+from typing import Literal, Sequence, TypeVar, get_args
 
 from torch import Tensor, nn
 
@@ -12,6 +13,11 @@ from evit_patch.core.scores import AttentionTensors
 from evit_patch.core.token_patch import apply_token_reducer
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
+
+Variant = Literal["paper", "training-free"]
+"""``paper``: the official method, to be fine-tuned. ``training-free``: the same layers,
+token counts and MACs for a model used as it is (:mod:`evit_patch.reducers.training_free`)."""
+VARIANTS: tuple[str, ...] = get_args(Variant)
 
 
 def kept_token_count(num_tokens: int, keep_rate: float) -> int:
@@ -75,7 +81,7 @@ class EvitReducer(TokenReducer):
 
 
 def apply_evit(model: ModelT, layers: Sequence[int] | None = None, keep_rate: float | Sequence[float] = 0.7, *,
-               fuse: bool = True) -> ModelT:
+               fuse: bool = True, variant: Variant = "paper") -> ModelT:
     """Patch ``model`` in place with EViT token reorganization and return it.
 
     Args:
@@ -88,10 +94,25 @@ def apply_evit(model: ModelT, layers: Sequence[int] | None = None, keep_rate: fl
             one per layer (the paper's main setting: 0.7). Change it later with
             :func:`evit_patch.set_keep_rate` or ``model.keep_rate = 0.5``.
         fuse: fuse the unkept tokens into one (EViT) or drop them ("EViT w/o fusion").
+        variant: ``"paper"`` (the official method, bitwise) or ``"training-free"`` (the
+            same token counts, for a model that is not fine-tuned afterwards:
+            :class:`~evit_patch.reducers.training_free.TrainingFreeEvit`; it always merges,
+            so ``fuse`` must stay True).
 
     No parameter or buffer is added: ``state_dict()`` is unchanged. On any error the
     model is left exactly as it was.
     """
     if not isinstance(fuse, bool):
         raise TypeError(f"fuse must be True or False, got {fuse!r}")
-    return apply_token_reducer(model, layers, keep_rate, EvitReducer(fuse))
+    if variant not in VARIANTS:
+        close = difflib.get_close_matches(str(variant), VARIANTS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}{hint}")
+    if variant == "paper":
+        return apply_token_reducer(model, layers, keep_rate, EvitReducer(fuse))
+    if not fuse:
+        raise ValueError("variant 'training-free' merges every unkept token into a kept one; it has no "
+                         "no-fusion form: drop fuse=False, or use variant='paper'")
+    from evit_patch.reducers.training_free import TrainingFreeEvit  # it builds on this module's counts
+
+    return apply_token_reducer(model, layers, keep_rate, TrainingFreeEvit())

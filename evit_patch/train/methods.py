@@ -16,7 +16,7 @@ from torch import nn
 from evit_patch.core.token_patch import apply_token_reducer
 from evit_patch.cost import count_macs
 from evit_patch.dynamicvit import apply_dynamicvit
-from evit_patch.reducers import EvitReducer, OracleGuided, RandomDrop, TokenReducer, ToMeMerge, apply_evit
+from evit_patch.reducers import EvitReducer, OracleGuided, RandomDrop, TokenReducer, ToMeMerge, TrainingFreeEvit, apply_evit
 from evit_patch.train.model_source import build_model
 from evit_patch.train.recipe import PrunedShapeConfig, Recipe, RecipeError
 from evit_patch.width_pruning import apply_pruned_shape, prune_to_macs, pruned_shape
@@ -66,6 +66,8 @@ def recipe_reducer(recipe: Recipe, starting_model: Optional[nn.Module] = None) -
         oracle = starting_model if recipe.oracle is None and starting_model is not None else build_model(
             recipe.oracle or recipe.model)
         return OracleGuided(oracle, config.layers, at_eval=config.oracle_at_eval)
+    if config.variant == "training-free":
+        return TrainingFreeEvit()
     return EvitReducer(config.fuse)
 
 
@@ -107,6 +109,8 @@ METHODS: dict[str, Method] = {method.name: method for method in [
     Method("unpatched", "unpatched", "evit", ("evit.enabled=false",), False, True, _unchanged),
     Method("evit", "EViT", "evit", (), False, True, _token_reducer),
     Method("evit-no-fusion", "EViT w/o fusion", "evit", ("evit.fuse=false",), False, True, _token_reducer),
+    Method("evit-training-free", "training-free EViT", "evit", ("evit.variant=training-free",), False, True,
+           _token_reducer),
     Method("random", "random drop", "evit", ("evit.reducer=random",), False, True, _token_reducer),
     Method("tome", "ToMe-style merging", "evit", ("evit.reducer=tome",), False, True, _token_reducer),
     Method("oracle", "oracle-guided EViT", "evit", ("evit.reducer=oracle",), False, True, _token_reducer),
@@ -126,6 +130,8 @@ def recipe_method(recipe: Recipe) -> Method:
     if not recipe.evit.enabled:
         return METHODS["unpatched"]
     if recipe.evit.reducer == "evit":
+        if recipe.evit.variant == "training-free":
+            return METHODS["evit-training-free"]
         return METHODS["evit" if recipe.evit.fuse else "evit-no-fusion"]
     return METHODS[recipe.evit.reducer]
 

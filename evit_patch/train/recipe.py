@@ -48,6 +48,7 @@ class EvitConfig:
     layers: list[int] = field(default_factory=lambda: [3, 6, 9])
     keep_rate: float = 0.7
     fuse: bool = True  # reducer evit: fuse the unkept tokens (false: "EViT w/o fusion")
+    variant: Literal["paper", "training-free"] = "paper"  # reducer evit: the official method, or one for no fine-tuning
     reducer: Literal["evit", "random", "tome", "oracle"] = "evit"  # the method at these layers and counts
     seed: int = 0  # reducer random: its generator's seed
     proportional_attention: bool = True  # reducer tome: keys weighted by the patches each token holds
@@ -304,6 +305,18 @@ def _check_oracle(recipe: Recipe) -> None:
                           "serve as the oracle")
 
 
+def _check_variant(evit: EvitConfig) -> None:
+    """``evit.variant`` chooses between EViT's own forms; the training-free one always merges."""
+    if evit.variant == "paper":
+        return
+    if evit.reducer != "evit":
+        raise RecipeError(f"evit.variant: {evit.variant!r} is a form of reducer evit, not of {evit.reducer!r}; "
+                          "set evit.reducer: evit, or drop evit.variant")
+    if not evit.fuse:
+        raise RecipeError(f"evit.variant: {evit.variant!r} merges every unkept token into a kept one and has "
+                          "no no-fusion form; drop evit.fuse: false, or use evit.variant: paper")
+
+
 def _check_structural(recipe: Recipe) -> None:
     """A structurally pruned run needs a budget, and runs without EViT."""
     structural = recipe.structural
@@ -422,6 +435,7 @@ def check_values(recipe: Recipe) -> None:
         raise RecipeError(f"optimizer.min_lr: must be at most optimizer.lr ({recipe.optimizer.lr}), "
                           f"got {recipe.optimizer.min_lr}")
     _check_optimizer_name(recipe.optimizer.name)
+    _check_variant(recipe.evit)
     _check_output_dir(recipe.train.output_dir)
     for section in ("model", "teacher", "oracle"):
         config = getattr(recipe, section)
