@@ -10,6 +10,8 @@ commands in the order they appear (a run the first writes is what the next evalu
 a safetensors file of DeiT-S weights.
 
 ``CI_COMMANDS`` are not run here: ``.ci/run`` runs them, and a test checks that it does.
+``RUN_ELSEWHERE`` names, per test module, the documented commands that module runs itself
+(checking more than the exit status); each must appear verbatim among its string constants.
 """
 
 from __future__ import annotations
@@ -110,3 +112,4 @@ COMMANDS: dict[str, Small] = {
 }
 
 CI_COMMANDS = {"bash .ci/setup", "bash .ci/run"}
+RUN_ELSEWHERE = {"test_training_free_commands": "docs/findings.md, the training-free EViT section"}
