@@ -124,15 +124,18 @@ def test_a_mask_is_refused() -> None:
 @pytest.mark.parametrize("keep_rate, fuse", [(1.0, True), (0.7, True), (0.5, False)])
 def test_count_macs_is_the_cost_of_the_tokens_really_run(keep_rate: float, fuse: bool) -> None:
     """Patch embedding, per block qkv / attention / output / MLP and two layer norms on the
-    tokens each part runs on, ln_pre, ln_post and the projection; a layer that drops
-    tokens adds the class token's query and the keys projected for its scores, the
-    class attention row and the fused token's weighted sum."""
+    tokens each part runs on, ln_pre, ln_post and the projection; a reorganizing layer
+    adds the class token's query and the keys projected for its scores (projected whether
+    tokens are dropped or not: nn.MultiheadAttention runs as itself), and one that drops
+    tokens the class attention row and the fused token's weighted sum."""
     dim, hidden, patches = 48, 96, 16
     total, n = patches * 8 * 8 * 3 * dim + 2 * 5 * (1 + patches) * dim + dim * 16, patches
     for index in range(4):
         tokens_in = 1 + n
+        if index in LAYERS:
+            total += (1 + tokens_in) * dim * dim
         if index in LAYERS and kept_count(n, keep_rate) < n:
-            total += (1 + tokens_in) * dim * dim + tokens_in * dim + (n * dim if fuse else 0)
+            total += tokens_in * dim + (n * dim if fuse else 0)
             n = kept_count(n, keep_rate) + (1 if fuse else 0)
         total += tokens_in * dim * 4 * dim + 2 * tokens_in * tokens_in * dim + 5 * tokens_in * dim
         total += 2 * (1 + n) * dim * hidden + 5 * (1 + n) * dim
