@@ -70,6 +70,11 @@ class TokenMap:
                    destination, mixed)
 
     @property
+    def is_identity(self) -> bool:
+        """Whether every token went on unchanged, in its place (a layer at keep rate 1.0)."""
+        return self._kept_index is None and self._destination is None
+
+    @property
     def kept_index(self) -> Tensor:
         """``(B, k)`` incoming image tokens that go on as they are (selection methods:
         highest score first) or that represent an output token (merging)."""

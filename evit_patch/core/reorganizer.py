@@ -9,9 +9,11 @@ from typing import Any, Iterator, Optional
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from evit_patch.core.dense import DEFAULT_FILL, install_dense_entry_points, uninstall_dense_entry_points
 from evit_patch.core.lifecycle import PatchState
 from evit_patch.core.model_info import family_of, model_name, transformer_blocks
 from evit_patch.core.reduction import LayerContext, TokenMap, TokenReducer
+from evit_patch.core.restoration import Fill
 from evit_patch.core.scores import AttentionTensors, ScoreMode
 from evit_patch.errors import UnsupportedModelError
 
@@ -35,6 +37,7 @@ class ReductionState(PatchState):
     weighted_attentions: dict[int, nn.Module] = field(default_factory=dict)
     records: list[Optional[TokenMap]] = field(default_factory=list)
     forward_hook: Optional[RemovableHandle] = None  # the model's pre-hook calling start_forward
+    restoration: Fill = DEFAULT_FILL  # how dense outputs fill patches that are not their own token (core/dense.py)
 
     def __post_init__(self) -> None:
         self.method = f"EViT's token reorganization (reducer {self.reducer.describe()})"
@@ -47,6 +50,7 @@ class ReductionState(PatchState):
         for index, attention in self.weighted_attentions.items():
             blocks[index].attn = attention
         self.forward_hook = model.register_forward_pre_hook(self.start_forward)
+        install_dense_entry_points(model)
 
     def uninstall(self, model: nn.Module) -> None:
         blocks = transformer_blocks(model)
@@ -57,6 +61,7 @@ class ReductionState(PatchState):
             attention.training = blocks[index].attn.training  # train()/eval() since patching reached the copy only
             blocks[index].attn = attention
         self.forward_hook.remove()
+        uninstall_dense_entry_points(model)
 
     @contextlib.contextmanager
     def probe_settings(self, model: nn.Module) -> Iterator[None]:

@@ -1,0 +1,157 @@
+"""Dense features of a reduced model: the full patch grid at the entry points that return it.
+
+Classification stays on the short sequence (``forward``, ``forward_features``). Where a
+caller asks for patch features, the grid comes back through the recorded token maps
+(:mod:`evit_patch.core.restoration`):
+
+- timm's ``forward_intermediates`` on a patched model (installed as an instance method
+  while the patch is on) runs timm's own code with hooks on the blocks from the first
+  reduction layer on: each block's output is handed to timm restored to the full grid
+  (so its prefix split, ``norm`` and NCHW reshape work unchanged), and the next block's
+  input is swapped back to the reduced sequence, so the blocks still run short.
+- :func:`restore_tokens` turns any reduced output of the last forward (timm's
+  ``forward_features``, transformers' ``last_hidden_state``, open_clip's tokens) into
+  the full sequence.
+
+The fill of patches that are not their own token any more is the model's
+``restoration`` setting (:func:`set_restoration`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from evit_patch.core.lifecycle import STATE_ATTRIBUTE
+from evit_patch.core.model_info import model_name, transformer_blocks
+from evit_patch.core.restoration import Fill, check_fill, places_of, restore_image_tokens
+
+DEFAULT_FILL: Fill = "source"
+"""The fill measured best on the garment task (docs/dense.md)."""
+
+
+def _state(model: nn.Module) -> Any:
+    """The reduction state of ``model`` (a ReductionState; read by duck typing, so this module
+    sits below the reorganizer that installs it)."""
+    state = getattr(model, STATE_ATTRIBUTE, None)
+    if state is None or not hasattr(state, "records"):
+        raise ValueError(f"{model_name(model)} is not patched with a token reducer; dense restoration reads the "
+                         "token maps a reducer records (apply_evit / apply_token_reducer first)")
+    return state
+
+
+def set_restoration(model: nn.Module, fill: Fill) -> None:
+    """How ``forward_intermediates`` and :func:`restore_tokens` fill the patches that are not
+    their own token any more: ``source``, ``carry``, ``nearest`` or ``zeros``."""
+    _state(model).restoration = check_fill(fill)
+
+
+def grid_size_of(model: nn.Module, images: Optional[Tensor] = None) -> Optional[tuple[int, int]]:
+    """``(rows, cols)`` of the patch grid (of ``images`` when given), or None when unknown."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if images is not None and hasattr(patch_embed, "dynamic_feat_size"):
+        return tuple(patch_embed.dynamic_feat_size(images.shape[-2:]))
+    grid = getattr(patch_embed, "grid_size", None) or getattr(model, "grid_size", None)
+    return (int(grid[0]), int(grid[1])) if grid is not None else None
+
+
+def restore_tokens(model: nn.Module, tokens: Tensor, fill: Optional[Fill] = None,
+                   grid_size: Optional[tuple[int, int]] = None) -> Tensor:
+    """The reduced tokens ``(B, P + m, C)`` of the last forward of ``model`` as the full
+    sequence ``(B, P + N, C)``: prefix tokens first, then one feature per patch in grid order.
+
+    ``tokens`` is what the last block (or a per-token map of it: a norm, a projection)
+    produced, e.g. ``model.forward_features(x)``; ``fill`` defaults to the model's
+    :func:`set_restoration` setting. ``carry`` needs every block's output and is
+    available through ``forward_intermediates`` only.
+    """
+    state = _state(model)
+    fill = check_fill(fill or state.restoration)
+    if fill == "carry":
+        raise ValueError("fill 'carry' needs every block's output: use model.forward_intermediates(...), "
+                         "or restore_tokens with fill 'source', 'nearest' or 'zeros'")
+    first = next((record for record in state.records if record is not None), None)
+    if first is None:
+        raise RuntimeError("no token record yet: run a forward pass through the patched model first")
+    places = places_of(state.records, first.batch, first.incoming, first.device)
+    prefix = state.num_prefix_tokens
+    expected = prefix + places.token_is_mixed.shape[1]
+    if tokens.dim() != 3 or tokens.shape[0] != first.batch or tokens.shape[1] != expected:
+        raise ValueError(f"tokens of shape {tuple(tokens.shape)} are not the last forward's output: expected "
+                         f"({first.batch}, {expected}, C) ({prefix} prefix + {expected - prefix} image tokens)")
+    grid_size = grid_size or grid_size_of(model)
+    image = restore_image_tokens(tokens[:, prefix:], places, fill, grid_size=grid_size)
+    return image if prefix == 0 else torch.cat([tokens[:, :prefix], image], dim=1)
+
+
+class _GridHooks:
+    """Forward hooks on the blocks from the first reduction layer on, for one call of
+    ``forward_intermediates``: each block's output goes out restored, the next block's
+    input comes back reduced."""
+
+    def __init__(self, model: nn.Module, state: Any, images: Tensor) -> None:
+        self.state, self.fill = state, check_fill(state.restoration)
+        self.grid_size = grid_size_of(model, images)
+        self.blocks = list(transformer_blocks(model))[state.layers[0]:]
+        self.num_patches: Optional[int] = None
+        self.previous: Optional[Tensor] = None  # the restored image tokens of the block before (fill carry)
+        self.handed_out: Optional[tuple[Tensor, Tensor]] = None  # (restored, reduced) of the last block
+
+    def before(self, block: nn.Module, args: tuple[Any, ...]) -> Optional[tuple[Any, ...]]:
+        prefix = self.state.num_prefix_tokens
+        if self.num_patches is None:  # the first reduction block: the grid as it enters
+            self.num_patches = args[0].shape[1] - prefix
+            self.previous = args[0][:, prefix:]
+            return None
+        restored, reduced = self.handed_out
+        if args[0] is not restored:
+            raise RuntimeError(f"block {type(block).__name__} did not receive the output of the block before it; "
+                               "dense restoration follows a plain chain of blocks (timm's forward_intermediates)")
+        return (reduced, *args[1:])
+
+    def after(self, block: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+        state, prefix = self.state, self.state.num_prefix_tokens
+        places = places_of(state.records, output.shape[0], self.num_patches, output.device)
+        image = restore_image_tokens(output[:, prefix:], places, self.fill, previous=self.previous,
+                                     grid_size=self.grid_size)
+        restored = image if prefix == 0 else torch.cat([output[:, :prefix], image], dim=1)
+        self.previous = image
+        self.handed_out = (restored, output)
+        return restored
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        handles = [handle for block in self.blocks for handle in (
+            block.register_forward_pre_hook(self.before), block.register_forward_hook(self.after))]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def restoring_forward_intermediates(model: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+    """timm's ``forward_intermediates`` of the model's class, with every intermediate (and
+    the final features) restored to the full patch grid: exactly the unpatched shapes."""
+    state = _state(model)
+    if getattr(model, "grad_checkpointing", False) and model.training:
+        raise ValueError(f"{model_name(model)}: dense restoration hooks the blocks, which gradient checkpointing "
+                         "recomputes; call model.set_grad_checkpointing(False) first")
+    state.clear_record()  # a new forward (forward_intermediates does not pass through the model's pre-hook)
+    state.reducer.start_forward(x, model.training)
+    with _GridHooks(model, state, x).installed():
+        return type(model).forward_intermediates(model, x, *args, **kwargs)
+
+
+def install_dense_entry_points(model: nn.Module) -> None:
+    """Route ``model.forward_intermediates`` (when its class has one) through the restoration."""
+    if callable(getattr(type(model), "forward_intermediates", None)):
+        model.forward_intermediates = types.MethodType(restoring_forward_intermediates, model)
+
+
+def uninstall_dense_entry_points(model: nn.Module) -> None:
+    model.__dict__.pop("forward_intermediates", None)
