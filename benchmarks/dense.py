@@ -185,8 +185,8 @@ def plot(path: Path, images: Tensor, masks: Tensor, panels: dict[str, Tensor], k
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-images", type=int, default=6000)
-    parser.add_argument("--test-images", type=int, default=2000)
+    parser.add_argument("--train-images", type=int, default=20000)
+    parser.add_argument("--test-images", type=int, default=5000)
     parser.add_argument("--keep-rates", type=float, nargs="+", default=[0.7, 0.5])
     parser.add_argument("--fills", nargs="+", default=["source", "carry", "nearest", "zeros"],
                         choices=list(evit_patch.FILLS))

@@ -13,7 +13,7 @@ registration, never the training code.
 
 import evit_patch.adapters  # noqa: F401  (registers the transformers and open_clip families)
 import evit_patch.models  # noqa: F401  (registers lvvit_* in timm's registry)
-from evit_patch.core.dense import restore_tokens, set_restoration
+from evit_patch.core.dense import dense_outputs, restore_tokens, set_restoration
 from evit_patch.core.lifecycle import is_patched
 from evit_patch.core.provenance import DROPPED, FUSED, KEPT, LayerTokens, kept_tokens
 from evit_patch.core.restoration import FILLS
@@ -33,6 +33,7 @@ __all__ = [
     "keep_rate_for_resolution",
     "kept_tokens",
     "restore_tokens",
+    "dense_outputs",
     "set_restoration",
     "FILLS",
     "LayerTokens",

@@ -4,17 +4,19 @@ Classification stays on the short sequence (``forward``, ``forward_features``). 
 caller asks for patch features, the grid comes back through the recorded token maps
 (:mod:`evit_patch.core.restoration`):
 
-- timm's ``forward_intermediates`` on a patched model (installed as an instance method
-  while the patch is on) runs timm's own code with hooks on the blocks from the first
-  reduction layer on: each block's output is handed to timm restored to the full grid
-  (so its prefix split, ``norm`` and NCHW reshape work unchanged), and the next block's
-  input is swapped back to the reduced sequence, so the blocks still run short.
-- :func:`restore_tokens` turns any reduced output of the last forward (timm's
-  ``forward_features``, transformers' ``last_hidden_state``, open_clip's tokens) into
-  the full sequence.
+- :func:`dense_outputs`, a context in which hooks on the blocks from the first reduction
+  layer on hand each block's output out restored to the full grid, and swap the next
+  block's input back to the reduced sequence, so the blocks still run short. Whatever
+  reads the blocks' outputs (timm's norm and ``forward_features``, transformers'
+  ``last_hidden_state``, open_clip's tokens) then sees the full grid.
+- timm's ``forward_intermediates`` on a patched model (an instance method while the patch
+  is on) is timm's own code run inside that context: its prefix split, ``norm`` and NCHW
+  reshape work unchanged, with exactly the unpatched shapes.
+- :func:`restore_tokens` turns a reduced output of the last forward into the full
+  sequence afterwards, from the token maps alone.
 
 The fill of patches that are not their own token any more is the model's
-``restoration`` setting (:func:`set_restoration`).
+``restoration`` setting (:func:`set_restoration`; default ``carry``, measured best).
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from torch import Tensor, nn
 
 from evit_patch.core.lifecycle import STATE_ATTRIBUTE
 from evit_patch.core.model_info import model_name, transformer_blocks
+from evit_patch.core.reduction import TokenMap
 from evit_patch.core.restoration import Fill, check_fill, places_of, restore_image_tokens
 
-DEFAULT_FILL: Fill = "source"
+DEFAULT_FILL: Fill = "carry"
 """The fill measured best on the garment task (docs/dense.md)."""
 
 
@@ -59,20 +62,21 @@ def grid_size_of(model: nn.Module, images: Optional[Tensor] = None) -> Optional[
     return (int(grid[0]), int(grid[1])) if grid is not None else None
 
 
-def restore_tokens(model: nn.Module, tokens: Tensor, fill: Optional[Fill] = None,
+def restore_tokens(model: nn.Module, tokens: Tensor, fill: Fill = "source",
                    grid_size: Optional[tuple[int, int]] = None) -> Tensor:
     """The reduced tokens ``(B, P + m, C)`` of the last forward of ``model`` as the full
     sequence ``(B, P + N, C)``: prefix tokens first, then one feature per patch in grid order.
 
     ``tokens`` is what the last block (or a per-token map of it: a norm, a projection)
-    produced, e.g. ``model.forward_features(x)``; ``fill`` defaults to the model's
-    :func:`set_restoration` setting. ``carry`` needs every block's output and is
-    available through ``forward_intermediates`` only.
+    produced, e.g. ``model.forward_features(x)``. This needs nothing but the token maps, so
+    it offers the fills that need no other block's output (``source``, ``nearest``,
+    ``zeros``); ``carry`` (the default of :func:`dense_outputs` and ``forward_intermediates``)
+    needs every block's output and is refused here with the call that gives it.
     """
     state = _state(model)
-    fill = check_fill(fill or state.restoration)
-    if fill == "carry":
-        raise ValueError("fill 'carry' needs every block's output: use model.forward_intermediates(...), "
+    if check_fill(fill) == "carry":
+        raise ValueError("fill 'carry' needs every block's output: run the forward inside "
+                         "`with evit_patch.dense_outputs(model):` (or call model.forward_intermediates), "
                          "or restore_tokens with fill 'source', 'nearest' or 'zeros'")
     first = next((record for record in state.records if record is not None), None)
     if first is None:
@@ -89,33 +93,44 @@ def restore_tokens(model: nn.Module, tokens: Tensor, fill: Optional[Fill] = None
 
 
 class _GridHooks:
-    """Forward hooks on the blocks from the first reduction layer on, for one call of
-    ``forward_intermediates``: each block's output goes out restored, the next block's
-    input comes back reduced."""
+    """Hooks on the blocks from the first reduction layer on: each block's output goes out
+    restored, the next block's input comes back reduced.
 
-    def __init__(self, model: nn.Module, state: Any, images: Tensor) -> None:
-        self.state, self.fill = state, check_fill(state.restoration)
-        self.grid_size = grid_size_of(model, images)
-        self.blocks = list(transformer_blocks(model))[state.layers[0]:]
+    Only the token maps of the layers whose blocks have run since the first reduction block
+    are composed, so a record left over from an earlier forward is never read, whichever
+    entry point (or reset mechanism) runs the model."""
+
+    def __init__(self, model: nn.Module, state: Any, grid_size: Optional[tuple[int, int]]) -> None:
+        self.state, self.fill, self.grid_size = state, check_fill(state.restoration), grid_size
+        blocks = transformer_blocks(model)
+        self.blocks = list(blocks)[state.layers[0]:]
+        self.positions = {id(blocks[index]): position for position, index in enumerate(state.layers)}
         self.num_patches: Optional[int] = None
+        self.reached: list[Optional[TokenMap]] = []  # this forward's maps so far
         self.previous: Optional[Tensor] = None  # the restored image tokens of the block before (fill carry)
         self.handed_out: Optional[tuple[Tensor, Tensor]] = None  # (restored, reduced) of the last block
 
-    def before(self, block: nn.Module, args: tuple[Any, ...]) -> Optional[tuple[Any, ...]]:
-        prefix = self.state.num_prefix_tokens
-        if self.num_patches is None:  # the first reduction block: the grid as it enters
-            self.num_patches = args[0].shape[1] - prefix
-            self.previous = args[0][:, prefix:]
+    def before(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Optional[tuple[Any, Any]]:
+        tokens = args[0] if args else next(iter(kwargs.values()), None)
+        if block is self.blocks[0]:  # a new forward enters the first reduction block
+            self.num_patches = tokens.shape[1] - self.state.num_prefix_tokens
+            self.reached, self.previous, self.handed_out = [], tokens[:, self.state.num_prefix_tokens:], None
             return None
-        restored, reduced = self.handed_out
-        if args[0] is not restored:
-            raise RuntimeError(f"block {type(block).__name__} did not receive the output of the block before it; "
-                               "dense restoration follows a plain chain of blocks (timm's forward_intermediates)")
-        return (reduced, *args[1:])
+        restored, reduced = self.handed_out or (None, None)
+        if tokens is not restored:
+            raise RuntimeError(f"{type(block).__name__} did not receive the output of the block before it; dense "
+                               "restoration follows a plain chain of blocks (as timm's, transformers' and open_clip's "
+                               "encoders run them)")
+        if args:
+            return (reduced, *args[1:]), kwargs
+        return args, {**kwargs, next(iter(kwargs)): reduced}
 
     def after(self, block: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
         state, prefix = self.state, self.state.num_prefix_tokens
-        places = places_of(state.records, output.shape[0], self.num_patches, output.device)
+        position = self.positions.get(id(block))
+        if position is not None:
+            self.reached.append(state.records[position])
+        places = places_of(self.reached, output.shape[0], self.num_patches, output.device)
         image = restore_image_tokens(output[:, prefix:], places, self.fill, previous=self.previous,
                                      grid_size=self.grid_size)
         restored = image if prefix == 0 else torch.cat([output[:, :prefix], image], dim=1)
@@ -126,12 +141,28 @@ class _GridHooks:
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         handles = [handle for block in self.blocks for handle in (
-            block.register_forward_pre_hook(self.before), block.register_forward_hook(self.after))]
+            block.register_forward_pre_hook(self.before, with_kwargs=True), block.register_forward_hook(self.after))]
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
+
+
+@contextlib.contextmanager
+def dense_outputs(model: nn.Module, grid_size: Optional[tuple[int, int]] = None) -> Iterator[None]:
+    """Within this context every forward of ``model`` hands out full-grid block outputs: the
+    sequence leaving each block from the first reduction layer on is restored to
+    ``(B, P + N, C)`` (fill: :func:`set_restoration`) while the next block still runs on the
+    reduced one. So whatever the model does after its blocks (a final norm, timm's
+    ``forward_features``, transformers' ``last_hidden_state`` and ``hidden_states``,
+    open_clip's ``output_tokens``) sees the full grid, and pooled outputs of the class
+    token are unchanged. ``grid_size`` (rows, cols) is needed by fill ``nearest`` only,
+    when the model does not tell its own.
+    """
+    state = _state(model)
+    with _GridHooks(model, state, grid_size or grid_size_of(model)).installed():
+        yield
 
 
 def restoring_forward_intermediates(model: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -143,7 +174,7 @@ def restoring_forward_intermediates(model: nn.Module, x: Tensor, *args: Any, **k
                          "recomputes; call model.set_grad_checkpointing(False) first")
     state.clear_record()  # a new forward (forward_intermediates does not pass through the model's pre-hook)
     state.reducer.start_forward(x, model.training)
-    with _GridHooks(model, state, x).installed():
+    with dense_outputs(model, grid_size_of(model, x)):
         return type(model).forward_intermediates(model, x, *args, **kwargs)
 
 

@@ -102,9 +102,9 @@ def places_of(records: list[Optional[TokenMap]], batch: int, num_patches: int, d
 def grid_distances(grid_size: tuple[int, int], device: torch.device) -> Tensor:
     """``(N, N)`` squared distances between the patches of a ``rows x cols`` grid."""
     rows, cols = grid_size
-    coordinates = torch.stack(torch.meshgrid(torch.arange(rows, device=device), torch.arange(cols, device=device),
-                                             indexing="ij"), dim=-1).reshape(-1, 2).float()
-    return torch.cdist(coordinates, coordinates).square()
+    patch = torch.arange(rows * cols, device=device)
+    row, col = patch // cols, patch % cols  # exact integers: equal distances tie exactly
+    return ((row[:, None] - row[None]).square() + (col[:, None] - col[None]).square()).float()
 
 
 def nearest_own_patch(own: Tensor, grid_size: tuple[int, int]) -> Tensor:
