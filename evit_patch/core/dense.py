@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import types
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
 from evit_patch.core.lifecycle import STATE_ATTRIBUTE
 from evit_patch.core.model_info import model_name, transformer_blocks
-from evit_patch.core.reduction import TokenMap
-from evit_patch.core.restoration import Fill, check_fill, places_of, restore_image_tokens
+from evit_patch.core.restoration import Fill, PatchPlaces, check_fill, places_of, restore_image_tokens
 
 DEFAULT_FILL: Fill = "carry"
 """The fill measured best on the garment task (docs/dense.md)."""
@@ -93,49 +92,63 @@ def restore_tokens(model: nn.Module, tokens: Tensor, fill: Fill = "source",
 
 
 class _GridHooks:
-    """Hooks on the blocks from the first reduction layer on: each block's output goes out
-    restored, the next block's input comes back reduced.
+    """Hooks on the blocks from the first reduction layer on: the output of each block in
+    ``restored`` goes out on the full grid, and the next block's input comes back reduced.
 
-    Only the token maps of the layers whose blocks have run since the first reduction block
-    are composed, so a record left over from an earlier forward is never read, whichever
-    entry point (or reset mechanism) runs the model."""
+    Only the token maps of the reduction layers reached since the first reduction block are
+    composed (one step per layer), so a record left over from an earlier forward is never
+    read, whichever entry point (or reset mechanism) runs the model. Fill ``carry`` keeps
+    the grid as it enters each reduction layer: the patches that stop being their own token
+    there keep that feature."""
 
-    def __init__(self, model: nn.Module, state: Any, grid_size: Optional[tuple[int, int]]) -> None:
+    def __init__(self, model: nn.Module, state: Any, grid_size: Optional[tuple[int, int]],
+                 restored: Optional[Iterable[int]]) -> None:
         self.state, self.fill, self.grid_size = state, check_fill(state.restoration), grid_size
         blocks = transformer_blocks(model)
-        self.blocks = list(blocks)[state.layers[0]:]
+        first = state.layers[0]
+        self.blocks = list(blocks)[first:]
+        self.first = blocks[first]
         self.positions = {id(blocks[index]): position for position, index in enumerate(state.layers)}
-        self.num_patches: Optional[int] = None
-        self.reached: list[Optional[TokenMap]] = []  # this forward's maps so far
-        self.previous: Optional[Tensor] = None  # the restored image tokens of the block before (fill carry)
-        self.handed_out: Optional[tuple[Tensor, Tensor]] = None  # (restored, reduced) of the last block
+        self.restored = {id(blocks[index]) for index in (range(len(blocks)) if restored is None else restored)
+                         if index >= first}
+        self.places: Optional[PatchPlaces] = None  # after this forward's reduction layers so far
+        self.previous: Optional[Tensor] = None  # fill carry: the grid as it entered the last reduction layer
+        self.handed_out: Optional[tuple[Tensor, Tensor, Tensor]] = None  # (restored, reduced, its image tokens)
+
+    def _restore(self, tokens: Tensor) -> Tensor:
+        return restore_image_tokens(tokens[:, self.state.num_prefix_tokens:], self.places, self.fill,
+                                    previous=self.previous, grid_size=self.grid_size)
 
     def before(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Optional[tuple[Any, Any]]:
         tokens = args[0] if args else next(iter(kwargs.values()), None)
-        if block is self.blocks[0]:  # a new forward enters the first reduction block
-            self.num_patches = tokens.shape[1] - self.state.num_prefix_tokens
-            self.reached, self.previous, self.handed_out = [], tokens[:, self.state.num_prefix_tokens:], None
+        swapped = None
+        if block is self.first:  # a new forward enters the first reduction block
+            prefix = self.state.num_prefix_tokens
+            self.places = PatchPlaces.start(tokens.shape[0], tokens.shape[1] - prefix, tokens.device)
+            self.previous, self.handed_out = tokens[:, prefix:], None
             return None
-        restored, reduced = self.handed_out or (None, None)
-        if tokens is not restored:
-            raise RuntimeError(f"{type(block).__name__} did not receive the output of the block before it; dense "
-                               "restoration follows a plain chain of blocks (as timm's, transformers' and open_clip's "
-                               "encoders run them)")
-        if args:
-            return (reduced, *args[1:]), kwargs
-        return args, {**kwargs, next(iter(kwargs)): reduced}
+        if self.handed_out is not None:
+            restored, tokens, image = self.handed_out
+            if (args[0] if args else next(iter(kwargs.values()))) is not restored:
+                raise RuntimeError(f"{type(block).__name__} did not receive the output of the block before it; dense "
+                                   "restoration follows a plain chain of blocks (as timm's, transformers' and "
+                                   "open_clip's encoders run them)")
+            swapped = ((tokens, *args[1:]), kwargs) if args else (args, {**kwargs, next(iter(kwargs)): tokens})
+        if self.fill == "carry" and id(block) in self.positions:
+            self.previous = image if self.handed_out is not None else self._restore(tokens)
+        self.handed_out = None
+        return swapped
 
-    def after(self, block: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-        state, prefix = self.state, self.state.num_prefix_tokens
+    def after(self, block: nn.Module, args: tuple[Any, ...], output: Tensor) -> Optional[Tensor]:
         position = self.positions.get(id(block))
         if position is not None:
-            self.reached.append(state.records[position])
-        places = places_of(self.reached, output.shape[0], self.num_patches, output.device)
-        image = restore_image_tokens(output[:, prefix:], places, self.fill, previous=self.previous,
-                                     grid_size=self.grid_size)
+            self.places = self.places.after(self.state.records[position])
+        if id(block) not in self.restored:
+            return None
+        prefix = self.state.num_prefix_tokens
+        image = self._restore(output)
         restored = image if prefix == 0 else torch.cat([output[:, :prefix], image], dim=1)
-        self.previous = image
-        self.handed_out = (restored, output)
+        self.handed_out = (restored, output, image)
         return restored
 
     @contextlib.contextmanager
@@ -150,32 +163,40 @@ class _GridHooks:
 
 
 @contextlib.contextmanager
-def dense_outputs(model: nn.Module, grid_size: Optional[tuple[int, int]] = None) -> Iterator[None]:
+def dense_outputs(model: nn.Module, grid_size: Optional[tuple[int, int]] = None,
+                  blocks: Optional[Iterable[int]] = None) -> Iterator[None]:
     """Within this context every forward of ``model`` hands out full-grid block outputs: the
-    sequence leaving each block from the first reduction layer on is restored to
-    ``(B, P + N, C)`` (fill: :func:`set_restoration`) while the next block still runs on the
-    reduced one. So whatever the model does after its blocks (a final norm, timm's
-    ``forward_features``, transformers' ``last_hidden_state`` and ``hidden_states``,
-    open_clip's ``output_tokens``) sees the full grid, and pooled outputs of the class
-    token are unchanged. ``grid_size`` (rows, cols) is needed by fill ``nearest`` only,
-    when the model does not tell its own.
+    sequence leaving each block (of ``blocks``, default all) from the first reduction layer
+    on is restored to ``(B, P + N, C)`` (fill: :func:`set_restoration`) while the next block
+    still runs on the reduced one. So whatever the model does after its blocks (a final
+    norm, timm's ``forward_features``, transformers' ``last_hidden_state``, open_clip's
+    ``output_tokens``) sees the full grid, and pooled outputs of the class token are
+    unchanged. ``grid_size`` (rows, cols) is needed by fill ``nearest`` only, when the model
+    does not tell its own.
     """
     state = _state(model)
-    with _GridHooks(model, state, grid_size or grid_size_of(model)).installed():
+    with _GridHooks(model, state, grid_size or grid_size_of(model), blocks).installed():
         yield
 
 
-def restoring_forward_intermediates(model: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+def restoring_forward_intermediates(model: nn.Module, x: Tensor, indices: Optional[int | list[int]] = None,
+                                    *args: Any, **kwargs: Any) -> Any:
     """timm's ``forward_intermediates`` of the model's class, with every intermediate (and
-    the final features) restored to the full patch grid: exactly the unpatched shapes."""
+    the final features) restored to the full patch grid: exactly the unpatched shapes.
+    Only the blocks handed out are restored (timm's own choice of them from ``indices``),
+    and the last one, whose output timm returns as the final features."""
+    from timm.models._features import feature_take_indices  # timm's own reading of `indices`
+
     state = _state(model)
     if getattr(model, "grad_checkpointing", False) and model.training:
         raise ValueError(f"{model_name(model)}: dense restoration hooks the blocks, which gradient checkpointing "
                          "recomputes; call model.set_grad_checkpointing(False) first")
     state.clear_record()  # a new forward (forward_intermediates does not pass through the model's pre-hook)
     state.reducer.start_forward(x, model.training)
-    with dense_outputs(model, grid_size_of(model, x)):
-        return type(model).forward_intermediates(model, x, *args, **kwargs)
+    depth = len(transformer_blocks(model))
+    taken, last = feature_take_indices(depth, indices)
+    with dense_outputs(model, grid_size_of(model, x), {*taken, last, depth - 1}):
+        return type(model).forward_intermediates(model, x, indices, *args, **kwargs)
 
 
 def install_dense_entry_points(model: nn.Module) -> None:

@@ -23,6 +23,7 @@ Fills for a patch that is not its own token (``FILLS``):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, Optional, get_args
 
 import torch
@@ -73,7 +74,7 @@ class PatchPlaces:
         carried.scatter_add_(1, destination.clamp(min=0), self.token_is_mixed.long().masked_fill(destination < 0, 0))
         return PatchPlaces(token_of_patch, record.mixed | (carried > 0))
 
-    @property
+    @cached_property
     def status(self) -> Tensor:
         """``(B, N)`` KEPT, FUSED (inside a mixed token) or DROPPED for each patch."""
         alive = self.token_of_patch >= 0
@@ -83,7 +84,7 @@ class PatchPlaces:
         status[~alive] = DROPPED
         return status
 
-    @property
+    @cached_property
     def own(self) -> Tensor:
         """``(B, N)`` whether each patch is still its own, unmixed token."""
         alive = self.token_of_patch >= 0
