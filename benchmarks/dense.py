@@ -188,8 +188,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--train-images", type=int, default=20000)
     parser.add_argument("--test-images", type=int, default=5000)
     parser.add_argument("--keep-rates", type=float, nargs="+", default=[0.7, 0.5])
-    parser.add_argument("--fills", nargs="+", default=["source", "carry", "nearest", "zeros"],
-                        choices=list(evit_patch.FILLS))
+    parser.add_argument("--fills", nargs="+", default=["carry", "source", "nearest", "zeros"],
+                        choices=list(evit_patch.FILLS), help="the first is drawn in the picture")
     parser.add_argument("--threshold", type=float, default=0.1, help="garment pixels: intensity above this (0..1)")
     parser.add_argument("--epochs", type=int, default=8, help="head epochs on the unpatched model's features")
     parser.add_argument("--finetune-epochs", type=int, default=3, help="head epochs on each variant's features")
@@ -254,7 +254,7 @@ def main(argv: Optional[list[str]] = None) -> list[Variant]:
         args.out.with_suffix(".md").write_text(table + "\n")
         args.out.with_suffix(".json").write_text(json.dumps({"setup": setup, "results": [asdict(r) for r in rows]},
                                                             indent=2))
-        kept_label = f"EViT {args.keep_rates[0]} kept (0) / fused (1), block {layers[-1]}"
+        kept_label = f"EViT {args.keep_rates[0]} after block {layers[-1]}: kept dark, fused light"
         plot(args.out.with_suffix(".png"), shown, test_masks[:6], panels, kept_map, kept_label)
     return rows
 

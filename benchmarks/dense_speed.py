@@ -1,6 +1,6 @@
 """What restoring the full grid costs of EViT's speed-up, timed side by side in one process.
 
-    python benchmarks/dense_speed.py --batch-sizes 1 32 --out benchmarks/results/dense_speed_deit_s_cpu
+    python benchmarks/dense_speed.py --batch-sizes 1 32 --repeats 15 --calls-per-repeat 2 --out benchmarks/results/dense_speed_deit_s_cpu
 
 A dense consumer's call, ``forward_intermediates(x, indices, norm=True, output_fmt="NLC")``,
 on the unpatched model and on EViT (keep 0.7, blocks 3, 6, 9) with each restoration fill,

@@ -215,3 +215,13 @@ def test_bad_input_is_a_clear_error(base, images):
         evit_patch.restore_tokens(model, reduced, fill="carry")
     with pytest.raises(ValueError, match="grid does not hold"):
         evit_patch.restore_tokens(model, reduced, fill="nearest", grid_size=(5, 5))
+
+
+def test_dynamicvit_in_eval_is_refused_by_name(base, images):
+    model = evit_patch.dynamicvit.apply_dynamicvit(copy.deepcopy(base), LAYERS, 0.7)
+    with pytest.raises(ValueError, match="DynamicViT.*remove_dynamicvit"):
+        model.eval().forward_intermediates(images, indices=1)
+    grids = model.train().forward_intermediates(images, indices=1, intermediates_only=True)  # masks: whole sequence
+    assert grids[0].shape == base.forward_intermediates(images, indices=1, intermediates_only=True)[0].shape
+    evit_patch.dynamicvit.remove_dynamicvit(model)
+    assert "forward_intermediates" not in vars(model)

@@ -205,5 +205,22 @@ def install_dense_entry_points(model: nn.Module) -> None:
         model.forward_intermediates = types.MethodType(restoring_forward_intermediates, model)
 
 
+def refusing_forward_intermediates(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """timm's ``forward_intermediates`` where the patch keeps the sequence whole (DynamicViT in
+    training masks tokens); a clear error where it drops tokens without a map to restore."""
+    if model.training:
+        return type(model).forward_intermediates(model, *args, **kwargs)
+    state = getattr(model, STATE_ATTRIBUTE)
+    raise ValueError(f"{model_name(model)} is patched with {state.method}, whose evaluation drops tokens without "
+                     "the token maps dense restoration reads; use a token reducer (apply_evit, "
+                     f"apply_token_reducer) for dense features, or call {state.removal} first")
+
+
+def install_dense_refusal(model: nn.Module) -> None:
+    """Route ``model.forward_intermediates`` (when its class has one) to a clear refusal in eval."""
+    if callable(getattr(type(model), "forward_intermediates", None)):
+        model.forward_intermediates = types.MethodType(refusing_forward_intermediates, model)
+
+
 def uninstall_dense_entry_points(model: nn.Module) -> None:
     model.__dict__.pop("forward_intermediates", None)
