@@ -225,3 +225,14 @@ def test_dynamicvit_in_eval_is_refused_by_name(base, images):
     assert grids[0].shape == base.forward_intermediates(images, indices=1, intermediates_only=True)[0].shape
     evit_patch.dynamicvit.remove_dynamicvit(model)
     assert "forward_intermediates" not in vars(model)
+
+
+def test_output_dict_and_stop_early_have_the_unpatched_shapes(base, images):
+    model = _patched(base, 0.5)
+    for options in (dict(indices=[1, 3], stop_early=True), dict(indices=2, output_dict=True, return_prefix_tokens=True)):
+        got, expected = model.forward_intermediates(images, **options), base.forward_intermediates(images, **options)
+        if isinstance(expected, dict):
+            assert {key: _shapes(value) for key, value in got.items()} == \
+                {key: _shapes(value) for key, value in expected.items()}
+        else:
+            assert _shapes(got) == _shapes(expected)

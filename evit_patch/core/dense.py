@@ -25,12 +25,11 @@ import contextlib
 import types
 from typing import Any, Iterable, Iterator, Optional
 
-import torch
 from torch import Tensor, nn
 
 from evit_patch.core.lifecycle import STATE_ATTRIBUTE
 from evit_patch.core.model_info import model_name, transformer_blocks
-from evit_patch.core.restoration import Fill, PatchPlaces, check_fill, places_of, restore_image_tokens
+from evit_patch.core.restoration import Fill, PatchPlaces, check_fill, places_of, restore_sequence
 
 DEFAULT_FILL: Fill = "carry"
 """The fill measured best on the garment task (docs/dense.md)."""
@@ -86,9 +85,7 @@ def restore_tokens(model: nn.Module, tokens: Tensor, fill: Fill = "source",
     if tokens.dim() != 3 or tokens.shape[0] != first.batch or tokens.shape[1] != expected:
         raise ValueError(f"tokens of shape {tuple(tokens.shape)} are not the last forward's output: expected "
                          f"({first.batch}, {expected}, C) ({prefix} prefix + {expected - prefix} image tokens)")
-    grid_size = grid_size or grid_size_of(model)
-    image = restore_image_tokens(tokens[:, prefix:], places, fill, grid_size=grid_size)
-    return image if prefix == 0 else torch.cat([tokens[:, :prefix], image], dim=1)
+    return restore_sequence(tokens, places, prefix, fill, grid_size=grid_size or grid_size_of(model))
 
 
 class _GridHooks:
@@ -112,12 +109,12 @@ class _GridHooks:
         self.restored = {id(blocks[index]) for index in (range(len(blocks)) if restored is None else restored)
                          if index >= first}
         self.places: Optional[PatchPlaces] = None  # after this forward's reduction layers so far
-        self.previous: Optional[Tensor] = None  # fill carry: the grid as it entered the last reduction layer
-        self.handed_out: Optional[tuple[Tensor, Tensor, Tensor]] = None  # (restored, reduced, its image tokens)
+        self.previous: Optional[Tensor] = None  # fill carry: the sequence as it entered the last reduction layer
+        self.handed_out: Optional[tuple[Tensor, Tensor]] = None  # (restored, reduced) of the block before
 
     def _restore(self, tokens: Tensor) -> Tensor:
-        return restore_image_tokens(tokens[:, self.state.num_prefix_tokens:], self.places, self.fill,
-                                    previous=self.previous, grid_size=self.grid_size)
+        return restore_sequence(tokens, self.places, self.state.num_prefix_tokens, self.fill,
+                                previous=self.previous, grid_size=self.grid_size)
 
     def before(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Optional[tuple[Any, Any]]:
         tokens = args[0] if args else next(iter(kwargs.values()), None)
@@ -125,17 +122,17 @@ class _GridHooks:
         if block is self.first:  # a new forward enters the first reduction block
             prefix = self.state.num_prefix_tokens
             self.places = PatchPlaces.start(tokens.shape[0], tokens.shape[1] - prefix, tokens.device)
-            self.previous, self.handed_out = tokens[:, prefix:], None
+            self.previous, self.handed_out = tokens, None
             return None
         if self.handed_out is not None:
-            restored, tokens, image = self.handed_out
+            restored, tokens = self.handed_out
             if (args[0] if args else next(iter(kwargs.values()))) is not restored:
                 raise RuntimeError(f"{type(block).__name__} did not receive the output of the block before it; dense "
                                    "restoration follows a plain chain of blocks (as timm's, transformers' and "
                                    "open_clip's encoders run them)")
             swapped = ((tokens, *args[1:]), kwargs) if args else (args, {**kwargs, next(iter(kwargs)): tokens})
         if self.fill == "carry" and id(block) in self.positions:
-            self.previous = image if self.handed_out is not None else self._restore(tokens)
+            self.previous = restored if self.handed_out is not None else self._restore(tokens)
         self.handed_out = None
         return swapped
 
@@ -145,10 +142,8 @@ class _GridHooks:
             self.places = self.places.after(self.state.records[position])
         if id(block) not in self.restored:
             return None
-        prefix = self.state.num_prefix_tokens
-        image = self._restore(output)
-        restored = image if prefix == 0 else torch.cat([output[:, :prefix], image], dim=1)
-        self.handed_out = (restored, output, image)
+        restored = self._restore(output)
+        self.handed_out = (restored, output)
         return restored
 
     @contextlib.contextmanager

@@ -27,9 +27,10 @@ from functools import cached_property
 from typing import Literal, Optional, get_args
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from evit_patch.core.reduction import TokenMap, token_rows
+from evit_patch.core.reduction import TokenMap, prefix_and_kept
 
 Fill = Literal["source", "carry", "nearest", "zeros"]
 FILLS: tuple[str, ...] = get_args(Fill)
@@ -116,14 +117,21 @@ def nearest_own_patch(own: Tensor, grid_size: tuple[int, int]) -> Tensor:
     return distances.expand(own.shape[0], -1, -1).masked_fill(~own.unsqueeze(1), float("inf")).argmin(dim=-1)
 
 
-def restore_image_tokens(image: Tensor, places: PatchPlaces, fill: Fill, *, previous: Optional[Tensor] = None,
-                         grid_size: Optional[tuple[int, int]] = None) -> Tensor:
-    """The image tokens ``(B, m, C)`` of a reduced sequence as one feature per patch ``(B, N, C)``.
+def restore_sequence(x: Tensor, places: PatchPlaces, num_prefix_tokens: int, fill: Fill, *,
+                     previous: Optional[Tensor] = None, grid_size: Optional[tuple[int, int]] = None) -> Tensor:
+    """A reduced sequence ``(B, P + m, C)`` as the full one ``(B, P + N, C)``: the prefix tokens,
+    then one feature per patch in grid order.
+
+    One row copy takes the prefix and the token holding each patch (the same padded-index
+    copy the reducers use), and one ``where`` or ``masked_fill`` applies the fill: at
+    batch 1 every operation costs more than its arithmetic, and this runs once per block
+    handed out.
 
     Args:
         places: where each patch is now (:func:`places_of`).
         fill: how a patch that is not its own token is filled (see the module docstring).
-        previous: ``carry`` only: the restored grid ``(B, N, C)`` of the block before.
+        previous: ``carry`` only: the full sequence ``(B, P + N, C)`` the patches' features
+            are carried from (the grid as it entered the last reduction layer).
         grid_size: ``nearest`` only: ``(rows, cols)`` of the patch grid.
     """
     token_of_patch = places.token_of_patch
@@ -134,14 +142,14 @@ def restore_image_tokens(image: Tensor, places: PatchPlaces, fill: Fill, *, prev
             raise ValueError(f"a {grid_size[0]}x{grid_size[1]} grid does not hold the {token_of_patch.shape[1]} "
                              "patches the reduction layers saw; pass the grid of the input the model ran on")
         token_of_patch = token_of_patch.gather(1, nearest_own_patch(places.own, grid_size))
-    restored = token_rows(image, token_of_patch.clamp(min=0))
-    if fill == "source":
-        return restored.masked_fill((token_of_patch < 0).unsqueeze(-1), 0.0)
-    if fill == "zeros":
-        return restored.masked_fill(~places.own.unsqueeze(-1), 0.0)
+    restored = prefix_and_kept(x, num_prefix_tokens, token_of_patch.clamp(min=0))
+    if fill == "nearest":
+        return restored
     if fill == "carry":
         if previous is None:
-            raise ValueError("fill 'carry' needs the restored grid of the block before (previous=); "
-                             "it is kept by model.forward_intermediates, not by restore_tokens")
-        return torch.where(places.own.unsqueeze(-1), restored, previous.to(restored.dtype))
-    return restored
+            raise ValueError("fill 'carry' needs the sequence the features are carried from (previous=); "
+                             "evit_patch.dense_outputs keeps it, restore_tokens cannot")
+        own = F.pad(places.own, (num_prefix_tokens, 0), value=True).unsqueeze(-1)
+        return torch.where(own, restored, previous.to(restored.dtype))
+    holes = ~places.own if fill == "zeros" else token_of_patch < 0
+    return restored.masked_fill(F.pad(holes, (num_prefix_tokens, 0), value=False).unsqueeze(-1), 0.0)
