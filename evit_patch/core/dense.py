@@ -103,11 +103,15 @@ class _GridHooks:
         self.state, self.fill, self.grid_size = state, check_fill(state.restoration), grid_size
         blocks = transformer_blocks(model)
         first = state.layers[0]
-        self.blocks = list(blocks)[first:]
+        restored = {index for index in (range(len(blocks)) if restored is None else restored) if first <= index}
+        # hooks only where there is work: the first reduction block (a new forward), blocks after a restored one
+        # (input swapped back) and reduction blocks (a map to follow; for carry, the grid entering them)
+        entering = {first} | {index + 1 for index in restored} | (set(state.layers) if self.fill == "carry" else set())
+        self.entering = [blocks[index] for index in sorted(entering) if index < len(blocks)]
+        self.leaving = [blocks[index] for index in sorted(restored | set(state.layers))]
         self.first = blocks[first]
         self.positions = {id(blocks[index]): position for position, index in enumerate(state.layers)}
-        self.restored = {id(blocks[index]) for index in (range(len(blocks)) if restored is None else restored)
-                         if index >= first}
+        self.restored = {id(blocks[index]) for index in restored}
         self.places: Optional[PatchPlaces] = None  # after this forward's reduction layers so far
         self.previous: Optional[Tensor] = None  # fill carry: the sequence as it entered the last reduction layer
         self.handed_out: Optional[tuple[Tensor, Tensor]] = None  # (restored, reduced) of the block before
@@ -148,8 +152,8 @@ class _GridHooks:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        handles = [handle for block in self.blocks for handle in (
-            block.register_forward_pre_hook(self.before, with_kwargs=True), block.register_forward_hook(self.after))]
+        handles = [block.register_forward_pre_hook(self.before, with_kwargs=True) for block in self.entering]
+        handles += [block.register_forward_hook(self.after) for block in self.leaving]
         try:
             yield
         finally:

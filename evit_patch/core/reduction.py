@@ -51,6 +51,8 @@ class TokenMap:
         self.batch, self.incoming, self.device = batch, incoming, device
         self._kept_index, self.fused = kept_index, fused
         self._destination, self._mixed = destination, mixed
+        self.is_identity = kept_index is None and destination is None  # every token goes on in its place
+        self.is_selection = kept_index is not None and destination is None  # kept tokens, then a fused one or none
 
     @classmethod
     def identity(cls, batch: int, incoming: int, device: torch.device) -> "TokenMap":
@@ -68,11 +70,6 @@ class TokenMap:
         """A merging method's own map."""
         return cls(destination.shape[0], destination.shape[1], destination.device, kept_index, False,
                    destination, mixed)
-
-    @property
-    def is_identity(self) -> bool:
-        """Whether every token went on unchanged, in its place (a layer at keep rate 1.0)."""
-        return self._kept_index is None and self._destination is None
 
     @property
     def kept_index(self) -> Tensor:

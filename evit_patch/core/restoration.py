@@ -52,10 +52,12 @@ class PatchPlaces:
         token_of_patch: ``(B, N)`` position, among the current image tokens, of the token
             holding each input patch; -1 where it was dropped.
         token_is_mixed: ``(B, m)`` whether each current image token mixes several patches.
+        complete: no patch has been dropped (lets the hot path skip the -1 guards).
     """
 
     token_of_patch: Tensor
     token_is_mixed: Tensor
+    complete: bool = True
 
     @classmethod
     def start(cls, batch: int, num_patches: int, device: torch.device) -> "PatchPlaces":
@@ -64,16 +66,24 @@ class PatchPlaces:
                    torch.zeros(batch, num_patches, dtype=torch.bool, device=device))
 
     def after(self, record: TokenMap) -> "PatchPlaces":
-        """The places after one more reduction layer whose map is ``record``."""
+        """The places after one more reduction layer whose map is ``record``.
+
+        A selection (kept tokens, then a fused token or none) is followed in a few
+        operations: a kept token is mixed when it was, the fused token always. A merge
+        hands over its own ``mixed``, and a mixed token stays mixed wherever it goes."""
         if record.is_identity:
             return self
         destination = record.destination
-        alive = self.token_of_patch >= 0
-        token_of_patch = torch.where(alive, destination.gather(1, self.token_of_patch.clamp(min=0)), -1)
-        # a mixed token stays mixed wherever it goes
+        token_of_patch = destination.gather(1, self.token_of_patch.clamp(min=0) if not self.complete
+                                            else self.token_of_patch)
+        if not self.complete:
+            token_of_patch = torch.where(self.token_of_patch >= 0, token_of_patch, -1)
+        if record.is_selection:
+            mixed = F.pad(self.token_is_mixed.gather(1, record.kept_index), (0, int(record.fused)), value=True)
+            return PatchPlaces(token_of_patch, mixed, self.complete and record.fused)
         carried = torch.zeros_like(record.mixed, dtype=torch.long)
         carried.scatter_add_(1, destination.clamp(min=0), self.token_is_mixed.long().masked_fill(destination < 0, 0))
-        return PatchPlaces(token_of_patch, record.mixed | (carried > 0))
+        return PatchPlaces(token_of_patch, record.mixed | (carried > 0), False)
 
     @cached_property
     def status(self) -> Tensor:
@@ -88,8 +98,9 @@ class PatchPlaces:
     @cached_property
     def own(self) -> Tensor:
         """``(B, N)`` whether each patch is still its own, unmixed token."""
-        alive = self.token_of_patch >= 0
-        return alive & ~self.token_is_mixed.gather(1, self.token_of_patch.clamp(min=0))
+        if self.complete:
+            return ~self.token_is_mixed.gather(1, self.token_of_patch)
+        return (self.token_of_patch >= 0) & ~self.token_is_mixed.gather(1, self.token_of_patch.clamp(min=0))
 
 
 def places_of(records: list[Optional[TokenMap]], batch: int, num_patches: int, device: torch.device) -> PatchPlaces:
