@@ -153,7 +153,7 @@ def restore_sequence(x: Tensor, places: PatchPlaces, num_prefix_tokens: int, fil
             raise ValueError(f"a {grid_size[0]}x{grid_size[1]} grid does not hold the {token_of_patch.shape[1]} "
                              "patches the reduction layers saw; pass the grid of the input the model ran on")
         token_of_patch = token_of_patch.gather(1, nearest_own_patch(places.own, grid_size))
-    restored = prefix_and_kept(x, num_prefix_tokens, token_of_patch.clamp(min=0))
+    restored = prefix_and_kept(x, num_prefix_tokens, token_of_patch if places.complete else token_of_patch.clamp(min=0))
     if fill == "nearest":
         return restored
     if fill == "carry":
@@ -161,6 +161,6 @@ def restore_sequence(x: Tensor, places: PatchPlaces, num_prefix_tokens: int, fil
             raise ValueError("fill 'carry' needs the sequence the features are carried from (previous=); "
                              "evit_patch.dense_outputs keeps it, restore_tokens cannot")
         own = F.pad(places.own, (num_prefix_tokens, 0), value=True).unsqueeze(-1)
-        return torch.where(own, restored, previous.to(restored.dtype))
+        return torch.where(own, restored, previous if previous.dtype == restored.dtype else previous.to(restored.dtype))
     holes = ~places.own if fill == "zeros" else token_of_patch < 0
     return restored.masked_fill(F.pad(holes, (num_prefix_tokens, 0), value=False).unsqueeze(-1), 0.0)
