@@ -12,6 +12,8 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "dense.md"
 SEGMENTATION = "python benchmarks/dense.py --out benchmarks/results/dense_fashion_mnist"
 SPEED = ("python benchmarks/dense_speed.py --batch-sizes 1 32 --repeats 15 --calls-per-repeat 2 "
          "--out benchmarks/results/dense_speed_deit_s_cpu")
+SPEED_B1 = ("python benchmarks/dense_speed.py --batch-sizes 1 --repeats 61 --calls-per-repeat 4 "
+            "--out benchmarks/results/dense_speed_deit_s_cpu_b1")
 TINY_SEGMENTATION = ["--train-images", "64", "--test-images", "32", "--epochs", "1", "--finetune-epochs", "1",
                      "--keep-rates", "0.7", "--fills", "carry", "zeros"]
 TINY_SPEED = ["--model", "deit_tiny_patch16_224", "--batch-sizes", "1", "2", "--repeats", "2", "--warmup", "0",
@@ -27,7 +29,7 @@ def _arguments(command: str, out: Path) -> list[str]:
 
 def test_the_documented_commands_are_the_ones_tested():
     text = DOCS.read_text()
-    assert SEGMENTATION in text and SPEED in text
+    assert SEGMENTATION in text and SPEED in text and SPEED_B1 in text
 
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Fashion-MNIST is not installed")
@@ -50,9 +52,10 @@ def test_garment_masks_are_the_pixels_above_the_threshold():
     assert script.garment_masks(images, 0.1).tolist() == [[[0, 0], [1, 1]]]
 
 
-def test_speed_table_runs_and_reports_the_share_of_the_speed_up(tmp_path):
+@pytest.mark.parametrize("command", [SPEED, SPEED_B1], ids=["batch-1-and-32", "batch-1"])
+def test_speed_table_runs_and_reports_the_share_of_the_speed_up(tmp_path, command):
     script = load_benchmark("dense_speed")
-    results = script.main(_arguments(SPEED, tmp_path / "speed") + TINY_SPEED)
+    results = script.main(_arguments(command, tmp_path / "speed") + TINY_SPEED)
     assert set(results) == {1, 2}
     names = list(results[1])
     assert names[0] == "unpatched" and "reduced" in names[1] and all("restored" in name for name in names[2:])
