@@ -58,7 +58,9 @@ def test_speed_table_runs_and_reports_the_share_of_the_speed_up(tmp_path, comman
     results = script.main(_arguments(command, tmp_path / "speed") + TINY_SPEED)
     assert set(results) == {1, 2}
     names = list(results[1])
-    assert names[0] == "unpatched" and "reduced" in names[1] and all("restored" in name for name in names[2:])
+    assert names[0] == "unpatched" and "reduced" in names[1]
+    assert [name.split(" (")[0] for name in names[2:]] == ["EViT 0.7 restored"] * 2 + ["restoration work alone"] * 2
+    assert all("share_of_speedup_eaten" in results[1][name] for name in names[2:])
     written = json.loads((tmp_path / "speed.json").read_text())
     assert written["results"]["1"]["unpatched"]["speedup"] == 1.0
     assert "share of EViT's speed-up eaten" in (tmp_path / "speed.md").read_text()
