@@ -13,8 +13,10 @@ registration, never the training code.
 
 import evit_patch.adapters  # noqa: F401  (registers the transformers and open_clip families)
 import evit_patch.models  # noqa: F401  (registers lvvit_* in timm's registry)
+from evit_patch.core.dense import dense_outputs, restore_tokens, set_restoration
 from evit_patch.core.lifecycle import is_patched
 from evit_patch.core.provenance import DROPPED, FUSED, KEPT, LayerTokens, kept_tokens
+from evit_patch.core.restoration import FILLS
 from evit_patch.core.token_patch import apply_token_reducer, remove_evit, set_keep_rate
 from evit_patch.cost import count_macs, keep_rate_for_budget, keep_rate_for_resolution
 from evit_patch.errors import UnsupportedModelError
@@ -30,6 +32,10 @@ __all__ = [
     "keep_rate_for_budget",
     "keep_rate_for_resolution",
     "kept_tokens",
+    "restore_tokens",
+    "dense_outputs",
+    "set_restoration",
+    "FILLS",
     "LayerTokens",
     "KEPT",
     "FUSED",

@@ -51,6 +51,8 @@ class TokenMap:
         self.batch, self.incoming, self.device = batch, incoming, device
         self._kept_index, self.fused = kept_index, fused
         self._destination, self._mixed = destination, mixed
+        self.is_identity = kept_index is None and destination is None  # every token goes on in its place
+        self.is_selection = kept_index is not None and destination is None  # kept tokens, then a fused one or none
 
     @classmethod
     def identity(cls, batch: int, incoming: int, device: torch.device) -> "TokenMap":

@@ -11,9 +11,11 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from evit_patch.core.arguments import validated_keep_rates
+from evit_patch.core.dense import DEFAULT_FILL, install_dense_entry_points, uninstall_dense_entry_points
 from evit_patch.core.lifecycle import PatchState
 from evit_patch.core.model_info import family_of, model_name, transformer_blocks
 from evit_patch.core.reduction import LayerContext, TokenMap, TokenReducer
+from evit_patch.core.restoration import Fill
 from evit_patch.core.scores import AttentionTensors, ScoreMode
 from evit_patch.errors import UnsupportedModelError
 
@@ -43,6 +45,7 @@ class ReductionState(PatchState):
     input_hook: Optional[RemovableHandle] = None  # the input module's pre-hook calling start_forward
     owner: Optional[nn.Module] = None  # the patched model, whose ``keep_rate`` attribute is read each forward
     published_keep_rate: Any = None  # what ``model.keep_rate`` held when last read or set
+    restoration: Fill = DEFAULT_FILL  # how dense outputs fill patches that are not their own token (core/dense.py)
 
     def __post_init__(self) -> None:
         self.method = f"EViT's token reorganization (reducer {self.reducer.describe()})"
@@ -59,6 +62,7 @@ class ReductionState(PatchState):
         if not hasattr(model, KEEP_RATE_ATTRIBUTE):  # a model with its own ``keep_rate`` keeps it
             self.owner = model
             self.publish_keep_rate()
+        install_dense_entry_points(model)
 
     def uninstall(self, model: nn.Module) -> None:
         blocks = transformer_blocks(model)
@@ -72,6 +76,7 @@ class ReductionState(PatchState):
         if self.owner is not None:
             model.__dict__.pop(KEEP_RATE_ATTRIBUTE, None)
             self.owner = None
+        uninstall_dense_entry_points(model)
 
     @contextlib.contextmanager
     def probe_settings(self, model: nn.Module) -> Iterator[None]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from evit_patch.core.dense import install_dense_refusal, uninstall_dense_entry_points
 from evit_patch.core.key_weighting import KeyWeights
 from evit_patch.core.lifecycle import PatchState
 from evit_patch.core.model_info import transformer_blocks
@@ -47,6 +48,7 @@ class DynamicViTState(PatchState):
             for stage, index in enumerate(self.layers)
         ]
         self.handles.append(self.final_norm.register_forward_hook(FinalTokens(self)))
+        install_dense_refusal(model)
 
     def uninstall(self, model: nn.Module) -> None:
         for handle in self.handles:
@@ -57,6 +59,7 @@ class DynamicViTState(PatchState):
             blocks[index].attn = attention
         self.key_weights.weights = None
         delattr(model, PREDICTORS_ATTRIBUTE)
+        uninstall_dense_entry_points(model)
 
     def keep_fractions(self) -> list[float]:
         """Fraction of the original image tokens each stage keeps: rho, rho^2, rho^3, ..."""

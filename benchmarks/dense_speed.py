@@ -1,0 +1,177 @@
+"""What restoring the full grid costs of EViT's speed-up, timed side by side in one process.
+
+    python benchmarks/dense_speed.py --batch-sizes 1 32 --repeats 15 --calls-per-repeat 2 --out benchmarks/results/dense_speed_deit_s_cpu
+
+A dense consumer's call, ``forward_intermediates(x, indices, norm=True, output_fmt="NLC")``,
+on the unpatched model and on EViT (keep 0.7, blocks 3, 6, 9) with each restoration fill,
+beside the same timm code on EViT without restoration (the reduced sequences; NLC needs no
+grid, so it runs): the speed-up there is the one to keep. Random weights of
+``--model`` (DeiT-S by default); inference, fp32, every call timed interleaved in
+rotating order (``evit_patch.tools.timing``). The share of the speed-up restoration eats
+is ``(S_reduced - S_restored) / (S_reduced - 1)``, S the median of per-repeat speed-ups
+over the unpatched model. Comparing whole forwards is noisy at batch 1 (a few per cent
+from one repeat to the next), so the restoration's own tensor work is also replayed on
+the reduced model's block outputs and timed in the same rotation ("restoration work
+alone"; its speed-up is the unpatched time over the reduced time plus that work, per
+repeat). Writes ``<out>.json`` and ``<out>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+from pathlib import Path
+from typing import Callable, Optional
+
+import timm
+import torch
+
+import evit_patch
+from evit_patch.core.model_info import example_images
+from evit_patch.core.restoration import PatchPlaces, restore_sequence
+from evit_patch.tools.timing import interleaved_rates
+
+
+def restoration_work(model: torch.nn.Module, images: torch.Tensor, indices: list[int]) -> Callable[[], object]:
+    """The restoration's own tensor work in one ``forward_intermediates`` call, replayed on the
+    block outputs the reduced model produced: each reduction layer's map followed, the blocks
+    handed out restored (fill ``carry``: and the grid entering each reduction layer kept).
+    Timed beside the forwards, it says what restoring costs without the noise of comparing
+    two whole forwards."""
+    from timm.models._features import feature_take_indices
+
+    state, blocks = model.evit_state, model.blocks
+    first, prefix, fill = state.layers[0], state.num_prefix_tokens, state.restoration
+    outputs: dict[int, torch.Tensor] = {}
+    handles = [block.register_forward_hook(lambda _, args, output, i=i: outputs.__setitem__(i, output))
+               for i, block in enumerate(blocks)]
+    handles.append(blocks[first].register_forward_pre_hook(lambda _, args: outputs.__setitem__(first - 1, args[0])))
+    with torch.inference_mode():
+        type(model).forward_intermediates(model, images, indices=indices, output_fmt="NLC", intermediates_only=True)
+    for handle in handles:
+        handle.remove()
+    records = list(state.records)
+    positions = {index: position for position, index in enumerate(state.layers)}
+    taken = {i for i in feature_take_indices(len(blocks), indices)[0] if i >= first} | {len(blocks) - 1}
+    grid = tuple(model.patch_embed.grid_size)
+
+    def work() -> object:
+        places = PatchPlaces.start(images.shape[0], outputs[first - 1].shape[1] - prefix, images.device)
+        previous, restored = outputs[first - 1], None
+        for i in range(first, len(blocks)):
+            if i in positions:
+                if fill == "carry" and i != first:
+                    previous = restored if i - 1 in taken else restore_sequence(outputs[i - 1], places, prefix, fill,
+                                                                                  previous=previous)
+                places = places.after(records[positions[i]])
+            if i in taken:
+                restored = restore_sequence(outputs[i], places, prefix, fill, previous=previous, grid_size=grid)
+        return restored
+
+    return work
+
+
+def calls(model_name: str, keep_rate: float, layers: list[int], fills: list[str], indices: list[int],
+          images: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """The timed calls: ``name -> call``, the unpatched dense call first."""
+    torch.manual_seed(0)
+    base = timm.create_model(model_name).eval()
+    patched = {fill: evit_patch.apply_evit(copy.deepcopy(base), layers, keep_rate) for fill in fills}
+    for fill, model in patched.items():
+        evit_patch.set_restoration(model, fill)
+    reduced = next(iter(patched.values()))
+
+    options = {"indices": indices, "norm": True, "output_fmt": "NLC", "intermediates_only": True}
+
+    def dense(model: torch.nn.Module) -> Callable[[], object]:
+        return lambda: model.forward_intermediates(images, **options)
+
+    def without_restoration() -> object:  # timm's method itself, not the instance's restoring one
+        return type(reduced).forward_intermediates(reduced, images, **options)
+
+    return {"unpatched": dense(base), f"EViT {keep_rate} reduced (no restoration)": without_restoration,
+            **{f"EViT {keep_rate} restored ({fill})": dense(model) for fill, model in patched.items()},
+            **{f"restoration work alone ({fill})": restoration_work(model, images, indices)
+               for fill, model in patched.items()}}
+
+
+def measure(args: argparse.Namespace, batch_size: int) -> dict[str, list[float]]:
+    images = example_images(timm.create_model(args.model), batch_size, seed=0)
+    timed = calls(args.model, args.keep_rate, args.layers, args.fills, args.indices, images)
+    with torch.inference_mode():
+        return interleaved_rates(timed, batch_size, images.device, args.repeats, args.warmup, args.calls_per_repeat)
+
+
+def summary(rates: dict[str, list[float]]) -> dict[str, dict[str, Optional[float]]]:
+    """Median images/s and median per-repeat speed-up of every call, and the share of the
+    reduced model's speed-up each restored call gives up; for the replayed work alone, the
+    share it gives up when added to the reduced forward's time of the same repeat."""
+    base = rates["unpatched"]
+    reduced_name = next(name for name in rates if "reduced" in name)
+    speedups = {name: statistics.median(v / b for v, b in zip(values, base)) for name, values in rates.items()}
+    reduced = speedups[reduced_name]
+    result: dict[str, dict[str, Optional[float]]] = {}
+    for name, values in rates.items():
+        eaten = (reduced - speedups[name]) / (reduced - 1) if "restored" in name and reduced > 1 else None
+        speedup: Optional[float] = speedups[name]
+        if "alone" in name:  # times per image: unpatched u, reduced r, work w; speed-up u / (r + w)
+            with_work = [(1 / b) / (1 / r + 1 / w) for b, r, w in zip(base, rates[reduced_name], values)]
+            speedup = statistics.median(with_work)
+            eaten = (reduced - speedup) / (reduced - 1) if reduced > 1 else None
+        result[name] = {"images_per_second": statistics.median(values), "speedup": speedup,
+                        "share_of_speedup_eaten": eaten}
+    return result
+
+
+def markdown(results: dict[int, dict[str, dict[str, float]]], setup: dict) -> str:
+    lines = [f"{setup['model']} (random weights), cpu ({setup['threads']} threads), inference fp32, "
+             f"forward_intermediates(indices={setup['indices']}, norm=True, output_fmt='NLC'); median of "
+             f"{setup['repeats']} interleaved repeats of {setup['calls_per_repeat']} calls",
+             "", "| batch | call | ms per call | images/s | speed-up | share of EViT's speed-up eaten |",
+             "|---|---|---|---|---|---|"]
+    for batch, rows in results.items():
+        for name, row in rows.items():
+            eaten = row["share_of_speedup_eaten"]
+            lines.append(f"| {batch} | {name} | {1000 * batch / row['images_per_second']:.2f} | "
+                         f"{row['images_per_second']:.1f} | {row['speedup']:.3f}x | "
+                         f"{'' if eaten is None else f'{100 * eaten:.1f}%'} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="deit_small_patch16_224")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--keep-rate", type=float, default=0.7)
+    parser.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9])
+    parser.add_argument("--fills", nargs="+", default=["carry", "source"], choices=list(evit_patch.FILLS))
+    parser.add_argument("--indices", type=int, nargs="+", default=[2, 5, 8, 11], help="blocks handed to the head")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--calls-per-repeat", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="write <out>.json and <out>.md")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> dict[int, dict[str, dict[str, float]]]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = {batch: summary(measure(args, batch)) for batch in args.batch_sizes}
+    setup = {"model": args.model, "keep_rate": args.keep_rate, "layers": args.layers, "fills": args.fills,
+             "indices": args.indices, "repeats": args.repeats, "calls_per_repeat": args.calls_per_repeat,
+             "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__}
+    table = markdown(results, setup)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(table + "\n")
+        args.out.with_suffix(".json").write_text(json.dumps({"setup": setup, "results": results}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

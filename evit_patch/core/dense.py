@@ -1,0 +1,223 @@
+"""Dense features of a reduced model: the full patch grid at the entry points that return it.
+
+Classification stays on the short sequence (``forward``, ``forward_features``). Where a
+caller asks for patch features, the grid comes back through the recorded token maps
+(:mod:`evit_patch.core.restoration`):
+
+- :func:`dense_outputs`, a context in which hooks on the blocks from the first reduction
+  layer on hand each block's output out restored to the full grid, and swap the next
+  block's input back to the reduced sequence, so the blocks still run short. Whatever
+  reads the blocks' outputs (timm's norm and ``forward_features``, transformers'
+  ``last_hidden_state``, open_clip's tokens) then sees the full grid.
+- timm's ``forward_intermediates`` on a patched model (an instance method while the patch
+  is on) is timm's own code run inside that context: its prefix split, ``norm`` and NCHW
+  reshape work unchanged, with exactly the unpatched shapes.
+- :func:`restore_tokens` turns a reduced output of the last forward into the full
+  sequence afterwards, from the token maps alone.
+
+The fill of patches that are not their own token any more is the model's
+``restoration`` setting (:func:`set_restoration`; default ``carry``, measured best).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from typing import Any, Iterable, Iterator, Optional
+
+from torch import Tensor, nn
+
+from evit_patch.core.lifecycle import STATE_ATTRIBUTE
+from evit_patch.core.model_info import model_name, transformer_blocks
+from evit_patch.core.restoration import Fill, PatchPlaces, check_fill, places_of, restore_sequence
+
+DEFAULT_FILL: Fill = "carry"
+"""The fill measured best on the garment task (docs/dense.md)."""
+
+
+def _state(model: nn.Module) -> Any:
+    """The reduction state of ``model`` (a ReductionState; read by duck typing, so this module
+    sits below the reorganizer that installs it)."""
+    state = getattr(model, STATE_ATTRIBUTE, None)
+    if state is None or not hasattr(state, "records"):
+        raise ValueError(f"{model_name(model)} is not patched with a token reducer; dense restoration reads the "
+                         "token maps a reducer records (apply_evit / apply_token_reducer first)")
+    return state
+
+
+def set_restoration(model: nn.Module, fill: Fill) -> None:
+    """How ``forward_intermediates`` and :func:`restore_tokens` fill the patches that are not
+    their own token any more: ``source``, ``carry``, ``nearest`` or ``zeros``."""
+    _state(model).restoration = check_fill(fill)
+
+
+def grid_size_of(model: nn.Module, images: Optional[Tensor] = None) -> Optional[tuple[int, int]]:
+    """``(rows, cols)`` of the patch grid (of ``images`` when given), or None when unknown."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if images is not None and hasattr(patch_embed, "dynamic_feat_size"):
+        return tuple(patch_embed.dynamic_feat_size(images.shape[-2:]))
+    grid = getattr(patch_embed, "grid_size", None) or getattr(model, "grid_size", None)
+    return (int(grid[0]), int(grid[1])) if grid is not None else None
+
+
+def restore_tokens(model: nn.Module, tokens: Tensor, fill: Fill = "source",
+                   grid_size: Optional[tuple[int, int]] = None) -> Tensor:
+    """The reduced tokens ``(B, P + m, C)`` of the last forward of ``model`` as the full
+    sequence ``(B, P + N, C)``: prefix tokens first, then one feature per patch in grid order.
+
+    ``tokens`` is what the last block (or a per-token map of it: a norm, a projection)
+    produced, e.g. ``model.forward_features(x)``. This needs nothing but the token maps, so
+    it offers the fills that need no other block's output (``source``, ``nearest``,
+    ``zeros``); ``carry`` (the default of :func:`dense_outputs` and ``forward_intermediates``)
+    needs every block's output and is refused here with the call that gives it.
+    """
+    state = _state(model)
+    if check_fill(fill) == "carry":
+        raise ValueError("fill 'carry' needs every block's output: run the forward inside "
+                         "`with evit_patch.dense_outputs(model):` (or call model.forward_intermediates), "
+                         "or restore_tokens with fill 'source', 'nearest' or 'zeros'")
+    first = next((record for record in state.records if record is not None), None)
+    if first is None:
+        raise RuntimeError("no token record yet: run a forward pass through the patched model first")
+    places = places_of(state.records, first.batch, first.incoming, first.device)
+    prefix = state.num_prefix_tokens
+    expected = prefix + places.token_is_mixed.shape[1]
+    if tokens.dim() != 3 or tokens.shape[0] != first.batch or tokens.shape[1] != expected:
+        raise ValueError(f"tokens of shape {tuple(tokens.shape)} are not the last forward's output: expected "
+                         f"({first.batch}, {expected}, C) ({prefix} prefix + {expected - prefix} image tokens)")
+    return restore_sequence(tokens, places, prefix, fill, grid_size=grid_size or grid_size_of(model))
+
+
+class _GridHooks:
+    """Hooks on the blocks from the first reduction layer on: the output of each block in
+    ``restored`` goes out on the full grid, and the next block's input comes back reduced.
+
+    Only the token maps of the reduction layers reached since the first reduction block are
+    composed (one step per layer), so a record left over from an earlier forward is never
+    read, whichever entry point (or reset mechanism) runs the model. Fill ``carry`` keeps
+    the grid as it enters each reduction layer: the patches that stop being their own token
+    there keep that feature."""
+
+    def __init__(self, model: nn.Module, state: Any, grid_size: Optional[tuple[int, int]],
+                 restored: Optional[Iterable[int]]) -> None:
+        self.state, self.fill, self.grid_size = state, check_fill(state.restoration), grid_size
+        blocks = transformer_blocks(model)
+        first = state.layers[0]
+        restored = {index for index in (range(len(blocks)) if restored is None else restored) if first <= index}
+        # hooks only where there is work: the first reduction block (a new forward), blocks after a restored one
+        # (input swapped back) and reduction blocks (a map to follow; for carry, the grid entering them)
+        entering = {first} | {index + 1 for index in restored} | (set(state.layers) if self.fill == "carry" else set())
+        self.entering = [blocks[index] for index in sorted(entering) if index < len(blocks)]
+        self.leaving = [blocks[index] for index in sorted(restored | set(state.layers))]
+        self.first = blocks[first]
+        self.positions = {id(blocks[index]): position for position, index in enumerate(state.layers)}
+        self.restored = {id(blocks[index]) for index in restored}
+        self.places: Optional[PatchPlaces] = None  # after this forward's reduction layers so far
+        self.previous: Optional[Tensor] = None  # fill carry: the sequence as it entered the last reduction layer
+        self.handed_out: Optional[tuple[Tensor, Tensor]] = None  # (restored, reduced) of the block before
+
+    def _restore(self, tokens: Tensor) -> Tensor:
+        return restore_sequence(tokens, self.places, self.state.num_prefix_tokens, self.fill,
+                                previous=self.previous, grid_size=self.grid_size)
+
+    def before(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Optional[tuple[Any, Any]]:
+        tokens = args[0] if args else next(iter(kwargs.values()), None)
+        swapped = None
+        if block is self.first:  # a new forward enters the first reduction block
+            prefix = self.state.num_prefix_tokens
+            self.places = PatchPlaces.start(tokens.shape[0], tokens.shape[1] - prefix, tokens.device)
+            self.previous, self.handed_out = tokens, None
+            return None
+        if self.handed_out is not None:
+            restored, tokens = self.handed_out
+            if (args[0] if args else next(iter(kwargs.values()))) is not restored:
+                raise RuntimeError(f"{type(block).__name__} did not receive the output of the block before it; dense "
+                                   "restoration follows a plain chain of blocks (as timm's, transformers' and "
+                                   "open_clip's encoders run them)")
+            swapped = ((tokens, *args[1:]), kwargs) if args else (args, {**kwargs, next(iter(kwargs)): tokens})
+        if self.fill == "carry" and id(block) in self.positions:
+            self.previous = restored if self.handed_out is not None else self._restore(tokens)
+        self.handed_out = None
+        return swapped
+
+    def after(self, block: nn.Module, args: tuple[Any, ...], output: Tensor) -> Optional[Tensor]:
+        position = self.positions.get(id(block))
+        if position is not None:
+            self.places = self.places.after(self.state.records[position])
+        if id(block) not in self.restored:
+            return None
+        restored = self._restore(output)
+        self.handed_out = (restored, output)
+        return restored
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        handles = [block.register_forward_pre_hook(self.before, with_kwargs=True) for block in self.entering]
+        handles += [block.register_forward_hook(self.after) for block in self.leaving]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+@contextlib.contextmanager
+def dense_outputs(model: nn.Module, grid_size: Optional[tuple[int, int]] = None,
+                  blocks: Optional[Iterable[int]] = None) -> Iterator[None]:
+    """Within this context every forward of ``model`` hands out full-grid block outputs: the
+    sequence leaving each block (of ``blocks``, default all) from the first reduction layer
+    on is restored to ``(B, P + N, C)`` (fill: :func:`set_restoration`) while the next block
+    still runs on the reduced one. So whatever the model does after its blocks (a final
+    norm, timm's ``forward_features``, transformers' ``last_hidden_state``, open_clip's
+    ``output_tokens``) sees the full grid, and pooled outputs of the class token are
+    unchanged. ``grid_size`` (rows, cols) is needed by fill ``nearest`` only, when the model
+    does not tell its own.
+    """
+    state = _state(model)
+    with _GridHooks(model, state, grid_size or grid_size_of(model), blocks).installed():
+        yield
+
+
+def restoring_forward_intermediates(model: nn.Module, x: Tensor, indices: Optional[int | list[int]] = None,
+                                    *args: Any, **kwargs: Any) -> Any:
+    """timm's ``forward_intermediates`` of the model's class, with every intermediate (and
+    the final features) restored to the full patch grid: exactly the unpatched shapes.
+    Only the blocks handed out are restored (timm's own choice of them from ``indices``),
+    and the last one, whose output timm returns as the final features."""
+    from timm.models._features import feature_take_indices  # timm's own reading of `indices`
+
+    _state(model)  # a clear error on an unpatched model; the forward's own reset is the patch embedding's hook
+    if getattr(model, "grad_checkpointing", False) and model.training:
+        raise ValueError(f"{model_name(model)}: dense restoration hooks the blocks, which gradient checkpointing "
+                         "recomputes; call model.set_grad_checkpointing(False) first")
+    depth = len(transformer_blocks(model))
+    taken, last = feature_take_indices(depth, indices)
+    with dense_outputs(model, grid_size_of(model, x), {*taken, last, depth - 1}):
+        return type(model).forward_intermediates(model, x, indices, *args, **kwargs)
+
+
+def install_dense_entry_points(model: nn.Module) -> None:
+    """Route ``model.forward_intermediates`` (when its class has one) through the restoration."""
+    if callable(getattr(type(model), "forward_intermediates", None)):
+        model.forward_intermediates = types.MethodType(restoring_forward_intermediates, model)
+
+
+def refusing_forward_intermediates(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """timm's ``forward_intermediates`` where the patch keeps the sequence whole (DynamicViT in
+    training masks tokens); a clear error where it drops tokens without a map to restore."""
+    if model.training:
+        return type(model).forward_intermediates(model, *args, **kwargs)
+    state = getattr(model, STATE_ATTRIBUTE)
+    raise ValueError(f"{model_name(model)} is patched with {state.method}, whose evaluation drops tokens without "
+                     "the token maps dense restoration reads; use a token reducer (apply_evit, "
+                     f"apply_token_reducer) for dense features, or call {state.removal} first")
+
+
+def install_dense_refusal(model: nn.Module) -> None:
+    """Route ``model.forward_intermediates`` (when its class has one) to a clear refusal in eval."""
+    if callable(getattr(type(model), "forward_intermediates", None)):
+        model.forward_intermediates = types.MethodType(refusing_forward_intermediates, model)
+
+
+def uninstall_dense_entry_points(model: nn.Module) -> None:
+    model.__dict__.pop("forward_intermediates", None)

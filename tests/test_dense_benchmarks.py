@@ -1,0 +1,66 @@
+"""The commands docs/dense.md shows, run at a tiny size: the garment segmentation and the speed table."""
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+from benchmark_scripts import load_benchmark
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "dense.md"
+SEGMENTATION = "python benchmarks/dense.py --out benchmarks/results/dense_fashion_mnist"
+SPEED = ("python benchmarks/dense_speed.py --batch-sizes 1 32 --repeats 15 --calls-per-repeat 2 "
+         "--out benchmarks/results/dense_speed_deit_s_cpu")
+SPEED_B1 = ("python benchmarks/dense_speed.py --batch-sizes 1 --repeats 61 --calls-per-repeat 4 "
+            "--out benchmarks/results/dense_speed_deit_s_cpu_b1")
+TINY_SEGMENTATION = ["--train-images", "64", "--test-images", "32", "--epochs", "1", "--finetune-epochs", "1",
+                     "--keep-rates", "0.7", "--fills", "carry", "zeros"]
+TINY_SPEED = ["--model", "deit_tiny_patch16_224", "--batch-sizes", "1", "2", "--repeats", "2", "--warmup", "0",
+              "--indices", "5", "11"]
+
+
+def _arguments(command: str, out: Path) -> list[str]:
+    """The documented command's arguments after the script, with ``--out`` sent to ``out``."""
+    words = shlex.split(command)[2:]
+    words[words.index("--out") + 1] = str(out)
+    return words
+
+
+def test_the_documented_commands_are_the_ones_tested():
+    text = DOCS.read_text()
+    assert SEGMENTATION in text and SPEED in text and SPEED_B1 in text
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Fashion-MNIST is not installed")
+def test_garment_segmentation_runs_and_writes_its_results(tmp_path):
+    script = load_benchmark("dense")
+    rows = script.main(_arguments(SEGMENTATION, tmp_path / "dense") + TINY_SEGMENTATION)
+    assert [row.label for row in rows] == ["unpatched", "EViT 0.7, restoration: carry",
+                                           "EViT 0.7, no restoration (holes empty)", "ToMe 0.7, unmerge"]
+    written = json.loads((tmp_path / "dense.json").read_text())
+    assert [row["label"] for row in written["results"]] == [row.label for row in rows]
+    assert all(0 <= row["miou_finetuned"] <= 100 for row in written["results"])
+    assert rows[1].gmacs < rows[0].gmacs
+    assert (tmp_path / "dense.png").stat().st_size > 0 and "| unpatched |" in (tmp_path / "dense.md").read_text()
+
+
+def test_garment_masks_are_the_pixels_above_the_threshold():
+    script = load_benchmark("dense")
+    raw = torch.tensor([[0.0, 0.05], [0.11, 1.0]]).view(1, 1, 2, 2)
+    images = (raw - script.FASHION_MNIST_MEAN[0]) / script.FASHION_MNIST_STD[0]
+    assert script.garment_masks(images, 0.1).tolist() == [[[0, 0], [1, 1]]]
+
+
+@pytest.mark.parametrize("command", [SPEED, SPEED_B1], ids=["batch-1-and-32", "batch-1"])
+def test_speed_table_runs_and_reports_the_share_of_the_speed_up(tmp_path, command):
+    script = load_benchmark("dense_speed")
+    results = script.main(_arguments(command, tmp_path / "speed") + TINY_SPEED)
+    assert set(results) == {1, 2}
+    names = list(results[1])
+    assert names[0] == "unpatched" and "reduced" in names[1]
+    assert [name.split(" (")[0] for name in names[2:]] == ["EViT 0.7 restored"] * 2 + ["restoration work alone"] * 2
+    assert all("share_of_speedup_eaten" in results[1][name] for name in names[2:])
+    written = json.loads((tmp_path / "speed.json").read_text())
+    assert written["results"]["1"]["unpatched"]["speedup"] == 1.0
+    assert "share of EViT's speed-up eaten" in (tmp_path / "speed.md").read_text()
