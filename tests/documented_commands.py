@@ -112,4 +112,5 @@ COMMANDS: dict[str, Small] = {
 }
 
 CI_COMMANDS = {"bash .ci/setup", "bash .ci/run"}
-RUN_ELSEWHERE = {"test_training_free_commands": "docs/findings.md, the training-free EViT section"}
+RUN_ELSEWHERE = {"test_training_free_commands": "docs/findings.md, the training-free EViT section",
+                 "test_dense_benchmarks": "docs/dense.md"}
