@@ -77,17 +77,15 @@ def bipartite_merge(x: Tensor, metric: Tensor, sizes: Tensor, num_merged: int) -
     return out, out_sizes, Reduction(out, TokenMap.merge(kept_index, destination, mixed))
 
 
-class ToMeMerge(TokenReducer):
-    """Token merging at EViT's layers and counts; prefix tokens are never merged.
+class SizedTokens(TokenReducer):
+    """A reducer whose tokens carry the number of patches each holds, from layer to layer.
 
-    With ``proportional_attention``, blocks after the first merge weight each key by the
-    number of patches its token holds (ToMe's ``log(size)`` added to the attention
-    logits): :func:`evit_patch.apply_token_reducer` rewrites those attentions to read
-    :attr:`key_weights`.
+    The sizes weight later merges and, with ``proportional_attention``, every attention
+    from the first reducing block on (``log(size)`` added to the logits, through
+    :attr:`key_weights`, which :func:`evit_patch.apply_token_reducer` wires in).
     """
 
     def __init__(self, proportional_attention: bool = True) -> None:
-        self.name = "tome" + ("" if proportional_attention else "(no proportional attention)")
         # sizes are at least 1, so the softmax needs no guard against a zero normalizer
         self.key_weights = KeyWeights(eps=0.0) if proportional_attention else None
         self.sizes: Optional[Tensor] = None
@@ -97,19 +95,42 @@ class ToMeMerge(TokenReducer):
         if self.key_weights is not None:
             self.key_weights.weights = None
 
+    def incoming_sizes(self, x: Tensor, num_image: int) -> Tensor:
+        """``(B, n)`` patches held by each image token entering this layer (ones at the first)."""
+        sizes = self.sizes
+        if sizes is None or sizes.shape != (x.shape[0], num_image):  # a new forward, whatever reset it
+            sizes = torch.ones(x.shape[0], num_image, dtype=torch.float32, device=x.device)
+        return sizes
+
+    def carry_sizes(self, sizes: Tensor, prefix_count: int) -> None:
+        """Keep ``sizes`` of the outgoing image tokens for the next layer and later attention."""
+        self.sizes = sizes
+        if self.key_weights is not None:  # later attention counts a token as the patches it holds
+            self.key_weights.weights = torch.cat([sizes.new_ones(sizes.shape[0], prefix_count), sizes], dim=1)
+
+
+class ToMeMerge(SizedTokens):
+    """Token merging at EViT's layers and counts; prefix tokens are never merged.
+
+    With ``proportional_attention``, blocks after the first merge weight each key by the
+    number of patches its token holds (ToMe's ``log(size)`` added to the attention
+    logits): :func:`evit_patch.apply_token_reducer` rewrites those attentions to read
+    :attr:`key_weights`.
+    """
+
+    def __init__(self, proportional_attention: bool = True) -> None:
+        super().__init__(proportional_attention)
+        self.name = "tome" + ("" if proportional_attention else "(no proportional attention)")
+
     def reduce(self, x: Tensor, attention: AttentionTensors, context: LayerContext) -> Reduction:
         prefix_count = context.num_prefix_tokens
         num_image = x.shape[1] - prefix_count
         num_merged = num_image - merged_token_count(num_image, context.keep_rate)
         if num_merged <= 0:
             return identity_reduction(x, prefix_count)
-        sizes = self.sizes
-        if sizes is None or sizes.shape != (x.shape[0], num_image):
-            sizes = torch.ones(x.shape[0], num_image, dtype=torch.float32, device=x.device)
+        sizes = self.incoming_sizes(x, num_image)
         _, keys, _, _ = attention
         metric = keys.mean(dim=1)[:, prefix_count:] if keys is not None else x[:, prefix_count:]
-        merged, self.sizes, reduction = bipartite_merge(x[:, prefix_count:], metric, sizes, num_merged)
-        tokens = torch.cat([x[:, :prefix_count], merged], dim=1)
-        if self.key_weights is not None:  # later attention counts a token as the patches it holds
-            self.key_weights.weights = torch.cat([self.sizes.new_ones(x.shape[0], prefix_count), self.sizes], dim=1)
-        return Reduction(tokens, reduction.map)
+        merged, merged_sizes, reduction = bipartite_merge(x[:, prefix_count:], metric, sizes, num_merged)
+        self.carry_sizes(merged_sizes, prefix_count)
+        return Reduction(torch.cat([x[:, :prefix_count], merged], dim=1), reduction.map)

@@ -26,11 +26,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from evit_patch.core.key_weighting import KeyWeights
-from evit_patch.core.reduction import LayerContext, Reduction, TokenMap, TokenReducer, identity_reduction, token_rows
+from evit_patch.core.reduction import LayerContext, Reduction, TokenMap, identity_reduction, token_rows
 from evit_patch.core.scores import AttentionTensors, without_autocast
-from evit_patch.reducers.evit import kept_token_count
-from evit_patch.reducers.tome import bipartite_merge
+from evit_patch.reducers.tome import SizedTokens, bipartite_merge, merged_token_count
 
 FLAT_THRESHOLD = 0.7
 """Coefficient of variation of the class-attention scores below which a layer pools. On the
@@ -92,7 +90,7 @@ def _per_sample(flat: Tensor, pooled: tuple[Tensor, Tensor, TokenMap],
     return torch.where(pick.unsqueeze(-1), pool_tokens, tokens), torch.where(pick, pool_sizes, sizes), merged_map
 
 
-class TrainingFreeEvit(TokenReducer):
+class TrainingFreeEvit(SizedTokens):
     """EViT for models that will not be fine-tuned (``apply_evit(..., variant="training-free")``).
 
     At each of EViT's layers it leaves ``ceil(keep_rate * n) + 1`` image tokens, as the
@@ -107,32 +105,23 @@ class TrainingFreeEvit(TokenReducer):
     def __init__(self, flat_threshold: Optional[float] = FLAT_THRESHOLD, proportional_attention: bool = True) -> None:
         if flat_threshold is not None and not flat_threshold > 0:
             raise ValueError(f"flat_threshold must be positive or None, got {flat_threshold!r}")
+        super().__init__(proportional_attention)
         self.flat_threshold = flat_threshold
-        # sizes are at least 1, so the softmax needs no guard against a zero normalizer
-        self.key_weights = KeyWeights(eps=0.0) if proportional_attention else None
-        self.sizes: Optional[Tensor] = None
         options = [f"flat_threshold={flat_threshold}"] + ([] if proportional_attention else ["no proportional attention"])
         self.name = f"evit-training-free({', '.join(options)})"
-
-    def start_forward(self, images: Tensor, training: bool) -> None:
-        self.sizes = None
-        if self.key_weights is not None:
-            self.key_weights.weights = None
 
     def reduce(self, x: Tensor, attention: AttentionTensors, context: LayerContext) -> Reduction:
         prefix_count = context.num_prefix_tokens
         num_image = x.shape[1] - prefix_count
-        keep = min(num_image, kept_token_count(num_image, context.keep_rate) + 1)
+        keep = merged_token_count(num_image, context.keep_rate)
         if keep >= num_image:
             return identity_reduction(x, prefix_count)
-        sizes = self.sizes
-        if sizes is None or sizes.shape != (x.shape[0], num_image):  # a new forward, whatever reset it
-            sizes = torch.ones(x.shape[0], num_image, dtype=torch.float32, device=x.device)
+        sizes = self.incoming_sizes(x, num_image)
         scores = context.scores(attention)
         image = x[:, prefix_count:]
         flat = self._flat(scores, num_image - keep, num_image)
         if flat is None or not flat.any():
-            out, self.sizes, token_map = absorb_into_kept(image, scores, sizes, keep)
+            out, out_sizes, token_map = absorb_into_kept(image, scores, sizes, keep)
         else:
             _, keys, _, _ = attention
             metric = keys.mean(dim=1)[:, prefix_count:] if keys is not None else image
@@ -140,9 +129,8 @@ class TrainingFreeEvit(TokenReducer):
             result = (pooled_tokens, pooled_sizes, pooled.map)
             if not flat.all():
                 result = _per_sample(flat, result, absorb_into_kept(image, scores, sizes, keep))
-            out, self.sizes, token_map = result
-        if self.key_weights is not None:  # later attention counts a token as the patches it holds
-            self.key_weights.weights = torch.cat([self.sizes.new_ones(x.shape[0], prefix_count), self.sizes], dim=1)
+            out, out_sizes, token_map = result
+        self.carry_sizes(out_sizes, prefix_count)
         return Reduction(torch.cat([x[:, :prefix_count], out], dim=1), token_map)
 
     def _flat(self, scores: Tensor, num_merged: int, num_image: int) -> Optional[Tensor]:
