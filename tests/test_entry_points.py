@@ -38,26 +38,27 @@ def images(batch: int, seed: int) -> torch.Tensor:
 
 EARLIER = (images(4, 10), images(2, 11))  # another batch size, then the same size with other images
 
-REDUCERS = {
-    "evit": lambda oracle: EvitReducer(),
-    "evit-no-fusion": lambda oracle: EvitReducer(fuse=False),
-    "random": lambda oracle: RandomDrop(seed=3),
-    "tome": lambda oracle: ToMeMerge(),
-    "oracle": lambda oracle: OracleGuided(oracle, LAYERS),
+REDUCERS = {  # name -> reducer of (oracle model, whether the family's attention takes key weights)
+    "evit": lambda oracle, key_weights: EvitReducer(),
+    "evit-no-fusion": lambda oracle, key_weights: EvitReducer(fuse=False),
+    "random": lambda oracle, key_weights: RandomDrop(seed=3),
+    "tome": lambda oracle, key_weights: ToMeMerge(proportional_attention=key_weights),
+    "oracle": lambda oracle, key_weights: OracleGuided(oracle, LAYERS),
 }
 
 
-def patched_pair(builder, reducer: str, **reducer_kwargs):
-    """Two identically patched models (and their oracle's twin weights)."""
-    pair = []
-    for _ in range(2):
-        model, oracle = builder(), builder()
-        with torch.no_grad():  # another model than the student, so the oracle's choice is visible
-            for parameter in oracle.parameters():
-                parameter.mul_(1.5)
-        reducer_object = REDUCERS[reducer](oracle) if not reducer_kwargs else ToMeMerge(**reducer_kwargs)
-        pair.append(evit_patch.apply_token_reducer(model, LAYERS, KEEP, reducer_object))
-    return pair
+def other_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its weights scaled: an oracle that is not the student, so its choice is visible."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(1.5)
+    return model
+
+
+def patched_pair(builder, reducer: str, key_weights: bool = True):
+    """Two identically patched models, each with its own oracle of the same weights."""
+    return [evit_patch.apply_token_reducer(builder(), LAYERS, KEEP, REDUCERS[reducer](other_weights(builder()), key_weights))
+            for _ in range(2)]
 
 
 def kept(model) -> list[torch.Tensor]:
@@ -122,14 +123,9 @@ def tiny_transformers_vit() -> torch.nn.Module:
 LIBRARY_REDUCERS = ["evit", "random", "tome", "oracle"]
 
 
-def library_pair(builder, reducer: str):
-    return patched_pair(builder, reducer, proportional_attention=False) if reducer == "tome" \
-        else patched_pair(builder, reducer)
-
-
 @pytest.mark.parametrize("reducer", LIBRARY_REDUCERS)
 def test_transformers_keyword_call_starts_afresh(reducer: str) -> None:
-    model, twin = library_pair(tiny_transformers_vit, reducer)
+    model, twin = patched_pair(tiny_transformers_vit, reducer, key_weights=False)
     target = images(2, 12)
     with torch.no_grad():
         for x in EARLIER:
@@ -153,13 +149,9 @@ def tiny_clip() -> torch.nn.Module:
 @pytest.mark.parametrize("reducer", LIBRARY_REDUCERS)
 def test_open_clip_encode_image_starts_afresh(reducer: str) -> None:
     clip, clip_twin = tiny_clip(), tiny_clip()
-    oracle = copy.deepcopy(clip.visual)
-    with torch.no_grad():
-        for parameter in oracle.parameters():
-            parameter.mul_(1.5)
     for model in (clip, clip_twin):
-        chosen = ToMeMerge(proportional_attention=False) if reducer == "tome" else REDUCERS[reducer](oracle)
-        evit_patch.apply_token_reducer(model.visual, LAYERS, KEEP, chosen)
+        oracle = other_weights(copy.deepcopy(model.visual))
+        evit_patch.apply_token_reducer(model.visual, LAYERS, KEEP, REDUCERS[reducer](oracle, False))
     target = images(2, 12)
     with torch.no_grad():
         for x in EARLIER:
@@ -209,3 +201,14 @@ def test_layers_omitted_take_the_paper_placement_for_the_depth(depth: int, layer
     evit_patch.apply_evit(model, keep_rate=0.7)
     patched = [index for index, block in enumerate(transformer_blocks(model)) if hasattr(block, "token_reorganizer")]
     assert patched == layers
+
+
+def test_a_forward_that_stops_before_the_reduction_layers_leaves_no_stale_record() -> None:
+    """``forward_intermediates(..., stop_early=True)`` up to block 0 reaches no reduction
+    layer: ``kept_tokens`` must not report the earlier forward's tokens as this one's."""
+    model, _ = patched_pair(tiny_vit, "evit")
+    with torch.no_grad():
+        model(images(2, 0))
+        model.forward_intermediates(images(3, 1), indices=[0], stop_early=True, intermediates_only=True)
+    with pytest.raises(RuntimeError, match="no token record yet"):
+        evit_patch.kept_tokens(model)
