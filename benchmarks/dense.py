@@ -15,8 +15,9 @@ evaluated with it as it is ("off the shelf") and after ``--finetune-epochs`` mor
 on that variant's own features, starting from it (the unpatched row gets the same extra
 epochs on its own features, so the budgets are equal). Variants: unpatched; EViT at
 each keep rate with each restoration fill (``source``: the fused token; ``carry``: the
-patch's own feature from when it was last kept; ``nearest``: the nearest kept patch;
-``zeros``: holes left empty, i.e. no restoration); ToMe-style merging at the same token
+patch's own feature from when it was last kept; ``nearest``: the nearest kept patch on
+the grid; ``similar``: the kept patch nearest in feature space; ``zeros``: holes left
+empty, i.e. no restoration); ToMe-style merging at the same token
 counts with unmerge (``source``). mIoU is the mean of the background and garment IoU over
 the test images, in %.
 
@@ -188,7 +189,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--train-images", type=int, default=20000)
     parser.add_argument("--test-images", type=int, default=5000)
     parser.add_argument("--keep-rates", type=float, nargs="+", default=[0.7, 0.5])
-    parser.add_argument("--fills", nargs="+", default=["carry", "source", "nearest", "zeros"],
+    parser.add_argument("--fills", nargs="+", default=["carry", "source", "nearest", "similar", "zeros"],
                         choices=list(evit_patch.FILLS), help="the first is drawn in the picture")
     parser.add_argument("--threshold", type=float, default=0.1, help="garment pixels: intensity above this (0..1)")
     parser.add_argument("--epochs", type=int, default=8, help="head epochs on the unpatched model's features")

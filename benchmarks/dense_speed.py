@@ -13,7 +13,9 @@ over the unpatched model. Comparing whole forwards is noisy at batch 1 (a few pe
 from one repeat to the next), so the restoration's own tensor work is also replayed on
 the reduced model's block outputs and timed in the same rotation ("restoration work
 alone"; its speed-up is the unpatched time over the reduced time plus that work, per
-repeat). Writes ``<out>.json`` and ``<out>.md``.
+repeat). At batch 1 the same replay runs once more with a block's forward before each of
+its steps, as in the real call, and the blocks' own time is subtracted: what the work costs
+on the caches a block leaves behind. Writes ``<out>.json`` and ``<out>.md``.
 """
 
 from __future__ import annotations
@@ -29,17 +31,22 @@ import timm
 import torch
 
 import evit_patch
+from evit_patch.core.dense import NEEDS_ENTERING_GRID
 from evit_patch.core.model_info import example_images
+from evit_patch.core.reduction import TokenMap
 from evit_patch.core.restoration import PatchPlaces, restore_sequence
 from evit_patch.tools.timing import interleaved_rates
 
 
-def restoration_work(model: torch.nn.Module, images: torch.Tensor, indices: list[int]) -> Callable[[], object]:
+def restoration_work(model: torch.nn.Module, images: torch.Tensor, indices: list[int],
+                     before_each_step: Optional[Callable[[], object]] = None) -> Callable[[], object]:
     """The restoration's own tensor work in one ``forward_intermediates`` call, replayed on the
     block outputs the reduced model produced: each reduction layer's map followed, the blocks
     handed out restored (fill ``carry``: and the grid entering each reduction layer kept).
     Timed beside the forwards, it says what restoring costs without the noise of comparing
-    two whole forwards."""
+    two whole forwards. ``before_each_step`` (a block's forward) runs before each map step and
+    each restoration, as a block does in the real call, so that the work meets the caches a
+    block leaves behind rather than its own warm ones."""
     from timm.models._features import feature_take_indices
 
     state, blocks = model.evit_state, model.blocks
@@ -57,20 +64,38 @@ def restoration_work(model: torch.nn.Module, images: torch.Tensor, indices: list
     taken = {i for i in feature_take_indices(len(blocks), indices)[0] if i >= first} | {len(blocks) - 1}
     grid = tuple(model.patch_embed.grid_size)
 
+    step = before_each_step or (lambda: None)
+
+    def fresh(record: TokenMap) -> TokenMap:  # a forward's own map: its destination not yet derived
+        return TokenMap.selection(record.kept_index, record.incoming, record.fused)
+
     def work() -> object:
         places = PatchPlaces.start(images.shape[0], outputs[first - 1].shape[1] - prefix, images.device)
         previous, restored = outputs[first - 1], None
         for i in range(first, len(blocks)):
             if i in positions:
-                if fill == "carry" and i != first:
-                    previous = restored if i - 1 in taken else restore_sequence(outputs[i - 1], places, prefix, fill,
-                                                                                  previous=previous)
-                places = places.after(records[positions[i]])
+                if fill in NEEDS_ENTERING_GRID and i != first:
+                    if i - 1 in taken:
+                        previous = restored
+                    else:
+                        step()
+                        previous = restore_sequence(outputs[i - 1], places, prefix, fill, previous=previous,
+                                                    grid_size=grid)
+                step()
+                places = places.after(fresh(records[positions[i]]))
             if i in taken:
+                step()
                 restored = restore_sequence(outputs[i], places, prefix, fill, previous=previous, grid_size=grid)
         return restored
 
     return work
+
+
+def step_count(model: torch.nn.Module, images: torch.Tensor, indices: list[int]) -> int:
+    """How many steps :func:`restoration_work` takes (how many blocks it runs between them)."""
+    count = [0]
+    restoration_work(model, images, indices, lambda: count.__setitem__(0, count[0] + 1))()
+    return count[0]
 
 
 def calls(model_name: str, keep_rate: float, layers: list[int], fills: list[str], indices: list[int],
@@ -91,17 +116,48 @@ def calls(model_name: str, keep_rate: float, layers: list[int], fills: list[str]
     def without_restoration() -> object:  # timm's method itself, not the instance's restoring one
         return type(reduced).forward_intermediates(reduced, images, **options)
 
-    return {"unpatched": dense(base), f"EViT {keep_rate} reduced (no restoration)": without_restoration,
-            **{f"EViT {keep_rate} restored ({fill})": dense(model) for fill, model in patched.items()},
-            **{f"restoration work alone ({fill})": restoration_work(model, images, indices)
-               for fill, model in patched.items()}}
+    with torch.inference_mode():
+        tokens = reduced.forward_features(images)
+    block = reduced.blocks[-1]
+
+    def blocks(count: int) -> Callable[[], object]:
+        return lambda: [block(tokens) for _ in range(count)]
+
+    timed = {"unpatched": dense(base), f"EViT {keep_rate} reduced (no restoration)": without_restoration,
+             **{f"EViT {keep_rate} restored ({fill})": dense(model) for fill, model in patched.items()},
+             **{f"restoration work alone ({fill})": restoration_work(model, images, indices)
+                for fill, model in patched.items()}}
+    for fill, model in patched.items() if images.shape[0] == 1 else ():  # larger batches: the blocks' noise hides it
+        steps = step_count(model, images, indices)
+        timed[f"{COLD_PREFIX}({fill}){HELPER}"] = restoration_work(model, images, indices, lambda: block(tokens))
+        timed[f"{steps} blocks alone ({fill}){HELPER}"] = blocks(steps)
+    return timed
+
+
+COLD_PREFIX = "restoration work alone, a block before each step "
+"""Rows of the work replayed after a block forward each step, less the same blocks timed alone."""
+HELPER = " [with the blocks]"
+
+
+def cold_rates(rates: dict[str, list[float]], batch_size: int) -> dict[str, list[float]]:
+    """The timed rates with each replay-after-blocks turned into the work's own rate (its time
+    per call less that of the same blocks alone, repeat by repeat) and the helper rows dropped."""
+    result = {name: values for name, values in rates.items() if not name.endswith(HELPER)}
+    for name, values in rates.items():
+        if name.startswith(COLD_PREFIX):
+            fill = name[len(COLD_PREFIX):].removesuffix(HELPER)
+            alone = next(rates[other] for other in rates if other.endswith(f"blocks alone {fill}{HELPER}"))
+            result[name.removesuffix(HELPER)] = [batch_size / max(batch_size / with_blocks - batch_size / blocks, 1e-9)
+                                                 for with_blocks, blocks in zip(values, alone)]
+    return result
 
 
 def measure(args: argparse.Namespace, batch_size: int) -> dict[str, list[float]]:
     images = example_images(timm.create_model(args.model), batch_size, seed=0)
     timed = calls(args.model, args.keep_rate, args.layers, args.fills, args.indices, images)
     with torch.inference_mode():
-        return interleaved_rates(timed, batch_size, images.device, args.repeats, args.warmup, args.calls_per_repeat)
+        rates = interleaved_rates(timed, batch_size, images.device, args.repeats, args.warmup, args.calls_per_repeat)
+    return cold_rates(rates, batch_size)
 
 
 def summary(rates: dict[str, list[float]]) -> dict[str, dict[str, Optional[float]]]:

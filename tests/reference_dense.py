@@ -6,7 +6,9 @@ several; the grid is then built patch by patch with plain loops from the rule of
 a patch that is its own token takes that token; otherwise ``source`` takes the token that
 holds it (zeros when dropped), ``zeros`` takes zeros, ``carry`` takes the patch's grid row
 from the block before, ``nearest`` the row of the nearest own patch (Euclidean distance on
-the grid, ties to the first in grid order). Nothing of evit_patch is called.
+the grid, ties to the first in grid order), ``similar`` the row of the own patch whose
+grid row entering the last reduction layer has the highest cosine with its own there
+(ties to the first in grid order). Nothing of evit_patch is called.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def _reorganize(x: Tensor, attention: Tensor, tokens: list[tuple[set[int], bool]
 
 
 def _grid(x: Tensor, tokens: list[tuple[set[int], bool]], num_prefix: int, fill: str, previous: Tensor,
-          grid_size: tuple[int, int]) -> Tensor:
+          grid_size: tuple[int, int], entering: Tensor) -> Tensor:
     """One sample's restored image tokens ``(num_patches, C)`` after a block."""
     num_patches = previous.shape[0]
     holder = {patch: index for index, (patches, _) in enumerate(tokens) for patch in patches}
@@ -49,8 +51,11 @@ def _grid(x: Tensor, tokens: list[tuple[set[int], bool]], num_prefix: int, fill:
             rows.append(torch.zeros_like(x[0]))
         elif fill == "carry":
             rows.append(previous[patch])
-        else:  # nearest
+        else:
             def distance(other: int) -> float:
+                if fill == "similar":
+                    a, b = entering[patch].double(), entering[other].double()
+                    return -float(a @ b / (a.norm() * b.norm()))
                 return float((other // cols - patch // cols) ** 2 + (other % cols - patch % cols) ** 2)
             nearest = min(sorted(own), key=distance)
             rows.append(x[num_prefix + holder[nearest]])
@@ -67,16 +72,19 @@ def reference_grids(model: nn.Module, images: Tensor, layers: list[int], keep_ra
     num_patches = x.shape[1] - num_prefix
     tokens = [[({p}, False) for p in range(num_patches)] for _ in range(x.shape[0])]
     previous = [x[b, num_prefix:] for b in range(x.shape[0])]
+    entering = previous  # the grid as it entered the last reduction layer
     grids = []
     for index, block in enumerate(model.blocks):
         out, attention = _attention(_layer_norm(x, block.norm1), block.attn)
         x = x + _layer_scale(out, block.ls1)
         if index in layers:
+            entering = previous
             results = [_reorganize(x[b], attention[b], tokens[b], num_prefix, keep_rate, fuse)
                        for b in range(x.shape[0])]
             x = torch.stack([sample for sample, _ in results])
             tokens = [held for _, held in results]
         x = x + _layer_scale(_mlp(_layer_norm(x, block.norm2), block.mlp), block.ls2)
-        previous = [_grid(x[b], tokens[b], num_prefix, fill, previous[b], grid_size) for b in range(x.shape[0])]
+        previous = [_grid(x[b], tokens[b], num_prefix, fill, previous[b], grid_size, entering[b])
+                    for b in range(x.shape[0])]
         grids.append(torch.cat([x[:, :num_prefix], torch.stack(previous)], dim=1))
     return grids

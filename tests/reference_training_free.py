@@ -10,7 +10,7 @@ reorganization layer of ``n`` image tokens, ``keep = ceil(r n) + 1`` tokens stay
 - Flat scores (population standard deviation below ``threshold`` times the mean, and at
   most ``ceil(n / 2)`` tokens to merge): ToMe's bipartite merge of the head-averaged keys
   (``reference_tome.merge_sample``, itself written from the ToMe paper).
-- Otherwise: the ``keep`` highest-scored tokens stay (highest first); every other token is
+- Otherwise: the ``keep`` highest-scored tokens stay (in their sequence order); every other token is
   added to the kept token with the highest cosine similarity of the tokens themselves,
   as a size-weighted average.
 - Sizes go on from layer to layer; with ``proportional`` every attention from the first
@@ -54,9 +54,9 @@ def _attention(h: Tensor, attn: nn.Module, key_weights: Optional[list[float]]) -
 
 def absorb_sample(tokens: Tensor, scores: list[float], sizes: list[float], keep: int) -> tuple[Tensor, list[float], list[int], list[int]]:
     """One sample: kept tokens absorb the others. Returns the output tokens, their sizes,
-    the kept token indices (highest score first) and each incoming token's destination."""
+    the kept token indices (in sequence order) and each incoming token's destination."""
     order = sorted(range(len(scores)), key=lambda i: -scores[i])
-    kept, rest = order[:keep], order[keep:]
+    kept, rest = sorted(order[:keep]), order[keep:]
     sums = [sizes[i] * tokens[i] for i in kept]
     out_sizes = [sizes[i] for i in kept]
     destination = [0] * len(scores)

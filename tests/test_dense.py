@@ -11,7 +11,7 @@ import evit_patch
 from evit_patch import DROPPED, FUSED, KEPT
 
 LAYERS = [1, 3, 4]
-FILLS = ["source", "carry", "nearest", "zeros"]
+FILLS = ["source", "carry", "nearest", "similar", "zeros"]
 
 
 def _model(**kwargs) -> torch.nn.Module:
@@ -82,7 +82,7 @@ def test_keep_rate_one_is_bitwise_the_unpatched_model(base, images, fill):
     assert torch.equal(final, expected_final)
     for (grid, prefix), (expected_grid, expected_prefix) in zip(intermediates, expected):
         assert torch.equal(grid, expected_grid) and torch.equal(prefix, expected_prefix)
-    if fill != "carry":
+    if fill not in ("carry", "similar"):
         assert torch.equal(evit_patch.restore_tokens(model, model.forward_features(images), fill),
                            base.forward_features(images))
 
@@ -211,8 +211,9 @@ def test_bad_input_is_a_clear_error(base, images):
     reduced = model.forward_features(images)
     with pytest.raises(ValueError, match="not the last forward's output"):
         evit_patch.restore_tokens(model, reduced[:, :-1])
-    with pytest.raises(ValueError, match="forward_intermediates"):
-        evit_patch.restore_tokens(model, reduced, fill="carry")
+    for fill in ("carry", "similar"):
+        with pytest.raises(ValueError, match=f"fill '{fill}' needs the sequence entering.*forward_intermediates"):
+            evit_patch.restore_tokens(model, reduced, fill=fill)
     with pytest.raises(ValueError, match="grid does not hold"):
         evit_patch.restore_tokens(model, reduced, fill="nearest", grid_size=(5, 5))
 

@@ -59,8 +59,23 @@ def test_speed_table_runs_and_reports_the_share_of_the_speed_up(tmp_path, comman
     assert set(results) == {1, 2}
     names = list(results[1])
     assert names[0] == "unpatched" and "reduced" in names[1]
-    assert [name.split(" (")[0] for name in names[2:]] == ["EViT 0.7 restored"] * 2 + ["restoration work alone"] * 2
+    assert [name.split(" (")[0] for name in names[2:]] == (["EViT 0.7 restored"] * 2 + ["restoration work alone"] * 2
+                                                           + ["restoration work alone, a block before each step"] * 2)
+    assert len(results[2]) == len(results[1]) - 2  # the replay after blocks runs at batch 1 only
     assert all("share_of_speedup_eaten" in results[1][name] for name in names[2:])
+    assert not any("blocks alone" in name for name in names)  # the helper rows are subtracted, not reported
     written = json.loads((tmp_path / "speed.json").read_text())
     assert written["results"]["1"]["unpatched"]["speedup"] == 1.0
     assert "share of EViT's speed-up eaten" in (tmp_path / "speed.md").read_text()
+
+
+def test_the_replay_after_blocks_is_its_time_less_the_blocks_alone():
+    """Repeat by repeat: 2 images in 0.5 s with the blocks and 0.4 s for the blocks alone is 2 images
+    of work in 0.1 s (20/s); in 0.6 s against 0.2 s, 5/s."""
+    script = load_benchmark("dense_speed")
+    work = f"{script.COLD_PREFIX}(carry)"
+    rates = {"unpatched": [1.0, 1.0], f"{work}{script.HELPER}": [2 / 0.5, 2 / 0.6],
+             f"3 blocks alone (carry){script.HELPER}": [2 / 0.4, 2 / 0.2]}
+    derived = script.cold_rates(rates, 2)
+    assert list(derived) == ["unpatched", work]
+    assert derived[work] == pytest.approx([20.0, 5.0])

@@ -33,6 +33,8 @@ from evit_patch.core.restoration import Fill, PatchPlaces, check_fill, places_of
 
 DEFAULT_FILL: Fill = "carry"
 """The fill measured best on the garment task (docs/dense.md)."""
+NEEDS_ENTERING_GRID = ("carry", "similar")
+"""Fills that read the full grid as it entered the last reduction layer, which the hooks keep."""
 
 
 def _state(model: nn.Module) -> Any:
@@ -47,7 +49,7 @@ def _state(model: nn.Module) -> Any:
 
 def set_restoration(model: nn.Module, fill: Fill) -> None:
     """How ``forward_intermediates`` and :func:`restore_tokens` fill the patches that are not
-    their own token any more: ``source``, ``carry``, ``nearest`` or ``zeros``."""
+    their own token any more: ``source``, ``carry``, ``nearest``, ``similar`` or ``zeros``."""
     _state(model).restoration = check_fill(fill)
 
 
@@ -69,11 +71,12 @@ def restore_tokens(model: nn.Module, tokens: Tensor, fill: Fill = "source",
     produced, e.g. ``model.forward_features(x)``. This needs nothing but the token maps, so
     it offers the fills that need no other block's output (``source``, ``nearest``,
     ``zeros``); ``carry`` (the default of :func:`dense_outputs` and ``forward_intermediates``)
-    needs every block's output and is refused here with the call that gives it.
+    and ``similar`` need the sequence entering each reduction layer and are refused here
+    with the call that gives it.
     """
     state = _state(model)
-    if check_fill(fill) == "carry":
-        raise ValueError("fill 'carry' needs every block's output: run the forward inside "
+    if check_fill(fill) in NEEDS_ENTERING_GRID:
+        raise ValueError(f"fill {fill!r} needs the sequence entering each reduction layer: run the forward inside "
                          "`with evit_patch.dense_outputs(model):` (or call model.forward_intermediates), "
                          "or restore_tokens with fill 'source', 'nearest' or 'zeros'")
     first = next((record for record in state.records if record is not None), None)
@@ -94,8 +97,8 @@ class _GridHooks:
 
     Only the token maps of the reduction layers reached since the first reduction block are
     composed (one step per layer), so a record left over from an earlier forward is never
-    read, whichever entry point (or reset mechanism) runs the model. Fill ``carry`` keeps
-    the grid as it enters each reduction layer: the patches that stop being their own token
+    read, whichever entry point (or reset mechanism) runs the model. Fills ``carry`` and
+    ``similar`` keep the grid as it enters each reduction layer: the patches that stop being their own token
     there keep that feature."""
 
     def __init__(self, model: nn.Module, state: Any, grid_size: Optional[tuple[int, int]],
@@ -105,15 +108,15 @@ class _GridHooks:
         first = state.layers[0]
         restored = {index for index in (range(len(blocks)) if restored is None else restored) if first <= index}
         # hooks only where there is work: the first reduction block (a new forward), blocks after a restored one
-        # (input swapped back) and reduction blocks (a map to follow; for carry, the grid entering them)
-        entering = {first} | {index + 1 for index in restored} | (set(state.layers) if self.fill == "carry" else set())
+        # (input swapped back) and reduction blocks (a map to follow; for carry and similar, the grid entering them)
+        entering = {first} | {index + 1 for index in restored} | (set(state.layers) if self.fill in NEEDS_ENTERING_GRID else set())
         self.entering = [blocks[index] for index in sorted(entering) if index < len(blocks)]
         self.leaving = [blocks[index] for index in sorted(restored | set(state.layers))]
         self.first = blocks[first]
         self.positions = {id(blocks[index]): position for position, index in enumerate(state.layers)}
         self.restored = {id(blocks[index]) for index in restored}
         self.places: Optional[PatchPlaces] = None  # after this forward's reduction layers so far
-        self.previous: Optional[Tensor] = None  # fill carry: the sequence as it entered the last reduction layer
+        self.previous: Optional[Tensor] = None  # carry, similar: the sequence as it entered the last reduction layer
         self.handed_out: Optional[tuple[Tensor, Tensor]] = None  # (restored, reduced) of the block before
 
     def _restore(self, tokens: Tensor) -> Tensor:
@@ -135,7 +138,7 @@ class _GridHooks:
                                    "restoration follows a plain chain of blocks (as timm's, transformers' and "
                                    "open_clip's encoders run them)")
             swapped = ((tokens, *args[1:]), kwargs) if args else (args, {**kwargs, next(iter(kwargs)): tokens})
-        if self.fill == "carry" and id(block) in self.positions:
+        if self.fill in NEEDS_ENTERING_GRID and id(block) in self.positions:
             self.previous = restored if self.handed_out is not None else self._restore(tokens)
         self.handed_out = None
         return swapped

@@ -41,6 +41,17 @@ class KeyWeights(nn.Module):
         self.self_loop = self_loop
         self.eps = eps
         self.weights: Optional[Tensor] = None
+        self._log_mask: Optional[tuple[Tensor, torch.dtype, Tensor]] = None
+
+    def log_mask(self, dtype: torch.dtype) -> Tensor:
+        """``log weights`` as an additive attention mask ``(B, 1, 1, N)`` in ``dtype``,
+        computed once for all the attentions that read the same weights."""
+        weights = self.weights
+        cached = self._log_mask
+        if cached is None or cached[0] is not weights or cached[1] != dtype:
+            log_weights = weights.to(dtype).clamp_min(torch.finfo(dtype).tiny).log()
+            cached = self._log_mask = (weights, dtype, log_weights[:, None, None, :])
+        return cached[2]
 
     def __deepcopy__(self, memo: dict) -> "KeyWeights":
         """A copy with no weights set: they belong to one forward of the original."""
@@ -91,8 +102,7 @@ def key_weighted_sdpa(holder: KeyWeights, query: Tensor, key: Tensor, value: Ten
     weights = holder.weights
     if not (weights.requires_grad or holder.self_loop):  # e.g. token sizes: log-weights as a mask, fused kernel kept
         _check_weights_shape(weights, query.shape[0], key.shape[-2])
-        log_weights = weights.to(query.dtype).clamp_min(torch.finfo(query.dtype).tiny).log()
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=log_weights[:, None, None, :],
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=holder.log_mask(query.dtype),
                                               dropout_p=dropout_p, scale=scale)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     probabilities = weighted_softmax((query @ key.transpose(-2, -1)) * scale, holder.weights, holder.self_loop,

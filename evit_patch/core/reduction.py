@@ -66,8 +66,10 @@ class TokenMap:
         return cls(kept_index.shape[0], incoming, kept_index.device, kept_index.detach(), fused)
 
     @classmethod
-    def merge(cls, kept_index: Tensor, destination: Tensor, mixed: Tensor) -> "TokenMap":
-        """A merging method's own map."""
+    def merge(cls, kept_index: Tensor, destination: Tensor, mixed: Optional[Tensor] = None) -> "TokenMap":
+        """A merging method's own map: ``kept_index`` has one entry per output token and
+        ``destination`` one per incoming token; ``mixed`` is counted from ``destination``
+        when not given."""
         return cls(destination.shape[0], destination.shape[1], destination.device, kept_index, False,
                    destination, mixed)
 
@@ -95,6 +97,9 @@ class TokenMap:
     def mixed(self) -> Tensor:
         """``(B, m)`` whether an output image token mixes several incoming tokens (EViT's
         fused token, a merged token)."""
+        if self._mixed is None and not (self.is_selection or self.is_identity):  # a merge: outputs that several tokens went to
+            held = torch.zeros(self.batch, self.kept_index.shape[1], dtype=torch.long, device=self.device)
+            self._mixed = held.scatter_add_(1, self._destination, torch.ones_like(self._destination)) > 1
         if self._mixed is None:
             mixed = torch.zeros(self.batch, self.kept_index.shape[1] + int(self.fused), dtype=torch.bool,
                                 device=self.device)

@@ -6,8 +6,10 @@ several (EViT's fused token, a merged token) or gone (EViT without fusion). The 
 the provenance every reducer records (:class:`~evit_patch.core.reduction.TokenMap`),
 followed layer by layer in :class:`PatchPlaces`; restoring is then one row gather of
 the current tokens plus a fill for the patches that are not their own token any more.
-All of it is index work on ``(B, N)`` tensors and one ``(B, N, C)`` gather or ``where``,
-so it is linear in the tokens and differentiable in the features.
+All of it is index work on ``(B, N)`` tensors and one ``(B, N, C)`` row gather (``carry``
+then copies in the rows of the patches that are not their own token), so it is linear in
+the tokens and differentiable in the features; ``nearest`` and ``similar`` add an
+``(B, N, N)`` argmin.
 
 Fills for a patch that is not its own token (``FILLS``):
 
@@ -17,6 +19,9 @@ Fills for a patch that is not its own token (``FILLS``):
   carried forward (needs every block's output: :func:`evit_patch.forward_intermediates`
   hooks keep it).
 - ``nearest``: the nearest patch on the grid that is still its own token.
+- ``similar``: the patch still its own token whose feature was most like its own
+  (cosine) as they entered the last reduction layer: nearest in feature space rather
+  than on the grid (needs that grid, as ``carry`` does).
 - ``zeros``: nothing (the "no restoration" baseline: kept tokens in place, holes empty).
 """
 
@@ -32,7 +37,7 @@ from torch import Tensor
 
 from evit_patch.core.reduction import TokenMap, prefix_and_kept
 
-Fill = Literal["source", "carry", "nearest", "zeros"]
+Fill = Literal["source", "carry", "nearest", "similar", "zeros"]
 FILLS: tuple[str, ...] = get_args(Fill)
 KEPT, FUSED, DROPPED = 0, 1, 2
 
@@ -120,12 +125,19 @@ def grid_distances(grid_size: tuple[int, int], device: torch.device) -> Tensor:
     return ((row[:, None] - row[None]).square() + (col[:, None] - col[None]).square()).float()
 
 
-def nearest_own_patch(own: Tensor, grid_size: tuple[int, int]) -> Tensor:
-    """``(B, N)`` for each patch, the nearest patch on the grid that is its own token (itself
-    when it is one; ties go to the first in grid order). Index work only: ``(B, N, N)``
-    booleans and distances, no features."""
-    distances = grid_distances(grid_size, own.device)
-    return distances.expand(own.shape[0], -1, -1).masked_fill(~own.unsqueeze(1), float("inf")).argmin(dim=-1)
+def feature_distances(features: Tensor) -> Tensor:
+    """``(B, N, N)`` one minus the cosine similarity between the patches' features
+    ``(B, N, C)``, in at least float32."""
+    unit = F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=-1)
+    return 1 - unit @ unit.transpose(1, 2)
+
+
+def nearest_own_patch(own: Tensor, distances: Tensor) -> Tensor:
+    """``(B, N)`` for each patch, the patch nearest to it by ``distances`` (``(N, N)`` or
+    ``(B, N, N)``) that is its own token: itself when it is one, ties to the first in grid
+    order. Index work only, no features are gathered."""
+    nearest = distances.expand(own.shape[0], -1, -1).masked_fill(~own.unsqueeze(1), float("inf")).argmin(dim=-1)
+    return torch.where(own, torch.arange(own.shape[1], device=own.device), nearest)
 
 
 def restore_sequence(x: Tensor, places: PatchPlaces, num_prefix_tokens: int, fill: Fill, *,
@@ -134,33 +146,47 @@ def restore_sequence(x: Tensor, places: PatchPlaces, num_prefix_tokens: int, fil
     then one feature per patch in grid order.
 
     One row copy takes the prefix and the token holding each patch (the same padded-index
-    copy the reducers use), and one ``where`` or ``masked_fill`` applies the fill: at
-    batch 1 every operation costs more than its arithmetic, and this runs once per block
-    handed out.
+    copy the reducers use), and one ``masked_fill`` or row copy applies the fill: at batch
+    1 every operation costs more than its arithmetic, and this runs once per block handed
+    out. ``carry`` reads from ``previous`` only the rows it needs: that grid was written
+    blocks ago and is no longer in cache.
 
     Args:
         places: where each patch is now (:func:`places_of`).
         fill: how a patch that is not its own token is filled (see the module docstring).
-        previous: ``carry`` only: the full sequence ``(B, P + N, C)`` the patches' features
-            are carried from (the grid as it entered the last reduction layer).
+        previous: ``carry`` and ``similar``: the full sequence ``(B, P + N, C)`` as it
+            entered the last reduction layer (``carry`` takes the patches' features from
+            it, ``similar`` compares them there).
         grid_size: ``nearest`` only: ``(rows, cols)`` of the patch grid.
     """
     token_of_patch = places.token_of_patch
-    if fill == "nearest":
-        if grid_size is None:
-            raise ValueError("fill 'nearest' needs the patch grid: pass grid_size=(rows, cols)")
-        if grid_size[0] * grid_size[1] != token_of_patch.shape[1]:
-            raise ValueError(f"a {grid_size[0]}x{grid_size[1]} grid does not hold the {token_of_patch.shape[1]} "
-                             "patches the reduction layers saw; pass the grid of the input the model ran on")
-        token_of_patch = token_of_patch.gather(1, nearest_own_patch(places.own, grid_size))
+    if fill in ("carry", "similar") and previous is None:
+        raise ValueError(f"fill {fill!r} needs the sequence as it entered the last reduction layer (previous=); "
+                         "evit_patch.dense_outputs keeps it, restore_tokens cannot")
+    if fill in ("nearest", "similar"):
+        distances = _distances(fill, token_of_patch, grid_size, previous, num_prefix_tokens)
+        token_of_patch = token_of_patch.gather(1, nearest_own_patch(places.own, distances))
     restored = prefix_and_kept(x, num_prefix_tokens, token_of_patch if places.complete else token_of_patch.clamp(min=0))
-    if fill == "nearest":
+    if fill in ("nearest", "similar"):
         return restored
-    if fill == "carry":
-        if previous is None:
-            raise ValueError("fill 'carry' needs the sequence the features are carried from (previous=); "
-                             "evit_patch.dense_outputs keeps it, restore_tokens cannot")
-        own = F.pad(places.own, (num_prefix_tokens, 0), value=True).unsqueeze(-1)
-        return torch.where(own, restored, previous if previous.dtype == restored.dtype else previous.to(restored.dtype))
+    if fill == "carry":  # only the rows of the patches that are not their own token are read from previous
+        holes = F.pad(~places.own, (num_prefix_tokens, 0), value=False).flatten().nonzero().squeeze(1)
+        carried = previous.reshape(-1, previous.shape[-1]).index_select(0, holes).to(restored.dtype)
+        restored.view(-1, restored.shape[-1]).index_copy_(0, holes, carried)  # a fresh copy: written in place
+        return restored
     holes = ~places.own if fill == "zeros" else token_of_patch < 0
     return restored.masked_fill(F.pad(holes, (num_prefix_tokens, 0), value=False).unsqueeze(-1), 0.0)
+
+
+def _distances(fill: Fill, token_of_patch: Tensor, grid_size: Optional[tuple[int, int]], previous: Optional[Tensor],
+               num_prefix_tokens: int) -> Tensor:
+    """Between patches: on the grid (``nearest``) or in the features entering the last
+    reduction layer (``similar``)."""
+    if fill == "similar":
+        return feature_distances(previous[:, num_prefix_tokens:])
+    if grid_size is None:
+        raise ValueError("fill 'nearest' needs the patch grid: pass grid_size=(rows, cols)")
+    if grid_size[0] * grid_size[1] != token_of_patch.shape[1]:
+        raise ValueError(f"a {grid_size[0]}x{grid_size[1]} grid does not hold the {token_of_patch.shape[1]} "
+                         "patches the reduction layers saw; pass the grid of the input the model ran on")
+    return grid_distances(grid_size, token_of_patch.device)

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from evit_patch.core.key_weighting import KeyWeights
-from evit_patch.core.reduction import LayerContext, Reduction, TokenMap, TokenReducer, identity_reduction, token_rows
-from evit_patch.core.scores import AttentionTensors
+from evit_patch.core.reduction import LayerContext, Reduction, TokenMap, TokenReducer, identity_reduction
+from evit_patch.core.scores import AttentionTensors, without_autocast
 from evit_patch.reducers.evit import kept_token_count
 
 
@@ -28,53 +28,85 @@ def merged_token_count(num_tokens: int, keep_rate: float) -> int:
     return min(num_tokens, kept_token_count(num_tokens, keep_rate) + 1)
 
 
-def bipartite_merge(x: Tensor, metric: Tensor, sizes: Tensor, num_merged: int) -> tuple[Tensor, Tensor, Reduction]:
-    """Merge ``num_merged`` of the tokens ``x`` ``(B, n, C)`` into others.
+def bipartite_destinations(metric: Tensor, num_merged: int) -> tuple[Tensor, Tensor]:
+    """ToMe's bipartite soft matching: where each of the ``n`` tokens goes when
+    ``num_merged`` of them are merged.
 
     Args:
         metric: ``(B, n, d)`` features whose cosine similarity picks the partners.
-        sizes: ``(B, n)`` patches held by each token; merges are size-weighted averages,
-            so ``sum(sizes * x)`` and ``sum(sizes)`` are conserved.
         num_merged: at most the size of set A, ``ceil(n / 2)``.
+
+    Returns:
+        ``kept_index`` ``(B, n - num_merged)``, the token each output stands for (the
+        unmerged A tokens, then every B token), and ``destination`` ``(B, n)``, the
+        output slot of each incoming token.
+    """
+    batch, count, _ = metric.shape
+    count_a, count_b = (count + 1) // 2, count // 2
+    if num_merged > count_a:
+        raise ValueError(f"bipartite matching merges at most {count_a} of {count} tokens per layer "
+                         f"(half, rounded up), asked for {num_merged}: raise the keep rate to at least 0.5")
+    metric = F.normalize(metric.to(torch.promote_types(metric.dtype, torch.float32)), dim=-1)
+    best, partner = (metric[:, 0::2] @ metric[:, 1::2].transpose(1, 2)).max(dim=-1)
+    unmerged_a = best.argsort(dim=-1, descending=True)[:, num_merged:]
+    num_unmerged = count_a - num_merged
+    # every A token goes to its partner's slot behind the unmerged ones, unless it stays itself
+    destination_a = (partner + num_unmerged).scatter_(1, unmerged_a,
+                                                      torch.arange(num_unmerged, device=metric.device).expand(batch, -1))
+    destination = torch.empty(batch, count, dtype=torch.long, device=metric.device)
+    destination[:, 0::2] = destination_a
+    destination[:, 1::2] = torch.arange(num_unmerged, num_unmerged + count_b, device=metric.device)
+    b_index = torch.arange(1, count, 2, device=metric.device).expand(batch, -1)
+    return torch.cat([unmerged_a * 2, b_index], dim=1), destination
+
+
+def with_prefix(destination: Tensor, prefix_count: int) -> Tensor:
+    """An image-token ``destination`` ``(B, n)`` over the whole sequence ``(B, P + n)``:
+    each prefix token stays in its own slot and the image slots follow them."""
+    full = F.pad(destination + prefix_count, (prefix_count, 0))  # prefix token 0 -> slot 0
+    if prefix_count > 1:
+        full[:, :prefix_count] = torch.arange(prefix_count, device=destination.device)
+    return full
+
+
+def merge_by_destination(x: Tensor, sizes: Optional[Tensor], destination: Tensor,
+                         count: int) -> tuple[Tensor, Tensor]:
+    """The ``count`` tokens that are the size-weighted averages of the tokens of ``x``
+    ``(B, n, C)`` sent to each of them by ``destination`` ``(B, n)``, and their sizes.
+
+    ``sizes`` ``(B, n)`` are the patches each incoming token holds (None: one each), so
+    ``sum(sizes * tokens)`` and ``sum(sizes)`` are conserved. Each token is scaled by its
+    share of its slot's size before one row-wise ``index_add_`` over the flattened batch,
+    so the average costs a single pass over the tokens, and a token that goes alone to its
+    slot comes out exactly as it went in. The shares and sums are taken in at least
+    float32, outside autocast; only the tokens are cast back to ``x``'s dtype, the sizes
+    keep theirs (float32 when None).
+    """
+    batch, _, channels = x.shape
+    rows = (destination + torch.arange(0, batch * count, count, device=x.device).unsqueeze(1)).flatten()
+    precision = torch.promote_types(x.dtype, torch.float32)
+    incoming = None if sizes is None else sizes.flatten().to(precision)
+    totals = torch.bincount(rows, weights=incoming, minlength=batch * count).to(precision)
+    share = totals.reciprocal()[rows] if incoming is None else incoming / totals[rows]  # of its slot's size
+    with without_autocast(x.device):
+        shared = x.to(precision).reshape(-1, channels) * share.unsqueeze(1)
+        out = shared.new_zeros(batch * count, channels).index_add_(0, rows, shared)
+    sizes_dtype = torch.float32 if sizes is None else sizes.dtype
+    return out.view(batch, count, channels).to(x.dtype), totals.view(batch, count).to(sizes_dtype)
+
+
+def bipartite_merge(x: Tensor, metric: Tensor, sizes: Optional[Tensor],
+                    num_merged: int) -> tuple[Tensor, Tensor, Reduction]:
+    """Merge ``num_merged`` of the tokens ``x`` ``(B, n, C)`` into others
+    (:func:`bipartite_destinations`, then :func:`merge_by_destination`).
 
     Returns:
         the merged tokens ``[unmerged A, B]``, their sizes,
         and the :class:`Reduction` with each incoming token's destination (no prefix).
     """
-    batch, count, channels = x.shape
-    a_index = torch.arange(0, count, 2, device=x.device)
-    b_index = torch.arange(1, count, 2, device=x.device)
-    if num_merged > len(a_index):
-        raise ValueError(f"bipartite matching merges at most {len(a_index)} of {count} tokens per layer "
-                         f"(half, rounded up), asked for {num_merged}: raise the keep rate to at least 0.5")
-    metric = F.normalize(metric.to(torch.promote_types(metric.dtype, torch.float32)), dim=-1)
-    similarity = metric[:, a_index] @ metric[:, b_index].transpose(1, 2)
-    best, partner = similarity.max(dim=-1)
-    order = best.argsort(dim=-1, descending=True)
-    merged_a, unmerged_a = order[:, :num_merged], order[:, num_merged:]
-    target_b = partner.gather(1, merged_a)
-
-    weighted = x * sizes.unsqueeze(-1).to(x.dtype)
-    a_tokens, b_tokens = weighted[:, a_index], weighted[:, b_index]
-    a_sizes, b_sizes = sizes[:, a_index], sizes[:, b_index]
-    b_tokens = b_tokens.scatter_add(1, target_b.unsqueeze(-1).expand(-1, -1, channels),
-                                    token_rows(a_tokens, merged_a))
-    b_sizes = b_sizes.scatter_add(1, target_b, a_sizes.gather(1, merged_a))
-    kept_a = token_rows(a_tokens, unmerged_a)
-    out_sizes = torch.cat([a_sizes.gather(1, unmerged_a), b_sizes], dim=1)
-    out = torch.cat([kept_a, b_tokens], dim=1) / out_sizes.unsqueeze(-1).to(x.dtype)
-
-    num_unmerged = unmerged_a.shape[1]
-    destination_a = torch.empty(batch, len(a_index), dtype=torch.long, device=x.device)
-    destination_a.scatter_(1, unmerged_a, torch.arange(num_unmerged, device=x.device).expand(batch, -1))
-    destination_a.scatter_(1, merged_a, num_unmerged + target_b)
-    destination = torch.empty(batch, count, dtype=torch.long, device=x.device)
-    destination[:, a_index] = destination_a
-    destination[:, b_index] = num_unmerged + torch.arange(len(b_index), device=x.device).expand(batch, -1)
-    received = b_sizes > sizes[:, b_index]  # every token holds at least one patch
-    mixed = torch.cat([torch.zeros_like(unmerged_a, dtype=torch.bool), received], dim=1)
-    kept_index = torch.cat([a_index[unmerged_a], b_index.expand(batch, -1)], dim=1)
-    return out, out_sizes, Reduction(out, TokenMap.merge(kept_index, destination, mixed))
+    kept_index, destination = bipartite_destinations(metric, num_merged)
+    out, out_sizes = merge_by_destination(x, sizes, destination, kept_index.shape[1])
+    return out, out_sizes, Reduction(out, TokenMap.merge(kept_index, destination))
 
 
 class SizedTokens(TokenReducer):
@@ -82,31 +114,45 @@ class SizedTokens(TokenReducer):
 
     The sizes weight later merges and, with ``proportional_attention``, every attention
     from the first reducing block on (``log(size)`` added to the logits, through
-    :attr:`key_weights`, which :func:`evit_patch.apply_token_reducer` wires in).
+    :attr:`key_weights`, which :func:`evit_patch.apply_token_reducer` wires in). They are
+    kept for the whole sequence, each prefix token holding itself, so one tensor serves
+    as the next merge's weights and as the attention's key weights.
     """
 
     def __init__(self, proportional_attention: bool = True) -> None:
         # sizes are at least 1, so the softmax needs no guard against a zero normalizer
         self.key_weights = KeyWeights(eps=0.0) if proportional_attention else None
-        self.sizes: Optional[Tensor] = None
+        self.token_sizes: Optional[Tensor] = None
+        self.prefix_count = 0
+
+    @property
+    def sizes(self) -> Optional[Tensor]:
+        """``(B, n)`` patches held by each image token after the last reducing layer."""
+        return None if self.token_sizes is None else self.token_sizes[:, self.prefix_count:]
 
     def start_forward(self, images: Tensor, training: bool) -> None:
-        self.sizes = None
+        self.token_sizes = None
         if self.key_weights is not None:
             self.key_weights.weights = None
 
-    def incoming_sizes(self, x: Tensor, num_image: int) -> Tensor:
-        """``(B, n)`` patches held by each image token entering this layer (ones at the first)."""
-        sizes = self.sizes
-        if sizes is None or sizes.shape != (x.shape[0], num_image):  # a new forward, whatever reset it
-            sizes = torch.ones(x.shape[0], num_image, dtype=torch.float32, device=x.device)
+    def incoming_sizes(self, x: Tensor) -> Optional[Tensor]:
+        """``(B, P + n)`` patches held by each token of ``x``, prefix tokens included;
+        None where every token holds one (the first reducing layer)."""
+        sizes = self.token_sizes
+        if sizes is None or sizes.shape != x.shape[:2]:  # a new forward, whatever reset it
+            return None
         return sizes
 
-    def carry_sizes(self, sizes: Tensor, prefix_count: int) -> None:
-        """Keep ``sizes`` of the outgoing image tokens for the next layer and later attention."""
-        self.sizes = sizes
+    def merge(self, x: Tensor, image_destination: Tensor, image_count: int, prefix_count: int) -> Tensor:
+        """``x`` ``(B, P + n, C)`` with its image tokens merged into ``image_count`` by
+        ``image_destination`` ``(B, n)``, the prefix tokens unchanged in front; the new
+        sizes are kept for the next layer and later attention."""
+        out, sizes = merge_by_destination(x, self.incoming_sizes(x), with_prefix(image_destination, prefix_count),
+                                          prefix_count + image_count)
+        self.token_sizes, self.prefix_count = sizes, prefix_count
         if self.key_weights is not None:  # later attention counts a token as the patches it holds
-            self.key_weights.weights = torch.cat([sizes.new_ones(sizes.shape[0], prefix_count), sizes], dim=1)
+            self.key_weights.weights = sizes
+        return out
 
 
 class ToMeMerge(SizedTokens):
@@ -128,9 +174,8 @@ class ToMeMerge(SizedTokens):
         num_merged = num_image - merged_token_count(num_image, context.keep_rate)
         if num_merged <= 0:
             return identity_reduction(x, prefix_count)
-        sizes = self.incoming_sizes(x, num_image)
         _, keys, _, _ = attention
         metric = keys.mean(dim=1)[:, prefix_count:] if keys is not None else x[:, prefix_count:]
-        merged, merged_sizes, reduction = bipartite_merge(x[:, prefix_count:], metric, sizes, num_merged)
-        self.carry_sizes(merged_sizes, prefix_count)
-        return Reduction(torch.cat([x[:, :prefix_count], merged], dim=1), reduction.map)
+        kept_index, destination = bipartite_destinations(metric, num_merged)
+        out = self.merge(x, destination, num_image - num_merged, prefix_count)
+        return Reduction(out, TokenMap.merge(kept_index, destination))

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from evit_patch.core.reduction import LayerContext, Reduction, TokenMap, identity_reduction, token_rows
 from evit_patch.core.scores import AttentionTensors, without_autocast
-from evit_patch.reducers.tome import SizedTokens, bipartite_merge, merged_token_count
+from evit_patch.reducers.tome import SizedTokens, bipartite_destinations, merge_by_destination, merged_token_count
 
 FLAT_THRESHOLD = 0.7
 """Coefficient of variation of the class-attention scores below which a layer pools. On the
@@ -40,54 +40,61 @@ def flat_scores(scores: Tensor, threshold: float) -> Tensor:
     """``(B,)`` whether each sample's scores ``(B, n)`` are flat: standard deviation over
     mean (population, so it does not depend on how many tokens there are) below
     ``threshold``. Scale-free, so raw class-attention scores need no normalizing."""
-    return scores.std(dim=1, correction=0) < threshold * scores.mean(dim=1)
+    spread, mean = torch.std_mean(scores, dim=1, correction=0)
+    return spread < threshold * mean
 
 
-def absorb_into_kept(image: Tensor, scores: Tensor, sizes: Tensor, keep: int) -> tuple[Tensor, Tensor, TokenMap]:
-    """Keep the ``keep`` highest-scored of the image tokens ``(B, n, C)`` and add every
-    other one into the kept token most similar to it.
-
-    Args:
-        scores: ``(B, n)`` attentiveness; it picks the kept tokens only, not the weights.
-        sizes: ``(B, n)`` patches held by each token; every output token is the
-            size-weighted average of the tokens it holds, so ``sum(sizes * tokens)`` and
-            ``sum(sizes)`` are conserved.
+def absorb_destinations(image: Tensor, scores: Tensor, keep: int) -> tuple[Tensor, Tensor]:
+    """Keep the ``keep`` highest-scored of the image tokens ``(B, n, C)`` and send every
+    other one to the kept token most similar to it (cosine of the tokens).
 
     Returns:
-        the ``keep`` output tokens (highest score first), their sizes, and the map of
-        where each incoming token went. Sums are taken in at least float32 (outside
-        autocast) and only the tokens are cast back to ``image``'s dtype.
+        ``kept_index`` ``(B, keep)`` in sequence order (output slot ``j`` holds kept token
+        ``kept_index[:, j]``: the kept tokens keep their relative places, which a later
+        layer's bipartite pooling, alternating over the sequence, relies on) and
+        ``destination`` ``(B, n)``, each token's slot.
+        ``scores`` pick the kept tokens only; the merge (:func:`merge_by_destination`)
+        weights by sizes, not scores.
     """
-    batch, count, channels = image.shape
-    order = scores.argsort(dim=1, descending=True)
-    kept_index = order[:, :keep]
+    batch, count, _ = image.shape
+    top = scores.topk(keep, dim=1, sorted=False).indices
+    unkept = torch.ones(batch, count, dtype=torch.bool, device=image.device).scatter_(1, top, False)
+    kept_index = (~unkept).nonzero()[:, 1].view(batch, keep)  # in sequence order, as a later pooling expects
+    other_index = unkept.nonzero()[:, 1].view(batch, count - keep)  # the exact complement, ties and all
     precision = torch.promote_types(image.dtype, torch.float32)
     with without_autocast(image.device):
-        kept = token_rows(image, kept_index).to(precision)
-        others = token_rows(image, order[:, keep:]).to(precision)
+        tokens = image.to(precision)
+        kept = token_rows(tokens, kept_index)
         # cosine's argmax over kept tokens: the other token's own length does not change it
-        partner = ((others @ kept.transpose(1, 2)) / kept.norm(dim=-1).clamp_min(1e-12).unsqueeze(1)).argmax(dim=-1)
-        slots = torch.arange(keep, device=image.device).expand(batch, -1)
-        destination = torch.empty(batch, count, dtype=torch.long, device=image.device).scatter_(
-            1, order, torch.cat([slots, partner], dim=1))
-        rows = (destination + torch.arange(0, batch * keep, keep, device=image.device).unsqueeze(1)).flatten()
-        weighted = (image.to(precision) * sizes.to(precision).unsqueeze(-1)).view(-1, channels)
-        sums = weighted.new_zeros(batch * keep, channels).index_add_(0, rows, weighted)
-        out_sizes = sizes.new_zeros(batch * keep).index_add_(0, rows, sizes.flatten()).view(batch, keep)
-        out = (sums.view(batch, keep, channels) / out_sizes.to(precision).unsqueeze(-1)).to(image.dtype)
-    return out, out_sizes, TokenMap.merge(kept_index, destination, out_sizes > sizes.gather(1, kept_index))
+        directions = kept / kept.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        partner = (token_rows(tokens, other_index) @ directions.transpose(1, 2)).max(dim=-1).indices
+    slots = torch.arange(keep, device=image.device).expand(batch, -1)
+    destination = torch.empty(batch, count, dtype=torch.long, device=image.device).scatter_(1, kept_index, slots)
+    return kept_index, destination.scatter_(1, other_index, partner)
 
 
-def _per_sample(flat: Tensor, pooled: tuple[Tensor, Tensor, TokenMap],
-                absorbed: tuple[Tensor, Tensor, TokenMap]) -> tuple[Tensor, Tensor, TokenMap]:
-    """Each sample's own layer decision, where a batch mixes flat and peaked scores (so a
-    sample's output never depends on the others in its batch)."""
-    (pool_tokens, pool_sizes, pool_map), (tokens, sizes, token_map) = pooled, absorbed
-    pick = flat.unsqueeze(1)
-    merged_map = TokenMap.merge(torch.where(pick, pool_map.kept_index, token_map.kept_index),
-                                torch.where(pick, pool_map.destination, token_map.destination),
-                                torch.where(pick, pool_map.mixed, token_map.mixed))
-    return torch.where(pick.unsqueeze(-1), pool_tokens, tokens), torch.where(pick, pool_sizes, sizes), merged_map
+def absorb_into_kept(image: Tensor, scores: Tensor, sizes: Optional[Tensor],
+                     keep: int) -> tuple[Tensor, Tensor, TokenMap]:
+    """:func:`absorb_destinations`, then the size-weighted average of each kept token
+    with the tokens it absorbed (``sizes`` ``(B, n)``, None: one patch each): the
+    ``keep`` output tokens, their sizes and the map."""
+    kept_index, destination = absorb_destinations(image, scores, keep)
+    out, out_sizes = merge_by_destination(image, sizes, destination, keep)
+    return out, out_sizes, TokenMap.merge(kept_index, destination)
+
+
+def _per_sample(flat: Tensor, image: Tensor, scores: Tensor, metric: Tensor, keep: int) -> tuple[Tensor, Tensor]:
+    """``(kept_index, destination)`` of a batch that mixes flat and peaked samples: the
+    samples ``flat`` ``(B,)`` selects are pooled by ``metric``, the others absorbed, each
+    computed on its own rows only, so no sample's result depends on its batch."""
+    pooling, absorbing = flat.nonzero().flatten(), (~flat).nonzero().flatten()
+    pooled_index, pooled_destination = bipartite_destinations(metric[pooling], image.shape[1] - keep)
+    absorbed_index, absorbed_destination = absorb_destinations(image[absorbing], scores[absorbing], keep)
+    kept_index = pooled_index.new_empty(len(flat), keep)
+    destination = pooled_destination.new_empty(len(flat), image.shape[1])
+    kept_index[pooling], kept_index[absorbing] = pooled_index, absorbed_index
+    destination[pooling], destination[absorbing] = pooled_destination, absorbed_destination
+    return kept_index, destination
 
 
 class TrainingFreeEvit(SizedTokens):
@@ -116,22 +123,20 @@ class TrainingFreeEvit(SizedTokens):
         keep = merged_token_count(num_image, context.keep_rate)
         if keep >= num_image:
             return identity_reduction(x, prefix_count)
-        sizes = self.incoming_sizes(x, num_image)
         scores = context.scores(attention)
         image = x[:, prefix_count:]
         flat = self._flat(scores, num_image - keep, num_image)
-        if flat is None or not flat.any():
-            out, out_sizes, token_map = absorb_into_kept(image, scores, sizes, keep)
-        else:
+        pooled = int(flat.sum()) if flat is not None else 0
+        if pooled == 0:
+            kept_index, destination = absorb_destinations(image, scores, keep)
+        else:  # the keys, averaged over heads, are ToMe's similarity metric
             _, keys, _, _ = attention
             metric = keys.mean(dim=1)[:, prefix_count:] if keys is not None else image
-            pooled_tokens, pooled_sizes, pooled = bipartite_merge(image, metric, sizes, num_image - keep)
-            result = (pooled_tokens, pooled_sizes, pooled.map)
-            if not flat.all():
-                result = _per_sample(flat, result, absorb_into_kept(image, scores, sizes, keep))
-            out, out_sizes, token_map = result
-        self.carry_sizes(out_sizes, prefix_count)
-        return Reduction(torch.cat([x[:, :prefix_count], out], dim=1), token_map)
+            if pooled == len(flat):
+                kept_index, destination = bipartite_destinations(metric, num_image - keep)
+            else:
+                kept_index, destination = _per_sample(flat, image, scores, metric, keep)
+        return Reduction(self.merge(x, destination, keep, prefix_count), TokenMap.merge(kept_index, destination))
 
     def _flat(self, scores: Tensor, num_merged: int, num_image: int) -> Optional[Tensor]:
         """Which samples pool at this layer; None when none can (no threshold, or more to
