@@ -31,10 +31,9 @@ import timm
 import torch
 
 import evit_patch
-from evit_patch.core.dense import NEEDS_ENTERING_GRID
 from evit_patch.core.model_info import example_images
 from evit_patch.core.reduction import TokenMap
-from evit_patch.core.restoration import PatchPlaces, restore_sequence
+from evit_patch.core.restoration import NEEDS_ENTERING_GRID, PatchPlaces, restore_sequence
 from evit_patch.tools.timing import interleaved_rates
 
 
@@ -130,7 +129,7 @@ def calls(model_name: str, keep_rate: float, layers: list[int], fills: list[str]
     for fill, model in patched.items() if images.shape[0] == 1 else ():  # larger batches: the blocks' noise hides it
         steps = step_count(model, images, indices)
         timed[f"{COLD_PREFIX}({fill}){HELPER}"] = restoration_work(model, images, indices, lambda: block(tokens))
-        timed[f"{steps} blocks alone ({fill}){HELPER}"] = blocks(steps)
+        timed[f"blocks alone ({fill}){HELPER}"] = blocks(steps)
     return timed
 
 
@@ -146,7 +145,7 @@ def cold_rates(rates: dict[str, list[float]], batch_size: int) -> dict[str, list
     for name, values in rates.items():
         if name.startswith(COLD_PREFIX):
             fill = name[len(COLD_PREFIX):].removesuffix(HELPER)
-            alone = next(rates[other] for other in rates if other.endswith(f"blocks alone {fill}{HELPER}"))
+            alone = rates[f"blocks alone {fill}{HELPER}"]
             result[name.removesuffix(HELPER)] = [batch_size / max(batch_size / with_blocks - batch_size / blocks, 1e-9)
                                                  for with_blocks, blocks in zip(values, alone)]
     return result

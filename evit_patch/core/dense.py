@@ -29,12 +29,10 @@ from torch import Tensor, nn
 
 from evit_patch.core.lifecycle import STATE_ATTRIBUTE
 from evit_patch.core.model_info import model_name, transformer_blocks
-from evit_patch.core.restoration import Fill, PatchPlaces, check_fill, places_of, restore_sequence
+from evit_patch.core.restoration import NEEDS_ENTERING_GRID, Fill, PatchPlaces, check_fill, places_of, restore_sequence
 
 DEFAULT_FILL: Fill = "carry"
 """The fill measured best on the garment task (docs/dense.md)."""
-NEEDS_ENTERING_GRID = ("carry", "similar")
-"""Fills that read the full grid as it entered the last reduction layer, which the hooks keep."""
 
 
 def _state(model: nn.Module) -> Any:
@@ -98,8 +96,8 @@ class _GridHooks:
     Only the token maps of the reduction layers reached since the first reduction block are
     composed (one step per layer), so a record left over from an earlier forward is never
     read, whichever entry point (or reset mechanism) runs the model. Fills ``carry`` and
-    ``similar`` keep the grid as it enters each reduction layer: the patches that stop being their own token
-    there keep that feature."""
+    ``similar`` keep the grid as it enters each reduction layer: the patches that stop being
+    their own token there keep that feature."""
 
     def __init__(self, model: nn.Module, state: Any, grid_size: Optional[tuple[int, int]],
                  restored: Optional[Iterable[int]]) -> None:
@@ -109,7 +107,9 @@ class _GridHooks:
         restored = {index for index in (range(len(blocks)) if restored is None else restored) if first <= index}
         # hooks only where there is work: the first reduction block (a new forward), blocks after a restored one
         # (input swapped back) and reduction blocks (a map to follow; for carry and similar, the grid entering them)
-        entering = {first} | {index + 1 for index in restored} | (set(state.layers) if self.fill in NEEDS_ENTERING_GRID else set())
+        entering = {first} | {index + 1 for index in restored}
+        if self.fill in NEEDS_ENTERING_GRID:
+            entering |= set(state.layers)
         self.entering = [blocks[index] for index in sorted(entering) if index < len(blocks)]
         self.leaving = [blocks[index] for index in sorted(restored | set(state.layers))]
         self.first = blocks[first]

@@ -39,6 +39,8 @@ from evit_patch.core.reduction import TokenMap, prefix_and_kept
 
 Fill = Literal["source", "carry", "nearest", "similar", "zeros"]
 FILLS: tuple[str, ...] = get_args(Fill)
+NEEDS_ENTERING_GRID = ("carry", "similar")
+"""Fills that read the full grid as it entered the last reduction layer (``previous``)."""
 KEPT, FUSED, DROPPED = 0, 1, 2
 
 
@@ -160,7 +162,7 @@ def restore_sequence(x: Tensor, places: PatchPlaces, num_prefix_tokens: int, fil
         grid_size: ``nearest`` only: ``(rows, cols)`` of the patch grid.
     """
     token_of_patch = places.token_of_patch
-    if fill in ("carry", "similar") and previous is None:
+    if fill in NEEDS_ENTERING_GRID and previous is None:
         raise ValueError(f"fill {fill!r} needs the sequence as it entered the last reduction layer (previous=); "
                          "evit_patch.dense_outputs keeps it, restore_tokens cannot")
     if fill in ("nearest", "similar"):
