@@ -8,14 +8,15 @@ beside the same timm code on EViT without restoration (the reduced sequences; NL
 grid, so it runs): the speed-up there is the one to keep. Random weights of
 ``--model`` (DeiT-S by default); inference, fp32, every call timed interleaved in
 rotating order (``evit_patch.tools.timing``). The share of the speed-up restoration eats
-is ``(S_reduced - S_restored) / (S_reduced - 1)``, S the median of per-repeat speed-ups
-over the unpatched model. Comparing whole forwards is noisy at batch 1 (a few per cent
-from one repeat to the next), so the restoration's own tensor work is also replayed on
-the reduced model's block outputs and timed in the same rotation ("restoration work
-alone"; its speed-up is the unpatched time over the reduced time plus that work, per
-repeat). At batch 1 the same replay runs once more with a block's forward before each of
-its steps, as in the real call, and the blocks' own time is subtracted: what the work costs
-on the caches a block leaves behind. Writes ``<out>.json`` and ``<out>.md``.
+is the time per image it adds to the reduced call over the time the reduced call saves
+on the unpatched one, each a median of per-repeat differences (:func:`summary`).
+Comparing whole forwards is noisy at batch 1 (a few per cent from one repeat to the
+next), so the restoration's own tensor work is also replayed on the reduced model's block
+outputs and timed in the same rotation ("restoration work alone"; its speed-up is the
+unpatched time over the reduced time plus that work, per repeat). At batch 1 the same
+replay runs once more with a block's forward before each of its steps, as in the real
+call, and the blocks' own time is subtracted: what the work costs on the caches a block
+leaves behind. Writes ``<out>.json`` and ``<out>.md``.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def restoration_work(model: torch.nn.Module, images: torch.Tensor, indices: list
         return TokenMap.selection(record.kept_index, record.incoming, record.fused)
 
     def work() -> object:
-        places = PatchPlaces.start(images.shape[0], outputs[first - 1].shape[1] - prefix, images.device)
+        places = PatchPlaces.start(images.shape[0], outputs[first - 1].shape[1] - prefix, images.device, prefix)
         previous, restored = outputs[first - 1], None
         for i in range(first, len(blocks)):
             if i in positions:
@@ -161,22 +162,28 @@ def measure(args: argparse.Namespace, batch_size: int) -> dict[str, list[float]]
 
 def summary(rates: dict[str, list[float]]) -> dict[str, dict[str, Optional[float]]]:
     """Median images/s and median per-repeat speed-up of every call, and the share of the
-    reduced model's speed-up each restored call gives up; for the replayed work alone, the
-    share it gives up when added to the reduced forward's time of the same repeat."""
+    reduced model's saving each restored call (or the replayed work alone) gives up.
+
+    The share is paired within repeats: the median over repeats of the time per image a
+    restored call adds to the reduced call of the same repeat (for the work alone, its own
+    time) over the median of the time per image the reduced call saves on the unpatched
+    one. Times of calls a few seconds apart share the machine's slow and fast spells, so
+    their differences are steadier than differences of separately taken medians."""
     base = rates["unpatched"]
     reduced_name = next(name for name in rates if "reduced" in name)
-    speedups = {name: statistics.median(v / b for v, b in zip(values, base)) for name, values in rates.items()}
-    reduced = speedups[reduced_name]
+    reduced = rates[reduced_name]
+    saved = statistics.median(1 / b - 1 / r for b, r in zip(base, reduced))
     result: dict[str, dict[str, Optional[float]]] = {}
     for name, values in rates.items():
-        eaten = (reduced - speedups[name]) / (reduced - 1) if "restored" in name and reduced > 1 else None
-        speedup: Optional[float] = speedups[name]
-        if "alone" in name:  # times per image: unpatched u, reduced r, work w; speed-up u / (r + w)
-            with_work = [(1 / b) / (1 / r + 1 / w) for b, r, w in zip(base, rates[reduced_name], values)]
-            speedup = statistics.median(with_work)
-            eaten = (reduced - speedup) / (reduced - 1) if reduced > 1 else None
+        speedup = statistics.median(v / b for v, b in zip(values, base))
+        eaten: Optional[float] = None
+        if "restored" in name:
+            eaten = statistics.median(1 / v - 1 / r for v, r in zip(values, reduced)) / saved
+        elif "alone" in name:  # times per image: unpatched u, reduced r, work w; speed-up u / (r + w)
+            speedup = statistics.median((1 / b) / (1 / r + 1 / w) for b, r, w in zip(base, reduced, values))
+            eaten = statistics.median(1 / w for w in values) / saved
         result[name] = {"images_per_second": statistics.median(values), "speedup": speedup,
-                        "share_of_speedup_eaten": eaten}
+                        "share_of_speedup_eaten": eaten if saved > 0 else None}
     return result
 
 

@@ -113,3 +113,39 @@ def test_tome_equals_the_reference_logits_merges_provenance_and_sizes(model, ima
         1, layers[-1].token_of_patch, torch.ones(2, NUM_PATCHES, dtype=torch.float64))
     assert torch.equal(patched.evit_state.reducer.sizes.to(torch.float64), held)
     assert held.tolist() == [sample.sizes for sample in records[-1]]
+
+
+def test_carry_restoration_follows_the_reference_merges(model, images, reference):
+    """Fill ``carry`` after merging, with three prefix tokens: at every block, a patch alone in its
+    token gets that token's output, any other its row of the grid entering the last merging layer;
+    which patch is where comes from the reference's own merges, not from the package's maps."""
+    _, records = reference[True]
+    patched = _patched(model, True, True)
+    evit_patch.set_restoration(patched, "carry")
+    outputs = {}
+    handles = [block.register_forward_hook(lambda _, args, output, i=i: outputs.__setitem__(i, output))
+               for i, block in enumerate(patched.blocks)]
+    handles.append(patched.blocks[0].register_forward_pre_hook(lambda _, args: outputs.__setitem__(-1, args[0])))
+    with torch.no_grad():
+        patched(images)
+        for handle in handles:
+            handle.remove()
+        got = patched.forward_intermediates(images, output_fmt="NLC", return_prefix_tokens=True,
+                                            intermediates_only=True)
+    prefix, held = patched.num_prefix_tokens, token_of_patch(records, NUM_PATCHES)
+    restored, entering, mixed_patches = [], outputs[-1], 0
+    for block, (grid, prefix_tokens) in enumerate(got):
+        layer = min(block, len(LAYERS) - 1)
+        if block in LAYERS:
+            entering = restored[-1] if block else outputs[-1]
+        expected = entering.clone()
+        expected[:, :prefix] = outputs[block][:, :prefix]
+        for b, record in enumerate(records[layer]):
+            for patch, token in enumerate(held[layer][b]):
+                if record.sizes[token] == 1:
+                    expected[b, prefix + patch] = outputs[block][b, prefix + token]
+                else:
+                    mixed_patches += 1
+        restored.append(expected)
+        assert torch.equal(torch.cat([prefix_tokens, grid], dim=1), expected)
+    assert mixed_patches > 0 and mixed_patches < len(got) * 2 * NUM_PATCHES  # both kinds of patch occur

@@ -93,11 +93,12 @@ class _GridHooks:
     """Hooks on the blocks from the first reduction layer on: the output of each block in
     ``restored`` goes out on the full grid, and the next block's input comes back reduced.
 
-    Only the token maps of the reduction layers reached since the first reduction block are
-    composed (one step per layer), so a record left over from an earlier forward is never
-    read, whichever entry point (or reset mechanism) runs the model. Fills ``carry`` and
-    ``similar`` keep the grid as it enters each reduction layer: the patches that stop being
-    their own token there keep that feature."""
+    Only the token maps of the reduction layers the running forward has passed (those before
+    the hooked block in the chain) are composed, one step per layer and only when a block is
+    restored, so a record left over from an earlier forward is never read, whichever entry
+    point (or reset mechanism) runs the model, and a reduction block needs no hook of its own
+    to be followed. Fills ``carry`` and ``similar`` keep the grid as it enters each reduction
+    layer: the patches that stop being their own token there keep that feature."""
 
     def __init__(self, model: nn.Module, state: Any, grid_size: Optional[tuple[int, int]],
                  restored: Optional[Iterable[int]]) -> None:
@@ -106,18 +107,26 @@ class _GridHooks:
         first = state.layers[0]
         restored = {index for index in (range(len(blocks)) if restored is None else restored) if first <= index}
         # hooks only where there is work: the first reduction block (a new forward), blocks after a restored one
-        # (input swapped back) and reduction blocks (a map to follow; for carry and similar, the grid entering them)
+        # (input swapped back) and, for carry and similar, reduction blocks (the grid entering them)
         entering = {first} | {index + 1 for index in restored}
         if self.fill in NEEDS_ENTERING_GRID:
             entering |= set(state.layers)
         self.entering = [blocks[index] for index in sorted(entering) if index < len(blocks)]
-        self.leaving = [blocks[index] for index in sorted(restored | set(state.layers))]
+        self.leaving = [blocks[index] for index in sorted(restored)]
         self.first = blocks[first]
-        self.positions = {id(blocks[index]): position for position, index in enumerate(state.layers)}
-        self.restored = {id(blocks[index]) for index in restored}
-        self.places: Optional[PatchPlaces] = None  # after this forward's reduction layers so far
+        self.index = {id(block): index for index, block in enumerate(blocks)}
+        self.reduces = {id(blocks[index]) for index in state.layers}
+        self.places: Optional[PatchPlaces] = None  # after this forward's first `followed` reduction layers
+        self.followed = 0
         self.previous: Optional[Tensor] = None  # carry, similar: the sequence as it entered the last reduction layer
         self.handed_out: Optional[tuple[Tensor, Tensor]] = None  # (restored, reduced) of the block before
+
+    def _follow(self, last_block: int) -> None:
+        """Compose the maps of the reduction layers up to block ``last_block`` into ``places``."""
+        layers = self.state.layers
+        while self.followed < len(layers) and layers[self.followed] <= last_block:
+            self.places = self.places.after(self.state.records[self.followed])
+            self.followed += 1
 
     def _restore(self, tokens: Tensor) -> Tensor:
         return restore_sequence(tokens, self.places, self.state.num_prefix_tokens, self.fill,
@@ -128,8 +137,8 @@ class _GridHooks:
         swapped = None
         if block is self.first:  # a new forward enters the first reduction block
             prefix = self.state.num_prefix_tokens
-            self.places = PatchPlaces.start(tokens.shape[0], tokens.shape[1] - prefix, tokens.device)
-            self.previous, self.handed_out = tokens, None
+            self.places = PatchPlaces.start(tokens.shape[0], tokens.shape[1] - prefix, tokens.device, prefix)
+            self.previous, self.handed_out, self.followed = tokens, None, 0
             return None
         if self.handed_out is not None:
             restored, tokens = self.handed_out
@@ -138,17 +147,17 @@ class _GridHooks:
                                    "restoration follows a plain chain of blocks (as timm's, transformers' and "
                                    "open_clip's encoders run them)")
             swapped = ((tokens, *args[1:]), kwargs) if args else (args, {**kwargs, next(iter(kwargs)): tokens})
-        if self.fill in NEEDS_ENTERING_GRID and id(block) in self.positions:
-            self.previous = restored if self.handed_out is not None else self._restore(tokens)
+        if self.fill in NEEDS_ENTERING_GRID and id(block) in self.reduces:
+            if self.handed_out is not None:  # the block before was restored: that is the grid entering this one
+                self.previous = restored
+            else:
+                self._follow(self.index[id(block)] - 1)
+                self.previous = self._restore(tokens)
         self.handed_out = None
         return swapped
 
     def after(self, block: nn.Module, args: tuple[Any, ...], output: Tensor) -> Optional[Tensor]:
-        position = self.positions.get(id(block))
-        if position is not None:
-            self.places = self.places.after(self.state.records[position])
-        if id(block) not in self.restored:
-            return None
+        self._follow(self.index[id(block)])
         restored = self._restore(output)
         self.handed_out = (restored, output)
         return restored
