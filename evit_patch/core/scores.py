@@ -9,6 +9,7 @@ token's row is recomputed from ``q`` and ``k``: one query against N keys, O(N d)
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Literal, Optional, Tuple
 
 import torch
@@ -47,17 +48,19 @@ def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def score_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype scores are computed and returned in: ``dtype``, but at least float32."""
+@functools.cache
+def at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """``dtype``, but at least float32: where scores, shares and sums are taken. Cached:
+    ``torch.promote_types`` is a dispatched operator, and at batch 1 every one counts."""
     return torch.promote_types(dtype, torch.float32)
 
 
 def _head_mean(attention: Tensor, mode: ScoreMode, num_prefix_tokens: int) -> Tensor:
     """Reduce post-softmax attention ``(B, H, Nq, N)`` to one score per image token: the
     class token's row (``Nq`` may be that row alone) or all rows, averaged with the heads
-    in one reduction that accumulates in :func:`score_dtype` (no upcast copy first)."""
+    in one reduction that accumulates in :func:`at_least_float32` (no upcast copy first)."""
     rows = attention[:, :, :1] if mode == "class" else attention
-    return rows.mean(dim=(1, 2), dtype=score_dtype(attention.dtype))[:, num_prefix_tokens:]
+    return rows.mean(dim=(1, 2), dtype=at_least_float32(attention.dtype))[:, num_prefix_tokens:]
 
 
 def scores_from_qk(
@@ -68,7 +71,7 @@ def scores_from_qk(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     queries = q[:, :, :1] if mode == "class" else q
-    precision = score_dtype(q.dtype)
+    precision = at_least_float32(q.dtype)
     # One dense copy of k: a strided k (a view into the packed qkv projection) sends
     # matmul down a path several times slower than the copy and a batched product.
     keys = k.to(precision).contiguous()

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from evit_patch.core.key_weighting import KeyWeights
 from evit_patch.core.reduction import LayerContext, Reduction, TokenMap, TokenReducer, identity_reduction
-from evit_patch.core.scores import AttentionTensors, without_autocast
+from evit_patch.core.scores import AttentionTensors, at_least_float32, without_autocast
 from evit_patch.reducers.evit import kept_token_count
 
 
@@ -46,7 +46,9 @@ def bipartite_destinations(metric: Tensor, num_merged: int) -> tuple[Tensor, Ten
     if num_merged > count_a:
         raise ValueError(f"bipartite matching merges at most {count_a} of {count} tokens per layer "
                          f"(half, rounded up), asked for {num_merged}: raise the keep rate to at least 0.5")
-    metric = F.normalize(metric.to(torch.promote_types(metric.dtype, torch.float32)), dim=-1)
+    precision = at_least_float32(metric.dtype)
+    metric = metric if metric.dtype == precision else metric.to(precision)
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize without its expand_as
     best, partner = (metric[:, 0::2] @ metric[:, 1::2].transpose(1, 2)).max(dim=-1)
     unmerged_a = best.argsort(dim=-1, descending=True)[:, num_merged:]
     num_unmerged = count_a - num_merged
@@ -83,16 +85,23 @@ def merge_by_destination(x: Tensor, sizes: Optional[Tensor], destination: Tensor
     keep theirs (float32 when None).
     """
     batch, _, channels = x.shape
-    rows = (destination + torch.arange(0, batch * count, count, device=x.device).unsqueeze(1)).flatten()
-    precision = torch.promote_types(x.dtype, torch.float32)
-    incoming = None if sizes is None else sizes.flatten().to(precision)
-    totals = torch.bincount(rows, weights=incoming, minlength=batch * count).to(precision)
+    rows = destination if batch == 1 else destination + torch.arange(0, batch * count, count, device=x.device)[:, None]
+    rows = rows.flatten()
+    precision = at_least_float32(x.dtype)
+    incoming = None if sizes is None else _as(sizes.flatten(), precision)
+    totals = _as(torch.bincount(rows, weights=incoming, minlength=batch * count), precision)
     share = totals.reciprocal()[rows] if incoming is None else incoming / totals[rows]  # of its slot's size
     with without_autocast(x.device):
-        shared = x.to(precision).reshape(-1, channels) * share.unsqueeze(1)
+        shared = _as(x, precision).reshape(-1, channels) * share.unsqueeze(1)
         out = shared.new_zeros(batch * count, channels).index_add_(0, rows, shared)
     sizes_dtype = torch.float32 if sizes is None else sizes.dtype
-    return out.view(batch, count, channels).to(x.dtype), totals.view(batch, count).to(sizes_dtype)
+    return _as(out.view(batch, count, channels), x.dtype), _as(totals.view(batch, count), sizes_dtype)
+
+
+def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor`` in ``dtype``, without dispatching a cast when it already is (a few microseconds
+    each at batch 1, where a merge is a few dozen such operations)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def bipartite_merge(x: Tensor, metric: Tensor, sizes: Optional[Tensor],

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from evit_patch.core.reduction import LayerContext, Reduction, TokenMap, identity_reduction, token_rows
-from evit_patch.core.scores import AttentionTensors, without_autocast
+from evit_patch.core.scores import AttentionTensors, at_least_float32, without_autocast
 from evit_patch.reducers.tome import SizedTokens, bipartite_destinations, merge_by_destination, merged_token_count
 
 FLAT_THRESHOLD = 0.7
@@ -61,9 +61,9 @@ def absorb_destinations(image: Tensor, scores: Tensor, keep: int) -> tuple[Tenso
     unkept = torch.ones(batch, count, dtype=torch.bool, device=image.device).scatter_(1, top, False)
     kept_index = (~unkept).nonzero()[:, 1].view(batch, keep)  # in sequence order, as a later pooling expects
     other_index = unkept.nonzero()[:, 1].view(batch, count - keep)  # the exact complement, ties and all
-    precision = torch.promote_types(image.dtype, torch.float32)
+    precision = at_least_float32(image.dtype)
     with without_autocast(image.device):
-        tokens = image.to(precision)
+        tokens = image if image.dtype == precision else image.to(precision)
         kept = token_rows(tokens, kept_index)
         # cosine's argmax over kept tokens: the other token's own length does not change it
         directions = kept / kept.norm(dim=-1, keepdim=True).clamp_min(1e-12)
