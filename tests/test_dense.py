@@ -9,6 +9,7 @@ from reference_dense import reference_grids
 
 import evit_patch
 from evit_patch import DROPPED, FUSED, KEPT
+from evit_patch.core.restoration import PatchPlaces, restore_sequence
 
 LAYERS = [1, 3, 4]
 FILLS = ["source", "carry", "nearest", "similar", "zeros"]
@@ -237,3 +238,9 @@ def test_output_dict_and_stop_early_have_the_unpatched_shapes(base, images):
                 {key: _shapes(value) for key, value in expected.items()}
         else:
             assert _shapes(got) == _shapes(expected)
+
+
+def test_carry_refuses_places_started_for_another_prefix_count():
+    places = PatchPlaces.start(1, 4, torch.device("cpu"))  # rows placed after no prefix token
+    with pytest.raises(ValueError, match="after 0 prefix tokens, the sequence has 1.*num_prefix_tokens=1"):
+        restore_sequence(torch.zeros(1, 5, 2), places, 1, "carry", previous=torch.zeros(1, 5, 2))
