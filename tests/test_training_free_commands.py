@@ -24,6 +24,10 @@ REG4 = ("python benchmarks/training_free.py --set model.checkpoint=runs/fashion_
 FINETUNE = "python -m evit_patch.finetune recipes/fashion_mnist.yaml --set evit.variant=training-free"
 COMPARE = ("python benchmarks/compare.py --methods unpatched evit evit-training-free --keep-rates 0.7 0.5 --steps 234 "
            "--repeats 5 --out benchmarks/results/training_free_finetune_fashion_mnist --runs runs/training_free_compare")
+COMPARE_REG4 = ("python benchmarks/compare.py --set model.checkpoint=runs/fashion_mnist_pretrain_reg4_2ep/model.safetensors "
+                "--set model.kwargs.reg_tokens=4 --methods unpatched evit evit-training-free --keep-rates 0.7 0.5 "
+                "--steps 234 --repeats 5 --out benchmarks/results/training_free_finetune_fashion_mnist_reg4 "
+                "--runs runs/training_free_compare_reg4")
 SPEED = ("python benchmarks/throughput.py --models vit_tiny_patch16_224 --layers 1 3 4 --model-kwargs "
          "'{\"img_size\": 28, \"patch_size\": 2, \"in_chans\": 1, \"num_classes\": 10, \"embed_dim\": 64, \"depth\": 6, "
          "\"num_heads\": 4, \"mlp_ratio\": 2}' --checkpoint recipes/checkpoints/fashion_mnist_vit.safetensors "
@@ -103,6 +107,22 @@ def test_fine_tuning_comparison(tmp_path, monkeypatch) -> None:
     assert [row["method"] for row in saved["rows"]] == ["unpatched", "evit", "evit-training-free", "evit", "evit-training-free"]
 
 
+def test_fine_tuning_comparison_on_the_register_base(tmp_path, monkeypatch) -> None:
+    """The register base trained (a few steps here), then every method fine-tuned from it."""
+    monkeypatch.chdir(ROOT)
+    run_folder = tmp_path / "reg4"
+    finetune.main(small(REG4_BASE, {"--set train.output_dir": str(run_folder)}, SMALL_TRAINING))
+    out = tmp_path / "compare_reg4"
+    data = ["--set", "data.train_subset=256", "--set", "data.eval_subset=32", "--set", "train.batch_size=32",
+            "--set", "train.benchmark_batch_size=2"]
+    run_script("compare", small(COMPARE_REG4, {"--set model.checkpoint": str(run_folder / "model.safetensors"),
+                                               "--steps": "4", "--repeats": "1", "--out": str(out),
+                                               "--runs": str(tmp_path / "runs")}, data), monkeypatch)
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert [row["method"] for row in saved["rows"]] == ["unpatched", "evit", "evit-training-free", "evit", "evit-training-free"]
+    assert "model.kwargs.reg_tokens=4" in saved["setup"]["overrides"]
+
+
 def test_speed_side_by_side(tmp_path, monkeypatch) -> None:
     out = tmp_path / "speed"
     run_script("throughput", small(SPEED, {"--batch-sizes": "2", "--repeats": "1", "--calls-per-repeat": "1",
@@ -128,4 +148,4 @@ def test_the_findings_give_exactly_these_commands() -> None:
     findings = (ROOT / "docs" / "findings.md").read_text()
     section = findings[findings.index("## Training-free EViT"):]
     documented = [line for block in re.findall(r"```bash\n(.*?)```", section, re.S) for line in block.strip().splitlines()]
-    assert set(documented) == {BASE, LVVIT, REG4_BASE, REG4, FINETUNE, COMPARE, SPEED, SPEED_DEIT_S}
+    assert set(documented) == {BASE, LVVIT, REG4_BASE, REG4, FINETUNE, COMPARE, COMPARE_REG4, SPEED, SPEED_DEIT_S}
