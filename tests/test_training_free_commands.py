@@ -28,6 +28,10 @@ COMPARE_REG4 = ("python benchmarks/compare.py --set model.checkpoint=runs/fashio
                 "--set model.kwargs.reg_tokens=4 --methods unpatched evit evit-training-free --keep-rates 0.7 0.5 "
                 "--steps 234 --repeats 5 --out benchmarks/results/training_free_finetune_fashion_mnist_reg4 "
                 "--runs runs/training_free_compare_reg4")
+COMPARE_LVVIT = ("python benchmarks/compare.py --recipe recipes/lvvit_fashion_mnist.yaml --set token_labeling.enabled=false "
+                 "--set data.eval_subset=2000 --methods unpatched evit evit-training-free --keep-rates 0.7 0.5 --steps 234 "
+                 "--repeats 5 --out benchmarks/results/training_free_finetune_lvvit_fashion_mnist "
+                 "--runs runs/training_free_compare_lvvit")
 SPEED = ("python benchmarks/throughput.py --models vit_tiny_patch16_224 --layers 1 3 4 --model-kwargs "
          "'{\"img_size\": 28, \"patch_size\": 2, \"in_chans\": 1, \"num_classes\": 10, \"embed_dim\": 64, \"depth\": 6, "
          "\"num_heads\": 4, \"mlp_ratio\": 2}' --checkpoint recipes/checkpoints/fashion_mnist_vit.safetensors "
@@ -123,6 +127,16 @@ def test_fine_tuning_comparison_on_the_register_base(tmp_path, monkeypatch) -> N
     assert "model.kwargs.reg_tokens=4" in saved["setup"]["overrides"]
 
 
+def test_fine_tuning_comparison_on_lvvit(tmp_path, monkeypatch) -> None:
+    out = tmp_path / "compare_lvvit"
+    data = ["--set", "data.train_subset=256", "--set", "train.batch_size=32", "--set", "train.benchmark_batch_size=2"]
+    run_script("compare", small(COMPARE_LVVIT, {"--set data.eval_subset": "32", "--steps": "3", "--repeats": "1",
+                                                "--out": str(out), "--runs": str(tmp_path / "runs")}, data), monkeypatch)
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert [row["method"] for row in saved["rows"]] == ["unpatched", "evit", "evit-training-free", "evit", "evit-training-free"]
+    assert saved["setup"]["recipe"] == "recipes/lvvit_fashion_mnist.yaml"
+
+
 def test_speed_side_by_side(tmp_path, monkeypatch) -> None:
     out = tmp_path / "speed"
     run_script("throughput", small(SPEED, {"--batch-sizes": "2", "--repeats": "1", "--calls-per-repeat": "1",
@@ -148,4 +162,5 @@ def test_the_findings_give_exactly_these_commands() -> None:
     findings = (ROOT / "docs" / "findings.md").read_text()
     section = findings[findings.index("## Training-free EViT"):]
     documented = [line for block in re.findall(r"```bash\n(.*?)```", section, re.S) for line in block.strip().splitlines()]
-    assert set(documented) == {BASE, LVVIT, REG4_BASE, REG4, FINETUNE, COMPARE, COMPARE_REG4, SPEED, SPEED_DEIT_S}
+    assert set(documented) == {BASE, LVVIT, REG4_BASE, REG4, FINETUNE, COMPARE, COMPARE_REG4, COMPARE_LVVIT, SPEED,
+                               SPEED_DEIT_S}
