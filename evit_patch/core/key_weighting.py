@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from evit_patch.core.fx_graph import extra_forward_parameters
 from evit_patch.core.scored_attention import attention_graph, attention_node, is_fused_attention
+from evit_patch.core.scores import at_least_float32
 from evit_patch.errors import UnsupportedModelError
 
 HOLDER_NAME = "key_weights"
@@ -77,7 +78,7 @@ def weighted_softmax(logits: Tensor, weights: Tensor, self_loop: bool = False, e
     ``self_loop`` counts ``w_ii`` as 1."""
     batch, _, queries, keys = logits.shape
     _check_weights_shape(weights, batch, keys)
-    precision = torch.promote_types(logits.dtype, torch.float32)
+    precision = at_least_float32(logits.dtype)
     logits = logits.to(precision)
     weights = weights.to(precision)[:, None, None, :]
     if self_loop:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from evit_patch.core.reduction import TokenMap, prefix_and_kept
+from evit_patch.core.scores import as_dtype, at_least_float32
 
 Fill = Literal["source", "carry", "nearest", "similar", "zeros"]
 FILLS: tuple[str, ...] = get_args(Fill)
@@ -72,6 +73,7 @@ class PatchPlaces:
                  before: Optional["PatchPlaces"] = None, record: Optional[TokenMap] = None) -> None:
         self.batch, self.num_patches, self.device, self.num_prefix_tokens = batch, num_patches, device, num_prefix_tokens
         self.before, self.record = before, record
+        self.root: PatchPlaces = self if before is None else before.root
 
     @classmethod
     def start(cls, batch: int, num_patches: int, device: torch.device, num_prefix_tokens: int = 0) -> "PatchPlaces":
@@ -134,10 +136,7 @@ class PatchPlaces:
     def carry_rows(self) -> Tensor:
         """``(B * (P + m),)`` the row in the flattened restored sequence of each current token,
         prefix tokens first: what :func:`restore_sequence`'s ``carry`` writes where."""
-        root = self
-        while root.before is not None:
-            root = root.before
-        return torch.cat([root._sequence_rows[:, :self.num_prefix_tokens], self.own_rows[:, :-1]], dim=1).flatten()
+        return torch.cat([self.root._sequence_rows[:, :self.num_prefix_tokens], self.own_rows[:, :-1]], dim=1).flatten()
 
     @cached_property
     def _sequence_rows(self) -> Tensor:
@@ -183,7 +182,7 @@ def grid_distances(grid_size: tuple[int, int], device: torch.device) -> Tensor:
 def feature_distances(features: Tensor) -> Tensor:
     """``(B, N, N)`` one minus the cosine similarity between the patches' features
     ``(B, N, C)``, in at least float32."""
-    unit = F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=-1)
+    unit = F.normalize(as_dtype(features, at_least_float32(features.dtype)), dim=-1)
     return 1 - unit @ unit.transpose(1, 2)
 
 
@@ -240,9 +239,7 @@ def _carried(x: Tensor, places: PatchPlaces, previous: Tensor) -> Tensor:
     cut off (on CPU ``cat`` and ``index_put_`` copy rows faster than ``pad`` and ``index_copy_``)."""
     batch, length, channels = previous.shape
     rows = x.reshape(-1, channels)
-    if previous.dtype != x.dtype:
-        previous = previous.to(x.dtype)
-    restored = torch.cat([previous.reshape(batch * length, channels), rows[:1]])  # the spare: any row
+    restored = torch.cat([as_dtype(previous, x.dtype).reshape(batch * length, channels), rows[:1]])  # the spare: any row
     restored.index_put_((places.carry_rows,), rows)  # a fresh copy: written in place
     return restored[:-1].view(batch, length, channels)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from evit_patch.core.scores import as_dtype, at_least_float32
+
 KEEP = 0
 """Channel of the keep log-probability in the predictor's output (the other is drop)."""
 
@@ -14,7 +16,7 @@ class LogSoftmaxFloat32(nn.LogSoftmax):
     CPU in bf16, where many tokens would share a keep score and top-k would pick by rounding."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return super().forward(input.to(torch.promote_types(input.dtype, torch.float32)))
+        return super().forward(as_dtype(input, at_least_float32(input.dtype)))
 
 
 class KeepPredictor(nn.Module):

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from evit_patch.core.key_weighting import KeyWeights
 from evit_patch.core.reduction import LayerContext, Reduction, TokenMap, TokenReducer, identity_reduction
-from evit_patch.core.scores import AttentionTensors, at_least_float32, without_autocast
+from evit_patch.core.scores import AttentionTensors, as_dtype, at_least_float32, without_autocast
 from evit_patch.reducers.evit import kept_token_count
 
 
@@ -46,8 +46,7 @@ def bipartite_destinations(metric: Tensor, num_merged: int) -> tuple[Tensor, Ten
     if num_merged > count_a:
         raise ValueError(f"bipartite matching merges at most {count_a} of {count} tokens per layer "
                          f"(half, rounded up), asked for {num_merged}: raise the keep rate to at least 0.5")
-    precision = at_least_float32(metric.dtype)
-    metric = metric if metric.dtype == precision else metric.to(precision)
+    metric = as_dtype(metric, at_least_float32(metric.dtype))
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize without its expand_as
     best, partner = (metric[:, 0::2] @ metric[:, 1::2].transpose(1, 2)).max(dim=-1)
     unmerged_a = best.argsort(dim=-1, descending=True)[:, num_merged:]
@@ -88,20 +87,14 @@ def merge_by_destination(x: Tensor, sizes: Optional[Tensor], destination: Tensor
     rows = destination if batch == 1 else destination + torch.arange(0, batch * count, count, device=x.device)[:, None]
     rows = rows.flatten()
     precision = at_least_float32(x.dtype)
-    incoming = None if sizes is None else _as(sizes.flatten(), precision)
-    totals = _as(torch.bincount(rows, weights=incoming, minlength=batch * count), precision)
+    incoming = None if sizes is None else as_dtype(sizes.flatten(), precision)
+    totals = as_dtype(torch.bincount(rows, weights=incoming, minlength=batch * count), precision)
     share = totals.reciprocal()[rows] if incoming is None else incoming / totals[rows]  # of its slot's size
     with without_autocast(x.device):
-        shared = _as(x, precision).reshape(-1, channels) * share.unsqueeze(1)
+        shared = as_dtype(x, precision).reshape(-1, channels) * share.unsqueeze(1)
         out = shared.new_zeros(batch * count, channels).index_add_(0, rows, shared)
     sizes_dtype = torch.float32 if sizes is None else sizes.dtype
-    return _as(out.view(batch, count, channels), x.dtype), _as(totals.view(batch, count), sizes_dtype)
-
-
-def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
-    """``tensor`` in ``dtype``, without dispatching a cast when it already is (a few microseconds
-    each at batch 1, where a merge is a few dozen such operations)."""
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+    return as_dtype(out.view(batch, count, channels), x.dtype), as_dtype(totals.view(batch, count), sizes_dtype)
 
 
 def bipartite_merge(x: Tensor, metric: Tensor, sizes: Optional[Tensor],

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from evit_patch.core.reduction import LayerContext, Reduction, TokenMap, identity_reduction, token_rows
-from evit_patch.core.scores import AttentionTensors, at_least_float32, without_autocast
+from evit_patch.core.scores import AttentionTensors, as_dtype, at_least_float32, without_autocast
 from evit_patch.reducers.tome import SizedTokens, bipartite_destinations, merge_by_destination, merged_token_count
 
 FLAT_THRESHOLD = 0.7
@@ -63,7 +63,7 @@ def absorb_destinations(image: Tensor, scores: Tensor, keep: int) -> tuple[Tenso
     other_index = unkept.nonzero()[:, 1].view(batch, count - keep)  # the exact complement, ties and all
     precision = at_least_float32(image.dtype)
     with without_autocast(image.device):
-        tokens = image if image.dtype == precision else image.to(precision)
+        tokens = as_dtype(image, precision)
         kept = token_rows(tokens, kept_index)
         # cosine's argmax over kept tokens: the other token's own length does not change it
         directions = kept / kept.norm(dim=-1, keepdim=True).clamp_min(1e-12)
