@@ -2,9 +2,9 @@
 
 Every method runs at EViT's layers and token counts from the recipe's model, with no
 fine-tuning: the registry's unpatched model, paper EViT, training-free EViT, ToMe-style
-merging and random drop, and two ablations of training-free EViT (no pooling of flat
-layers; no proportional attention). For training-free EViT the share of images that each
-layer pooled (flat class attention) rather than absorbed is recorded too.
+merging and random drop, and three ablations of training-free EViT (never pooling, pooling
+only the samples it merges closer, no proportional attention). For the per-sample choice the
+share of images that each layer pooled rather than absorbed is recorded too.
 
     python benchmarks/training_free.py --out benchmarks/results/training_free_fashion_mnist
     python benchmarks/training_free.py --recipe recipes/lvvit_fashion_mnist.yaml \\
@@ -17,15 +17,17 @@ Writes ``<out>.json``, ``<out>.md`` (top-1 per method and keep rate) and ``<out>
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
+from unittest import mock
 
 import torch
 from torch import nn
 
 from evit_patch.core.token_patch import apply_token_reducer
-from evit_patch.reducers import TrainingFreeEvit
+from evit_patch.reducers import TrainingFreeEvit, training_free
 from evit_patch.train import distributed
 from evit_patch.train.assembly import prepare_model
 from evit_patch.train.data import build_dataset
@@ -38,38 +40,44 @@ from evit_patch.train.recipe import Recipe, load_recipe
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRY_METHODS = ["unpatched", "evit", "evit-training-free", "tome", "random"]
 ABLATIONS: dict[str, Callable[[], TrainingFreeEvit]] = {
-    "training-free EViT without pooling flat layers": lambda: TrainingFreeEvit(flat_threshold=None),
+    "training-free EViT never pooling (absorb only)": lambda: TrainingFreeEvit(pooling="never"),
+    "training-free EViT pooling the samples it merges closer": lambda: TrainingFreeEvit(pooling="closer"),
     "training-free EViT without proportional attention": lambda: TrainingFreeEvit(proportional_attention=False),
 }
 
 
-def pooled_counter(model: nn.Module) -> Optional[list[list[int]]]:
-    """Per reorganization layer ``[pooled, seen]`` images, counted from here on, when the
-    model's reducer is training-free EViT (else None)."""
+@contextlib.contextmanager
+def pooled_counter(model: nn.Module) -> Iterator[Optional[list[list[int]]]]:
+    """Per reorganization layer ``[pooled, seen]`` images while the context is open, when
+    the model's reducer is training-free EViT choosing per sample (else None: the others
+    pool wherever they can, or never)."""
     reducer = getattr(getattr(model, "evit_state", None), "reducer", None)
-    if not isinstance(reducer, TrainingFreeEvit):
-        return None
+    if not isinstance(reducer, TrainingFreeEvit) or reducer.pooling != "closer":
+        yield None
+        return
     counts = [[0, 0] for _ in model.evit_state.layers]
     position = [0]
-    reduce, decide = reducer.reduce, reducer._flat
+    reduce, decide = reducer.reduce, training_free.pools_closer
 
     def reduce_at(x, attention, context):
         position[0] = context.position
+        counts[position[0]][1] += x.shape[0]
         return reduce(x, attention, context)
 
-    def decide_counted(scores: torch.Tensor, num_merged: int, num_image: int) -> Optional[torch.Tensor]:
-        flat = decide(scores, num_merged, num_image)
-        counts[position[0]][0] += 0 if flat is None else int(flat.sum())
-        counts[position[0]][1] += scores.shape[0]
-        return flat
+    def decide_counted(*similarities: torch.Tensor) -> torch.Tensor:
+        pools = decide(*similarities)
+        counts[position[0]][0] += int(pools.sum())
+        return pools
 
-    reducer.reduce, reducer._flat = reduce_at, decide_counted
-    return counts
+    reducer.reduce = reduce_at
+    with mock.patch.object(training_free, "pools_closer", decide_counted):
+        yield counts
+    del reducer.reduce
 
 
 def measure(model: nn.Module, loader, runtime: distributed.Runtime) -> dict:
-    counts = pooled_counter(model)
-    row = {"top1": accuracy(model.eval(), loader, runtime)["top1"]}
+    with pooled_counter(model) as counts:
+        row = {"top1": accuracy(model.eval(), loader, runtime)["top1"]}
     if counts is not None:
         row["pooled_share"] = [pooled / max(seen, 1) for pooled, seen in counts]
     return row
@@ -99,9 +107,9 @@ def markdown(rows: list[dict], setup: dict) -> str:
     for label in dict.fromkeys(row["label"] for row in rows):
         cells = {row["keep_rate"]: row for row in rows if row["label"] == label}
         lines.append(f"| {label} | " + " | ".join(f"{cells[k]['top1']:.2f}" for k in keep_rates) + " |")
-    shares = [row for row in rows if row["method"] == "evit-training-free"]
+    shares = [row for row in rows if "pooled_share" in row]
     if shares:
-        lines += ["", "Training-free EViT: share of images whose class attention was flat (pooled) per layer: "
+        lines += ["", f"{shares[0]['label']}: share of images pooled (bipartite merge closer than absorbing) per layer: "
                   + "; ".join(f"keep {row['keep_rate']}: " + " / ".join(f"{s:.0%}" for s in row["pooled_share"])
                               for row in shares) + "."]
     return "\n".join(lines)

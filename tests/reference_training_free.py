@@ -7,12 +7,15 @@ reorganization layer of ``n`` image tokens, ``keep = ceil(r n) + 1`` tokens stay
 
 - Scores: the class token's softmax over the keys (the plain logits ``q k / sqrt(d)``),
   its own column left out, averaged over heads.
-- Flat scores (population standard deviation below ``threshold`` times the mean, and at
-  most ``ceil(n / 2)`` tokens to merge): ToMe's bipartite merge of the head-averaged keys
-  (``reference_tome.merge_sample``, itself written from the ToMe paper).
-- Otherwise: the ``keep`` highest-scored tokens stay (in their sequence order); every other token is
-  added to the kept token with the highest cosine similarity of the tokens themselves,
-  as a size-weighted average.
+- Absorb: the ``keep`` highest-scored tokens stay (in their sequence order); every other
+  token is added to the kept token with the highest cosine similarity of the tokens
+  themselves, as a size-weighted average.
+- Pool: ToMe's bipartite merge with the tokens themselves as the metric
+  (``reference_tome.merge_sample``, itself written from the ToMe paper), possible where at
+  most ``ceil(n / 2)`` tokens are merged.
+- ``pooling``: ``never`` absorbs, ``always`` pools where it can, ``closer`` pools where it
+  can and the cosines of the pooled tokens with the tokens they go into add up to more
+  than those of the absorbed tokens with theirs.
 - Sizes go on from layer to layer; with ``proportional`` every attention from the first
   reorganization layer on adds ``log size`` of each key to its logits.
 """
@@ -24,7 +27,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from reference_tome import merge_sample
+from reference_tome import SampleMerge, merge_sample
 from torch import Tensor, nn
 
 
@@ -33,9 +36,8 @@ def kept_count(num_tokens: int, keep_rate: float) -> int:
     return min(num_tokens, math.ceil(keep_rate * num_tokens) + 1)
 
 
-def _attention(h: Tensor, attn: nn.Module, key_weights: Optional[list[float]]) -> tuple[Tensor, Tensor, Tensor]:
-    """One sample's attention output ``(N, C)``, the class row's plain softmax per head
-    ``(H, N)`` and the keys ``(H, N, d)``."""
+def _attention(h: Tensor, attn: nn.Module, key_weights: Optional[list[float]]) -> tuple[Tensor, Tensor]:
+    """One sample's attention output ``(N, C)`` and the class row's plain softmax per head ``(H, N)``."""
     tokens, channels = h.shape
     heads = attn.num_heads
     qkv = h @ attn.qkv.weight.T + (attn.qkv.bias if attn.qkv.bias is not None else 0)
@@ -49,37 +51,44 @@ def _attention(h: Tensor, attn: nn.Module, key_weights: Optional[list[float]]) -
             logits = logits + torch.tensor([math.log(w) for w in key_weights])[None, :]
         exponentials = (logits - logits.max(dim=1, keepdim=True).values).exp()
         outputs.append(exponentials / exponentials.sum(dim=1, keepdim=True) @ v[head])
-    return torch.cat(outputs, dim=1) @ attn.proj.weight.T + attn.proj.bias, torch.stack(class_rows), k
+    return torch.cat(outputs, dim=1) @ attn.proj.weight.T + attn.proj.bias, torch.stack(class_rows)
 
 
-def absorb_sample(tokens: Tensor, scores: list[float], sizes: list[float], keep: int) -> tuple[Tensor, list[float], list[int], list[int]]:
+def cosine(a: Tensor, b: Tensor) -> float:
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def absorb_sample(tokens: Tensor, scores: list[float], sizes: list[float], keep: int
+                  ) -> tuple[Tensor, list[float], list[int], list[int], list[float]]:
     """One sample: kept tokens absorb the others. Returns the output tokens, their sizes,
-    the kept token indices (in sequence order) and each incoming token's destination."""
+    the kept token indices (in sequence order), each incoming token's destination and the
+    cosine of each absorbed token (in descending score order) with the kept token it joins."""
     order = sorted(range(len(scores)), key=lambda i: -scores[i])
     kept, rest = sorted(order[:keep]), order[keep:]
     sums = [sizes[i] * tokens[i] for i in kept]
     out_sizes = [sizes[i] for i in kept]
-    destination = [0] * len(scores)
+    destination, similarities = [0] * len(scores), []
     for slot, i in enumerate(kept):
         destination[i] = slot
     for j in rest:
-        cosines = [float((tokens[j] * tokens[i]).sum() / (tokens[j].norm() * tokens[i].norm())) for i in kept]
+        cosines = [cosine(tokens[j], tokens[i]) for i in kept]
         slot = max(range(keep), key=lambda t: cosines[t])
         sums[slot] = sums[slot] + sizes[j] * tokens[j]
         out_sizes[slot] += sizes[j]
         destination[j] = slot
-    return torch.stack([s / z for s, z in zip(sums, out_sizes)]), out_sizes, kept, destination
+        similarities.append(cosines[slot])
+    return torch.stack([s / z for s, z in zip(sums, out_sizes)]), out_sizes, kept, destination, similarities
 
 
-def is_flat(scores: list[float], threshold: float) -> bool:
-    mean = sum(scores) / len(scores)
-    std = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores))
-    return std < threshold * mean
+def pooled_similarities(tokens: Tensor, record: SampleMerge) -> list[float]:
+    """The cosine of each token a bipartite merge sent into another with that token."""
+    return [cosine(tokens[i], tokens[record.kept_index[slot]])
+            for i, slot in enumerate(record.destination) if record.kept_index[slot] != i]
 
 
 @torch.no_grad()
 def training_free_forward(model: nn.Module, images: Tensor, layers: list[int], keep_rate: float,
-                          threshold: Optional[float], proportional: bool = True) -> tuple[Tensor, list[list[list[float]]]]:
+                          pooling: str = "always", proportional: bool = True) -> tuple[Tensor, list[list[list[float]]]]:
     """Logits, and per reorganization layer each sample's token sizes after it."""
     prefix = model.num_prefix_tokens
     embedded = model.norm_pre(model._pos_embed(model.patch_embed(images)))
@@ -89,8 +98,8 @@ def training_free_forward(model: nn.Module, images: Tensor, layers: list[int], k
         sizes: Optional[list[float]] = None
         for index, block in enumerate(model.blocks):
             key_weights = [1.0] * prefix + sizes if (proportional and sizes is not None) else None
-            out, class_rows, keys = _attention(F.layer_norm(x, block.norm1.normalized_shape, block.norm1.weight,
-                                                            block.norm1.bias, block.norm1.eps), block.attn, key_weights)
+            out, class_rows = _attention(F.layer_norm(x, block.norm1.normalized_shape, block.norm1.weight,
+                                                      block.norm1.bias, block.norm1.eps), block.attn, key_weights)
             x = x + out
             if index in layers:
                 count = x.shape[0] - prefix
@@ -98,12 +107,13 @@ def training_free_forward(model: nn.Module, images: Tensor, layers: list[int], k
                 if keep < count:
                     scores = (sum(class_rows[h] for h in range(class_rows.shape[0])) / class_rows.shape[0])[prefix:].tolist()
                     current = sizes or [1.0] * count
-                    if threshold is not None and count - keep <= (count + 1) // 2 and is_flat(scores, threshold):
-                        metric = sum(keys[h] for h in range(keys.shape[0]))[prefix:] / keys.shape[0]
-                        merged, record = merge_sample(x[prefix:], metric, current, count - keep)
-                        sizes = record.sizes
-                    else:
-                        merged, sizes, _, _ = absorb_sample(x[prefix:], scores, current, keep)
+                    image = x[prefix:]
+                    merged, new_sizes, _, _, absorbed = absorb_sample(image, scores, current, keep)
+                    if pooling != "never" and count - keep <= (count + 1) // 2:
+                        pooled, record = merge_sample(image, image, current, count - keep)
+                        if pooling == "always" or sum(pooled_similarities(image, record)) > sum(absorbed):
+                            merged, new_sizes = pooled, record.sizes
+                    sizes = new_sizes
                     x = torch.cat([x[:prefix], merged])
                 sizes_per_layer[layers.index(index)].append(list(sizes or [1.0] * count))
             x = x + block.mlp(F.layer_norm(x, block.norm2.normalized_shape, block.norm2.weight, block.norm2.bias,

@@ -6,6 +6,7 @@ from reference_evit import kept_count
 
 import evit_patch
 from evit_patch.dynamicvit import apply_dynamicvit
+from evit_patch.reducers import TrainingFreeEvit
 
 PUBLISHED_DEIT_S = {1.0: 4.6, 0.9: 4.0, 0.8: 3.5, 0.7: 3.0, 0.6: 2.6, 0.5: 2.3}
 
@@ -83,6 +84,9 @@ CROSS_CHECKED = {
                                                [1, 2], 0.5),
     "dynamicvit": lambda: apply_dynamicvit(timm.create_model("deit_tiny_patch16_224", depth=6), (1, 3, 5), 0.7),
     "width-pruned": pruned_tiny,
+    **{f"training-free, pooling {pooling}": (lambda pooling=pooling: evit_patch.apply_token_reducer(
+        timm.create_model("deit_tiny_patch16_224", depth=4), [1, 2], 0.6, TrainingFreeEvit(pooling=pooling)))
+       for pooling in ("always", "closer", "never")},
 }
 
 

@@ -10,6 +10,7 @@ comparison cannot pass for want of one.
 
 import copy
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import timm
@@ -17,26 +18,26 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference_evit import reference_forward
-from reference_training_free import absorb_sample, is_flat, kept_count, training_free_forward
+from reference_tome import merge_sample
+from reference_training_free import absorb_sample, kept_count, pooled_similarities, training_free_forward
 
 import evit_patch
-from evit_patch.reducers import TrainingFreeEvit, absorb_into_kept, flat_scores
+from evit_patch.reducers import TrainingFreeEvit, absorb_into_kept, pools_closer, training_free
+from evit_patch.reducers.tome import bipartite_matching
+from evit_patch.reducers.training_free import absorb_destinations
 from evit_patch.train.methods import recipe_method, recipe_reducer
 from evit_patch.train.recipe import RecipeError, load_recipe
 
 LAYERS = [0, 2]
 KEEP_RATE = 0.6  # 64 -> 40 -> 25 image tokens
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "fashion_mnist.yaml"
-NEVER, ALWAYS = None, 1e9  # flat thresholds: every layer absorbs / every layer pools
-MIXED = 0.0345  # the scores' coefficients of variation at block 0 are 0.0337, 0.0339, 0.0360: two samples pool
 
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     """A 4-block float64 ViT on 32 px images in 4 px patches (64 image tokens) with a class
-    token and two registers; keys scaled unevenly so that token norms differ. Its class
-    attention is nearly flat (coefficient of variation about 0.03), so the thresholds
-    above choose each branch."""
+    token and two registers; keys scaled unevenly so that token norms differ. Pooling is
+    closer for some samples and layers and absorbing for others (asserted below)."""
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=48, depth=4,
                               num_heads=3, reg_tokens=2).eval().double()
@@ -48,11 +49,11 @@ def model() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
-    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
 
 
-def _patched(model, threshold, proportional=True, layers=LAYERS, keep_rate=KEEP_RATE):
-    reducer = TrainingFreeEvit(flat_threshold=threshold, proportional_attention=proportional)
+def _patched(model, pooling="always", proportional=True, layers=LAYERS, keep_rate=KEEP_RATE):
+    reducer = TrainingFreeEvit(pooling=pooling, proportional_attention=proportional)
     return evit_patch.apply_token_reducer(copy.deepcopy(model), layers, keep_rate, reducer)
 
 
@@ -76,30 +77,38 @@ def _reorganizer_name(block) -> str:
 # -- the whole forward against the eager reference ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("threshold", [NEVER, ALWAYS, MIXED], ids=["absorb", "pool", "per-sample"])
-def test_forward_matches_the_eager_reference(model, images, threshold) -> None:
-    expected, expected_sizes = training_free_forward(model, images, LAYERS, KEEP_RATE, threshold)
-    logits, sizes = _sizes_of(_patched(model, threshold), images)
+@pytest.mark.parametrize("pooling", ["never", "always", "closer"])
+def test_forward_matches_the_eager_reference(model, images, pooling) -> None:
+    expected, expected_sizes = training_free_forward(model, images, LAYERS, KEEP_RATE, pooling)
+    logits, sizes = _sizes_of(_patched(model, pooling), images)
     torch.testing.assert_close(logits, expected, rtol=1e-7, atol=1e-7)
     for layer, layer_sizes in enumerate(expected_sizes):
         assert sizes[layer].tolist() == layer_sizes
 
 
-def test_the_per_sample_threshold_really_mixes_the_batch(model, images) -> None:
-    """At MIXED some samples pool at a layer where others absorb, so the per-sample test
-    above covers the mixed path."""
-    patched = _patched(model, MIXED)
+def _decisions(patched, images) -> list[torch.Tensor]:
+    """Each layer's per-sample choice to pool, recorded during one forward."""
     decisions = []
-    reducer = patched.evit_state.reducer
-    original = reducer._flat
-    reducer._flat = lambda *args: decisions.append(original(*args)) or decisions[-1]
-    with torch.no_grad():
+
+    def recorded(*similarities):
+        decisions.append(pools_closer(*similarities))
+        return decisions[-1]
+
+    with mock.patch.object(training_free, "pools_closer", recorded), torch.no_grad():
         patched(images)
-    assert any(0 < int(flat.sum()) < len(flat) for flat in decisions if flat is not None)
+    return decisions
+
+
+def test_the_per_sample_choice_really_mixes_the_batch(model, images) -> None:
+    """Some samples pool at a layer where others absorb, so the reference comparison
+    above covers the mixed path."""
+    decisions = _decisions(_patched(model, "closer"), images)
+    assert len(decisions) == len(LAYERS)
+    assert any(0 < int(pools.sum()) < len(pools) for pools in decisions)
 
 
 def test_each_sample_is_reduced_as_if_alone(model, images) -> None:
-    patched = _patched(model, MIXED)
+    patched = _patched(model, "closer")
     with torch.no_grad():
         together = patched(images)
         alone = torch.cat([patched(images[i:i + 1]) for i in range(len(images))])
@@ -108,16 +117,19 @@ def test_each_sample_is_reduced_as_if_alone(model, images) -> None:
 
 def test_the_reference_tells_the_mechanisms_apart(model, images) -> None:
     """Proportional attention, pooling and absorbing each change the reference's logits."""
-    base, _ = training_free_forward(model, images, LAYERS, KEEP_RATE, NEVER)
-    for other in (training_free_forward(model, images, LAYERS, KEEP_RATE, NEVER, proportional=False)[0],
-                  training_free_forward(model, images, LAYERS, KEEP_RATE, ALWAYS)[0]):
+    base, _ = training_free_forward(model, images, LAYERS, KEEP_RATE, "never")
+    for other in (training_free_forward(model, images, LAYERS, KEEP_RATE, "never", proportional=False)[0],
+                  training_free_forward(model, images, LAYERS, KEEP_RATE, "always")[0],
+                  training_free_forward(model, images, LAYERS, KEEP_RATE, "closer")[0]):
         assert (other - base).abs().max() > 1e-3
+    assert (training_free_forward(model, images, LAYERS, KEEP_RATE, "always")[0]
+            - training_free_forward(model, images, LAYERS, KEEP_RATE, "closer")[0]).abs().max() > 1e-3
 
 
 def test_without_proportional_attention_matches_the_reference(model, images) -> None:
-    expected, _ = training_free_forward(model, images, LAYERS, KEEP_RATE, NEVER, proportional=False)
+    expected, _ = training_free_forward(model, images, LAYERS, KEEP_RATE, "closer", proportional=False)
     with torch.no_grad():
-        logits = _patched(model, NEVER, proportional=False)(images)
+        logits = _patched(model, "closer", proportional=False)(images)
     torch.testing.assert_close(logits, expected, rtol=1e-7, atol=1e-7)
 
 
@@ -126,7 +138,7 @@ def test_without_proportional_attention_matches_the_reference(model, images) -> 
 
 def test_sizes_are_conserved_through_two_reorganization_layers(model, images) -> None:
     """Every patch is held by exactly one token after each layer, and the sizes say by how many."""
-    patched = _patched(model, NEVER)
+    patched = _patched(model)
     _, sizes = _sizes_of(patched, images)
     records = patched.evit_state.records
     held = torch.arange(64).expand(len(images), -1)  # the token holding each patch
@@ -141,14 +153,14 @@ def test_sizes_are_conserved_through_two_reorganization_layers(model, images) ->
 def test_stale_sizes_of_another_batch_are_not_read(model, images) -> None:
     """Sizes left from a forward of another batch size are ignored by shape, whatever
     resets them between forwards."""
-    patched = _patched(model, NEVER)
+    patched = _patched(model)
     with torch.no_grad():
         patched(images)
         reducer = patched.evit_state.reducer
         reducer.start_forward = lambda *args: None  # no reset: the shape guard alone
         reducer.key_weights.weights = None
         alone = patched(images[:1])
-    expected, _ = training_free_forward(model, images[:1], LAYERS, KEEP_RATE, NEVER)
+    expected, _ = training_free_forward(model, images[:1], LAYERS, KEEP_RATE)
     torch.testing.assert_close(alone, expected, rtol=1e-7, atol=1e-7)
 
 
@@ -167,9 +179,16 @@ def test_absorb_matches_the_loop_and_conserves_mass(batch, count, channels, data
     scores = torch.rand(batch, count, generator=generator, dtype=torch.float64)
     sizes = torch.randint(1, 5, (batch, count), generator=generator).double()
     out, out_sizes, token_map = absorb_into_kept(image, scores, sizes, keep)
+    similarities = absorb_destinations(image, scores, keep)[2]
     for b in range(batch):
-        tokens, expected_sizes, kept, destination = absorb_sample(image[b], scores[b].tolist(), sizes[b].tolist(), keep)
+        tokens, expected_sizes, kept, destination, similarity = absorb_sample(image[b], scores[b].tolist(),
+                                                                              sizes[b].tolist(), keep)
         torch.testing.assert_close(out[b], tokens)
+        # absorbed tokens in the product's order (sequence order) against the loop's (score order)
+        absorbed = sorted(range(count), key=lambda i: -scores[b, i])[keep:]
+        by_token = dict(zip(absorbed, similarity))
+        torch.testing.assert_close(similarities[b], torch.tensor([by_token[i] for i in sorted(absorbed)],
+                                                                 dtype=torch.float64))
         assert out_sizes[b].tolist() == expected_sizes
         assert token_map.kept_index[b].tolist() == kept
         assert token_map.destination[b].tolist() == destination
@@ -188,32 +207,54 @@ def test_an_absorbed_token_is_a_renormalized_average() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(batch=st.integers(1, 3), count=st.integers(2, 30), scale=st.floats(1e-3, 1e3), threshold=st.floats(0.05, 3.0),
-       seed=st.integers(0, 2**16))
-def test_flat_scores_match_the_loop_and_ignore_scale(batch, count, scale, threshold, seed) -> None:
-    scores = torch.rand(batch, count, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 1e-3
-    flat = flat_scores(scores, threshold)
-    margins = [abs(s.std(correction=0) / s.mean() - threshold) for s in scores]
+@given(batch=st.integers(1, 3), count=st.integers(2, 24), channels=st.integers(2, 6), data=st.data())
+def test_bipartite_similarities_match_the_loop(batch, count, channels, data) -> None:
+    """The cosine of each merged token with its partner, against ToMe's reference merge:
+    what the pooling choice adds up."""
+    num_merged = data.draw(st.integers(0, (count + 1) // 2))
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    tokens = torch.randn(batch, count, channels, generator=generator, dtype=torch.float64)
+    kept_index, destination, similarity = bipartite_matching(tokens, num_merged)
     for b in range(batch):
-        if margins[b] > 1e-9:  # away from the threshold, where rounding would decide
-            assert bool(flat[b]) == is_flat(scores[b].tolist(), threshold)
-            assert bool(flat_scores(scores * scale, threshold)[b]) == bool(flat[b])
+        _, record = merge_sample(tokens[b], tokens[b], [1.0] * count, num_merged)
+        assert kept_index[b].tolist() == record.kept_index and destination[b].tolist() == record.destination
+        torch.testing.assert_close(similarity[b], torch.tensor(sorted(pooled_similarities(tokens[b], record),
+                                                                      reverse=True), dtype=torch.float64))
+
+
+def test_pooling_needs_strictly_closer_merges() -> None:
+    """The sums decide (not the best single merge), and a tie absorbs, as EViT would."""
+    pooled = torch.tensor([[0.9, 0.1], [0.6, 0.6], [0.7, 0.4]])
+    absorbed = torch.tensor([[0.6, 0.5], [0.6, 0.6], [0.55, 0.5]])
+    assert pools_closer(pooled, absorbed).tolist() == [False, False, True]
 
 
 def test_token_counts_are_evits(model, images) -> None:
-    for threshold in (NEVER, ALWAYS):
-        patched = _patched(model, threshold)
+    for pooling in ("never", "always", "closer"):
+        patched = _patched(model, pooling)
         with torch.no_grad():
             patched(images)
         counts = [record.mixed.shape[1] for record in patched.evit_state.records]
         assert counts == [kept_count(64, KEEP_RATE), kept_count(kept_count(64, KEEP_RATE), KEEP_RATE)] == [40, 25]
 
 
-def test_below_half_a_flat_layer_absorbs(model, images) -> None:
-    """Bipartite matching merges at most half the tokens: at keep 0.3 every layer absorbs."""
-    expected, _ = training_free_forward(model, images, LAYERS, 0.3, NEVER)
+def test_exactly_half_still_pools(model, images) -> None:
+    """At keep 0.48 the first layer leaves 32 of 64 tokens: a bipartite merge of exactly
+    half, which matching can still do."""
+    assert 64 - kept_count(64, 0.48) == (64 + 1) // 2
+    expected, _ = training_free_forward(model, images, LAYERS, 0.48, "always")
+    absorbed, _ = training_free_forward(model, images, LAYERS, 0.48, "never")
     with torch.no_grad():
-        logits = _patched(model, ALWAYS, keep_rate=0.3)(images)
+        logits = _patched(model, "always", keep_rate=0.48)(images)
+    torch.testing.assert_close(logits, expected, rtol=1e-7, atol=1e-7)
+    assert (expected - absorbed).abs().max() > 1e-3
+
+
+def test_below_half_every_layer_absorbs(model, images) -> None:
+    """Bipartite matching merges at most half the tokens: at keep 0.3 every layer absorbs."""
+    expected, _ = training_free_forward(model, images, LAYERS, 0.3, "never")
+    with torch.no_grad():
+        logits = _patched(model, "always", keep_rate=0.3)(images)
     torch.testing.assert_close(logits, expected, rtol=1e-7, atol=1e-7)
 
 
@@ -222,12 +263,16 @@ def test_below_half_a_flat_layer_absorbs(model, images) -> None:
 
 def test_cpu_bf16_autocast_keeps_scores_and_sums_float32(model, images) -> None:
     fp32 = copy.deepcopy(model).float()
-    patched = _patched(fp32, MIXED)
+    patched = _patched(fp32, "closer")
     reducer = patched.evit_state.reducer
     seen = []
-    original = reducer._flat
-    reducer._flat = lambda scores, *args: seen.append(scores.dtype) or original(scores, *args)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+
+    def recorded(*similarities):
+        seen.extend(similarity.dtype for similarity in similarities)
+        return pools_closer(*similarities)
+
+    with mock.patch.object(training_free, "pools_closer", recorded), torch.no_grad(), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
         logits = patched(images.float())
         assert reducer.sizes.dtype == torch.float32
     assert seen and set(seen) == {torch.float32}

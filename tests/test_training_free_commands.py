@@ -74,7 +74,12 @@ def test_off_the_shelf_table_on_the_shipped_base(tmp_path, monkeypatch) -> None:
     saved = json.loads(out.with_suffix(".json").read_text())
     labels = {row["label"] for row in saved["rows"]}
     assert {"unpatched", "EViT", "training-free EViT", "ToMe-style merging", "random drop"} <= labels
+    assert {"training-free EViT never pooling (absorb only)", "training-free EViT pooling the samples it merges closer"} <= labels
     assert {row["keep_rate"] for row in saved["rows"]} == {0.7, 0.5}
+    shares = [row["pooled_share"] for row in saved["rows"] if "pooled_share" in row]
+    assert {row["label"] for row in saved["rows"] if "pooled_share" in row} == {
+        "training-free EViT pooling the samples it merges closer"}
+    assert len(shares) == 2 and all(len(share) == 3 and all(0 <= s <= 1 for s in share) for share in shares)
     assert out.with_suffix(".png").is_file() and "| training-free EViT |" in out.with_suffix(".md").read_text()
 
 

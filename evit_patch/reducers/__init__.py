@@ -9,11 +9,11 @@ from evit_patch.reducers.evit import EvitReducer, apply_evit, evit_reduction, ke
 from evit_patch.reducers.oracle import OracleGuided
 from evit_patch.reducers.random import RandomDrop
 from evit_patch.reducers.tome import ToMeMerge, bipartite_merge, merged_token_count
-from evit_patch.reducers.training_free import TrainingFreeEvit, absorb_into_kept, flat_scores
+from evit_patch.reducers.training_free import TrainingFreeEvit, absorb_into_kept, pools_closer
 
 __all__ = [
     "TokenReducer", "LayerContext", "Reduction", "EvitReducer", "apply_evit", "RandomDrop", "ToMeMerge", "OracleGuided",
     "evit_reduction", "reorganize_tokens", "kept_token_count", "bipartite_merge", "merged_token_count",
-    "TrainingFreeEvit", "absorb_into_kept", "flat_scores",
+    "TrainingFreeEvit", "absorb_into_kept", "pools_closer",
 ]
 
