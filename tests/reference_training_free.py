@@ -88,8 +88,11 @@ def pooled_similarities(tokens: Tensor, record: SampleMerge) -> list[float]:
 
 @torch.no_grad()
 def training_free_forward(model: nn.Module, images: Tensor, layers: list[int], keep_rate: float,
-                          pooling: str = "always", proportional: bool = True) -> tuple[Tensor, list[list[list[float]]]]:
-    """Logits, and per reorganization layer each sample's token sizes after it."""
+                          pooling: str = "always", proportional: bool = True,
+                          maps: Optional[list[list[tuple[list[int], list[int]]]]] = None
+                          ) -> tuple[Tensor, list[list[list[float]]]]:
+    """Logits, and per reorganization layer each sample's token sizes after it. ``maps``,
+    when given, gets per layer each sample's kept indices and destinations."""
     prefix = model.num_prefix_tokens
     embedded = model.norm_pre(model._pos_embed(model.patch_embed(images)))
     logits, sizes_per_layer = [], [[] for _ in layers]
@@ -108,12 +111,17 @@ def training_free_forward(model: nn.Module, images: Tensor, layers: list[int], k
                     scores = (sum(class_rows[h] for h in range(class_rows.shape[0])) / class_rows.shape[0])[prefix:].tolist()
                     current = sizes or [1.0] * count
                     image = x[prefix:]
-                    merged, new_sizes, _, _, absorbed = absorb_sample(image, scores, current, keep)
+                    merged, new_sizes, kept, destination, absorbed = absorb_sample(image, scores, current, keep)
                     if pooling != "never" and count - keep <= (count + 1) // 2:
                         pooled, record = merge_sample(image, image, current, count - keep)
                         if pooling == "always" or sum(pooled_similarities(image, record)) > sum(absorbed):
                             merged, new_sizes = pooled, record.sizes
+                            kept, destination = record.kept_index, record.destination
                     sizes = new_sizes
+                    if maps is not None:
+                        while len(maps) <= layers.index(index):
+                            maps.append([])
+                        maps[layers.index(index)].append((list(kept), list(destination)))
                     x = torch.cat([x[:prefix], merged])
                 sizes_per_layer[layers.index(index)].append(list(sizes or [1.0] * count))
             x = x + block.mlp(F.layer_norm(x, block.norm2.normalized_shape, block.norm2.weight, block.norm2.bias,

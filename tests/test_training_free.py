@@ -79,11 +79,16 @@ def _reorganizer_name(block) -> str:
 
 @pytest.mark.parametrize("pooling", ["never", "always", "closer"])
 def test_forward_matches_the_eager_reference(model, images, pooling) -> None:
-    expected, expected_sizes = training_free_forward(model, images, LAYERS, KEEP_RATE, pooling)
-    logits, sizes = _sizes_of(_patched(model, pooling), images)
+    maps = []
+    expected, expected_sizes = training_free_forward(model, images, LAYERS, KEEP_RATE, pooling, maps=maps)
+    patched = _patched(model, pooling)
+    logits, sizes = _sizes_of(patched, images)
     torch.testing.assert_close(logits, expected, rtol=1e-7, atol=1e-7)
     for layer, layer_sizes in enumerate(expected_sizes):
         assert sizes[layer].tolist() == layer_sizes
+    for record, layer_maps in zip(patched.evit_state.records, maps, strict=True):  # the map a dense head reads
+        assert record.kept_index.tolist() == [kept for kept, _ in layer_maps]
+        assert record.destination.tolist() == [destination for _, destination in layer_maps]
 
 
 def _decisions(patched, images) -> list[torch.Tensor]:
