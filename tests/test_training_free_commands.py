@@ -10,6 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
+import pytest
 from benchmark_scripts import load_benchmark
 
 from evit_patch.tools import finetune
@@ -37,8 +38,11 @@ SPEED = ("python benchmarks/throughput.py --models vit_tiny_patch16_224 --layers
          "\"num_heads\": 4, \"mlp_ratio\": 2}' --checkpoint recipes/checkpoints/fashion_mnist_vit.safetensors "
          "--batch-sizes 64 1 --keep-rates 0.7 0.5 --methods evit evit-training-free tome --repeats 15 "
          "--calls-per-repeat 5 --threads 2 --out benchmarks/results/training_free_speed_fashion_mnist")
-SPEED_DEIT_S = ("python benchmarks/throughput.py --batch-sizes 64 1 --keep-rates 0.7 0.5 --methods evit "
+SPEED_DEIT_S = ("python benchmarks/throughput.py --batch-sizes 64 --keep-rates 0.7 0.5 --methods evit "
                 "evit-training-free tome --repeats 9 --threads 2 --out benchmarks/results/training_free_speed_deit_s_cpu")
+SPEED_DEIT_S_B1 = ("python benchmarks/throughput.py --batch-sizes 1 --keep-rates 0.7 0.5 --methods evit "
+                   "evit-training-free tome --repeats 41 --calls-per-repeat 5 --threads 2 "
+                   "--out benchmarks/results/training_free_speed_deit_s_cpu_b1")
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_DATA = ["--set", "data.eval_subset=32"]
 SMALL_TRAINING = ["--set", "data.train_subset=64", "--set", "train.batch_size=32", "--set", "data.eval_subset=32",
@@ -150,12 +154,13 @@ def test_speed_side_by_side(tmp_path, monkeypatch) -> None:
     assert {"evit 0.7", "evit-training-free 0.5", "tome 0.7"} <= variants
 
 
-def test_speed_on_deit_s_sized_blocks(tmp_path, monkeypatch) -> None:
-    """The DeiT-S command on a 2-block model of DeiT-S's width (the full model takes minutes)."""
+@pytest.mark.parametrize("command", [SPEED_DEIT_S, SPEED_DEIT_S_B1], ids=["batch 64", "batch 1"])
+def test_speed_on_deit_s_sized_blocks(command, tmp_path, monkeypatch) -> None:
+    """Each DeiT-S command on a 2-block model of DeiT-S's width (the full model takes minutes)."""
     out = tmp_path / "speed_deit_s"
-    run_script("throughput", small(SPEED_DEIT_S, {"--batch-sizes": "2", "--repeats": "1", "--out": str(out)},
+    run_script("throughput", small(command, {"--batch-sizes": "2", "--repeats": "1", "--out": str(out)},
                                    ["--model-kwargs", '{"depth": 2, "img_size": 64}', "--layers", "0", "1",
-                                    "--warmup", "0"]), monkeypatch)
+                                    "--warmup", "0", "--calls-per-repeat", "1"]), monkeypatch)
     saved = json.loads(out.with_suffix(".json").read_text())
     variants = {v["name"] for result in saved["results"].values() for v in result}
     assert {"evit 0.7", "evit-training-free 0.7", "tome 0.5"} <= variants
@@ -168,4 +173,4 @@ def test_the_findings_give_exactly_these_commands() -> None:
     section = findings[findings.index("## Training-free EViT"):]
     documented = [line for block in re.findall(r"```bash\n(.*?)```", section, re.S) for line in block.strip().splitlines()]
     assert set(documented) == {BASE, LVVIT, REG4_BASE, REG4, FINETUNE, COMPARE, COMPARE_REG4, COMPARE_LVVIT, SPEED,
-                               SPEED_DEIT_S}
+                               SPEED_DEIT_S, SPEED_DEIT_S_B1}

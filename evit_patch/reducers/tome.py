@@ -41,12 +41,20 @@ def bipartite_destinations(metric: Tensor, num_merged: int) -> tuple[Tensor, Ten
         unmerged A tokens, then every B token), and ``destination`` ``(B, n)``, the
         output slot of each incoming token.
     """
-    return bipartite_matching(metric, num_merged)[:2]
+    return _matching(metric, num_merged)[:2]
 
 
 def bipartite_matching(metric: Tensor, num_merged: int) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`bipartite_destinations`, and the cosine of each merged A token with its
     partner ``(B, num_merged)``, most similar first (what the merge costs)."""
+    kept_index, destination, best, order = _matching(metric, num_merged)
+    return kept_index, destination, best.gather(1, order[:, :num_merged])
+
+
+def _matching(metric: Tensor, num_merged: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``kept_index``, ``destination``, each A token's best cosine ``(B, ceil(n / 2))`` and the
+    A tokens from most to least similar; the similarities only for who asks for them (at
+    batch 1 each operation is a measurable part of a layer)."""
     batch, count, _ = metric.shape
     count_a, count_b = (count + 1) // 2, count // 2
     if num_merged > count_a:
@@ -66,8 +74,7 @@ def bipartite_matching(metric: Tensor, num_merged: int) -> tuple[Tensor, Tensor,
     destination[:, 0::2] = destination_a
     destination[:, 1::2] = torch.arange(num_unmerged, num_unmerged + count_b, device=metric.device)
     b_index = torch.arange(1, count, 2, device=metric.device).expand(batch, -1)
-    merged_similarity = best.gather(1, order[:, :num_merged])
-    return torch.cat([unmerged_a * 2, b_index], dim=1), destination, merged_similarity
+    return torch.cat([unmerged_a * 2, b_index], dim=1), destination, best, order
 
 
 def with_prefix(destination: Tensor, prefix_count: int) -> Tensor:

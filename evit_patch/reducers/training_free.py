@@ -24,14 +24,14 @@ is a pure function here:
 
 from __future__ import annotations
 
-from typing import Literal, Optional, get_args
+from typing import Callable, Literal, Optional, get_args
 
 import torch
 from torch import Tensor
 
 from evit_patch.core.reduction import LayerContext, Reduction, TokenMap, identity_reduction, token_rows
 from evit_patch.core.scores import AttentionTensors, as_dtype, at_least_float32, without_autocast
-from evit_patch.reducers.tome import SizedTokens, bipartite_matching, merge_by_destination, merged_token_count
+from evit_patch.reducers.tome import SizedTokens, bipartite_destinations, bipartite_matching, merge_by_destination, merged_token_count
 
 Pooling = Literal["always", "closer", "never"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
@@ -113,19 +113,21 @@ class TrainingFreeEvit(SizedTokens):
         if keep >= num_image:
             return identity_reduction(x, prefix_count)
         image = x[:, prefix_count:]
-        kept_index, destination = self.destinations(image, context.scores(attention), keep)
+        kept_index, destination = self.destinations(image, lambda: context.scores(attention), keep)
         return Reduction(self.merge(x, destination, keep, prefix_count), TokenMap.merge(kept_index, destination))
 
-    def destinations(self, image: Tensor, scores: Tensor, keep: int) -> tuple[Tensor, Tensor]:
+    def destinations(self, image: Tensor, scores: Callable[[], Tensor], keep: int) -> tuple[Tensor, Tensor]:
         """``(kept_index, destination)`` of the image tokens ``(B, n, C)``, each sample pooled
-        or absorbed as :attr:`pooling` says."""
+        or absorbed as :attr:`pooling` says. ``scores`` (the paper's, ``(B, n)``) are taken
+        only where a layer may absorb: pooling alone does not read them, and at batch 1
+        their half-dozen operations are a measurable part of a layer."""
         num_merged = image.shape[1] - keep
         can_pool = self.pooling != "never" and num_merged <= (image.shape[1] + 1) // 2
         if not can_pool:
-            return absorb_destinations(image, scores, keep)[:2]
-        pooled_index, pooled_destination, pooled_similarity = bipartite_matching(image, num_merged)
+            return absorb_destinations(image, scores(), keep)[:2]
         if self.pooling == "always":
-            return pooled_index, pooled_destination
-        absorbed_index, absorbed_destination, absorbed_similarity = absorb_destinations(image, scores, keep)
+            return bipartite_destinations(image, num_merged)
+        pooled_index, pooled_destination, pooled_similarity = bipartite_matching(image, num_merged)
+        absorbed_index, absorbed_destination, absorbed_similarity = absorb_destinations(image, scores(), keep)
         pools = pools_closer(pooled_similarity, absorbed_similarity).unsqueeze(1)
         return torch.where(pools, pooled_index, absorbed_index), torch.where(pools, pooled_destination, absorbed_destination)
