@@ -14,6 +14,7 @@ SPEED = ("python benchmarks/dense_speed.py --batch-sizes 1 32 --repeats 15 --cal
          "--out benchmarks/results/dense_speed_deit_s_cpu")
 SPEED_B1 = ("python benchmarks/dense_speed.py --batch-sizes 1 --repeats 61 --calls-per-repeat 4 "
             "--out benchmarks/results/dense_speed_deit_s_cpu_b1")
+OP_LATENCY = "python benchmarks/op_latency.py --repeats 61 --threads 2 --out benchmarks/results/op_latency_deit_s_cpu"
 TINY_SEGMENTATION = ["--train-images", "64", "--test-images", "32", "--epochs", "1", "--finetune-epochs", "1",
                      "--keep-rates", "0.7", "--fills", "carry", "zeros"]
 TINY_SPEED = ["--model", "deit_tiny_patch16_224", "--batch-sizes", "1", "2", "--repeats", "2", "--warmup", "0",
@@ -29,7 +30,7 @@ def _arguments(command: str, out: Path) -> list[str]:
 
 def test_the_documented_commands_are_the_ones_tested():
     text = DOCS.read_text()
-    assert SEGMENTATION in text and SPEED in text and SPEED_B1 in text
+    assert SEGMENTATION in text and SPEED in text and SPEED_B1 in text and OP_LATENCY in text
 
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Fashion-MNIST is not installed")
@@ -95,3 +96,30 @@ def test_the_share_eaten_is_the_paired_extra_time_over_the_paired_saving():
     assert rows["restoration work alone (carry)"]["share_of_speedup_eaten"] == pytest.approx(0.075)
     assert rows["EViT 0.7 restored (carry)"]["speedup"] == pytest.approx(12 / 8.5)
     assert rows["unpatched"]["share_of_speedup_eaten"] is None and rows["unpatched"]["speedup"] == 1.0
+
+
+def test_op_latency_table_times_each_operation_both_ways(tmp_path):
+    script = load_benchmark("op_latency")
+    arguments = _arguments(OP_LATENCY, tmp_path / "latency") + ["--repeats", "2", "--model", "deit_tiny_patch16_224",
+                                                                 "--model-kwargs", '{"img_size": 64}']
+    rows = script.main(arguments)
+    assert len(rows) == 5 and "row copy of the 17 x 192 grid (cat)" in rows  # 1 + 16 patches of 192 channels
+    assert all(row["ratio"] == pytest.approx(row["after_a_block_us"] / row["back_to_back_us"]) for row in rows.values())
+    written = json.loads((tmp_path / "latency.json").read_text())
+    assert written["setup"]["kept_tokens"] == 1 + 12 + 1  # EViT at keep 0.7 keeps ceil(0.7 * 16) and fuses the rest
+    assert "| one index gather |" in (tmp_path / "latency.md").read_text()
+
+
+def test_op_latency_times_after_the_block_and_after_the_operation_itself():
+    """Each repeat runs the block, then the timed operation, then the operation untimed, then timed."""
+    script = load_benchmark("op_latency")
+    calls = []
+
+    class Block(torch.nn.Module):
+        def forward(self, x):
+            calls.append("block")
+            return x
+
+    times = script.latencies(Block(), torch.zeros(1), {"op": lambda: calls.append("op")}, repeats=1)
+    assert calls[-4:] == ["block", "op", "op", "op"] and calls[:2] == ["block", "op"]
+    assert len(times["op"]["after a block"]) == len(times["op"]["back to back"]) == 1
