@@ -35,14 +35,17 @@ def _reorganize(x: Tensor, matrix: Tensor, num_prefix: int, keep_rate: float, fu
 
 
 def transformers_reference(model: nn.Module, images: Tensor, layers: list[int], keep_rate: float, fuse: bool,
-                           num_prefix: int) -> tuple[Tensor, list[int]]:
+                           num_prefix: int, states: list[Tensor] | None = None) -> tuple[Tensor, list[int]]:
     """The final hidden states (before the model's last norm) of a transformers ViT, DeiT
-    or DINOv2 with EViT at ``layers``, and the token count after each layer."""
+    or DINOv2 with EViT at ``layers``, and the token count after each layer; ``states``, when
+    given, receives the embeddings' output and every layer's."""
     base = model.base_model
     heads = base.config.num_attention_heads
     x = base.embeddings(images)
     blocks = base.layers if hasattr(base, "layers") else base.encoder.layer
     counts = []
+    if states is not None:
+        states.append(x)
     for index, layer in enumerate(blocks):
         if hasattr(layer, "layernorm_before"):  # ViT, DeiT
             norm1, norm2, scale1, scale2 = layer.layernorm_before, layer.layernorm_after, None, None
@@ -60,6 +63,8 @@ def transformers_reference(model: nn.Module, images: Tensor, layers: list[int], 
         out = layer.mlp(norm2(x))
         x = x + (out * scale2.lambda1 if scale2 is not None else out)
         counts.append(x.shape[1])
+        if states is not None:
+            states.append(x)
     return x, counts
 
 

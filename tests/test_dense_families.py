@@ -40,6 +40,34 @@ def test_transformers_last_hidden_state_on_the_full_grid(registers: int) -> None
     assert restored.shape == expected.last_hidden_state.shape
 
 
+@pytest.mark.parametrize("registers", [0, 4])
+def test_transformers_hidden_states_on_the_full_grid(registers: int) -> None:
+    """Inside dense_outputs every entry of ``hidden_states`` has the unpatched shape: the restoring
+    hooks run before transformers' recording hooks. Entries up to the first reorganizing layer's
+    input are the unpatched ones, the prefix rows those of the reduced forward, and the last entry
+    is what the model's final norm turns into the restored ``last_hidden_state``."""
+    torch.manual_seed(0)
+    if registers:
+        config = transformers.Dinov2WithRegistersConfig(**SMALL, mlp_ratio=2, num_register_tokens=registers)
+        base = transformers.Dinov2WithRegistersModel(config).eval()
+    else:
+        base = transformers.ViTModel(transformers.ViTConfig(**SMALL, intermediate_size=96)).eval()
+    x = _images()
+    expected = base(x, output_hidden_states=True).hidden_states
+    model = evit_patch.apply_evit(copy.deepcopy(base), LAYERS, 0.5)
+    reduced = model(x, output_hidden_states=True).hidden_states
+    with evit_patch.dense_outputs(model):
+        dense = model(x, output_hidden_states=True)
+    assert [state.shape for state in dense.hidden_states] == [state.shape for state in expected]
+    assert reduced[-1].shape[1] < expected[-1].shape[1]
+    for index in range(LAYERS[0] + 1):
+        assert torch.equal(dense.hidden_states[index], expected[index])
+    prefix = 1 + registers
+    for restored, short in zip(dense.hidden_states[LAYERS[0] + 1:], reduced[LAYERS[0] + 1:]):
+        assert torch.equal(restored[:, :prefix], short[:, :prefix])
+    torch.testing.assert_close(model.layernorm(dense.hidden_states[-1]), dense.last_hidden_state)
+
+
 def test_open_clip_tokens_on_the_full_grid() -> None:
     torch.manual_seed(0)
     vision = open_clip.model.CLIPVisionCfg(layers=4, width=48, head_width=16, mlp_ratio=2.0, patch_size=8,

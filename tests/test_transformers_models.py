@@ -3,6 +3,7 @@ DINOv2, DINOv2 with registers), built from small configs with random weights."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -299,3 +300,28 @@ def test_attention_dropout_follows_train_and_eval() -> None:
         evit_patch.remove_evit(model)
         torch.manual_seed(0)
         assert torch.equal(model(x).logits, first)  # the same dropout draws as the unpatched model's
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_hidden_states_keep_one_entry_per_layer(name: str) -> None:
+    """transformers records ``hidden_states`` with hooks on its own layer class, which a rewritten
+    layer is not: each gets the hook of the layer it replaces, so the tuple has an entry for every
+    layer, each that layer's output as the eager reference computes it (reduced after the first
+    reorganization), whether transformers had hooked the model before the patch or not."""
+    model = build(name)
+    x = images()
+    states: list[torch.Tensor] = []
+    transformers_reference(model, x, LAYERS, 0.7, True, CASES[name][1], states=states)
+    for hooked_before in (False, True):
+        candidate = copy.deepcopy(model)
+        if hooked_before:
+            candidate(x, output_hidden_states=True)
+        evit_patch.apply_evit(candidate, LAYERS, 0.7)
+        hidden = candidate(x, output_hidden_states=True).hidden_states
+        assert [state.shape for state in hidden] == [state.shape for state in states]
+        for state, expected in zip(hidden, states):
+            torch.testing.assert_close(state, expected)
+        evit_patch.remove_evit(candidate)
+        unpatched = model(x, output_hidden_states=True).hidden_states
+        assert all(torch.equal(a, b) for a, b in zip(candidate(x, output_hidden_states=True).hidden_states, unpatched))
+        assert len(candidate(x, output_hidden_states=True).hidden_states) == len(unpatched)

@@ -207,6 +207,33 @@ class TransformersFamily(ModelFamily):
         patched.recompile()
         return patched
 
+    def prepare_replacements(self, model: nn.Module, replacements: dict[int, nn.Module]) -> None:
+        """transformers records ``output_hidden_states`` with forward hooks on the layer class the
+        model names in ``_can_record_outputs``, installed on the first request; a rewritten layer is
+        not of that class, so its hidden state would be missing from the tuple. The hooks are
+        installed now (as that first request would, inactive until one comes) and each rewritten
+        layer gets the hook of the layer it replaces, so the tuple keeps one entry per layer and
+        the original layers have theirs when the patch comes off."""
+        from transformers.utils.output_capturing import (
+            OutputRecorder,
+            install_output_capuring_hook,
+            maybe_install_capturing_hooks,
+        )
+
+        blocks = self.blocks(model)
+        # the model whose forward records them: the one holding the layers (ViT: the base model, DINOv2: its encoder)
+        recording = next(module for module in model.modules() if any(child is blocks for child in module.children()))
+        maybe_install_capturing_hooks(recording)
+        recorder = (getattr(recording, "_can_record_outputs", None) or {}).get("hidden_states")
+        if recorder is None:
+            return
+        if not isinstance(recorder, OutputRecorder):  # a bare class, as transformers reads it
+            recorder = OutputRecorder(target_class=recorder, index=0)
+        for index, block in replacements.items():
+            if recorder.target_class is not None and isinstance(blocks[index], recorder.target_class):
+                install_output_capuring_hook(block, "hidden_states", recorder.index,
+                                             recorder.capture_initial_hidden_state)
+
     def output_tensor(self, output: Any) -> Tensor:
         for name in ("logits", "pooler_output", "last_hidden_state"):
             value = getattr(output, name, None)

@@ -165,7 +165,8 @@ class _GridHooks:
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         handles = [block.register_forward_pre_hook(self.before, with_kwargs=True) for block in self.entering]
-        handles += [block.register_forward_hook(self.after) for block in self.leaving]
+        # first among the blocks' output hooks, so that the library's own (transformers' hidden_states) see the grid
+        handles += [block.register_forward_hook(self.after, prepend=True) for block in self.leaving]
         try:
             yield
         finally:

@@ -68,6 +68,11 @@ class ModelFamily:
         """``block`` with ``reorganizer`` after its attention residual (see :mod:`evit_patch.core.block_rewrite`)."""
         return reorganizing_block(block, reorganizer, model_name)
 
+    def prepare_replacements(self, model: nn.Module, replacements: dict[int, nn.Module]) -> None:
+        """Called just before ``replacements`` (block index -> rewritten block) take their
+        places among ``model``'s blocks: a library that hooks its own block class (transformers
+        records ``hidden_states`` so) gets the same hooks on the rewritten blocks. timm: nothing."""
+
     def output_tensor(self, output: Any) -> Tensor:
         """The tensor a training loss or a benchmark reads from the model's output (timm: the output)."""
         return output

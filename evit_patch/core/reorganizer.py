@@ -53,6 +53,7 @@ class ReductionState(PatchState):
 
     def install(self, model: nn.Module) -> None:
         blocks = transformer_blocks(model)
+        family_of(model).prepare_replacements(model, self.patched_blocks)
         for index, block in self.patched_blocks.items():
             blocks[index] = block
         for index, attention in self.weighted_attentions.items():
