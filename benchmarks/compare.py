@@ -44,6 +44,7 @@ from evit_patch.cost import largest_within
 from evit_patch.dynamicvit import apply_dynamicvit, dynamicvit_state
 from evit_patch.extras import require
 from evit_patch.tools.evaluate import read_run_recipe
+from evit_patch.tools.results import write_results
 from evit_patch.tools.timing import interleaved_images_per_second
 from evit_patch.train import distributed
 from evit_patch.train.assembly import prepare_model, rebuild
@@ -362,9 +363,7 @@ def main() -> None:
              "threads": torch.get_num_threads(), "repeats": args.repeats, "torch": torch.__version__}
     table = markdown(rows, setup)
     print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(table + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps({"setup": setup, "rows": [asdict(r) for r in rows]}, indent=2))
+    write_results(args.out, table, {"setup": setup, "rows": [asdict(r) for r in rows]})
     plot(rows, args.out.with_suffix(".png"))
 
 

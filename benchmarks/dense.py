@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from torch import Tensor, nn
 
 import evit_patch
 from evit_patch.reducers import ToMeMerge
+from evit_patch.tools.results import write_results
 from evit_patch.train.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST
 from evit_patch.train.model_source import build_model
 from evit_patch.train.recipe import load_recipe
@@ -251,10 +251,7 @@ def main(argv: Optional[list[str]] = None) -> list[Variant]:
     table = markdown(rows, setup)
     print(table)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(table + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps({"setup": setup, "results": [asdict(r) for r in rows]},
-                                                            indent=2))
+        write_results(args.out, table, {"setup": setup, "results": [asdict(r) for r in rows]})
         kept_label = f"EViT {args.keep_rates[0]} after block {layers[-1]}: kept dark, fused light"
         plot(args.out.with_suffix(".png"), shown, test_masks[:6], panels, kept_map, kept_label)
     return rows

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 from pathlib import Path
 from typing import Callable, Optional
@@ -35,6 +34,7 @@ import evit_patch
 from evit_patch.core.model_info import example_images
 from evit_patch.core.reduction import TokenMap
 from evit_patch.core.restoration import NEEDS_ENTERING_GRID, PatchPlaces, restore_sequence
+from evit_patch.tools.results import write_results
 from evit_patch.tools.timing import interleaved_rates
 
 
@@ -229,9 +229,7 @@ def main(argv: Optional[list[str]] = None) -> dict[int, dict[str, dict[str, floa
     table = markdown(results, setup)
     print(table)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(table + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps({"setup": setup, "results": results}, indent=2))
+        write_results(args.out, table, {"setup": setup, "results": results})
     return results
 
 

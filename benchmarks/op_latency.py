@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from evit_patch.reducers.evit import kept_token_count
+from evit_patch.tools.results import write_results
 
 
 def operations(tokens: int, kept: int, channels: int) -> dict[str, Callable[[], object]]:
@@ -118,9 +119,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     table = markdown(rows, setup)
     print(table)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(table + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps({"setup": setup, "results": rows}, indent=2))
+        write_results(args.out, table, {"setup": setup, "results": rows})
     return rows
 
 

@@ -50,6 +50,7 @@ from evit_patch.core.reduction import LayerContext, Reduction, TokenMap, TokenRe
 from evit_patch.core.scores import AttentionTensors
 from evit_patch.extras import require
 from evit_patch.reducers.evit import kept_token_count
+from evit_patch.tools.results import write_results
 from evit_patch.tools.timing import autocast_to, interleaved_images_per_second, interleaved_rates, timed_call
 from evit_patch.train.checkpoint import load_weights
 from evit_patch.train.methods import METHODS
@@ -287,10 +288,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, list[Variant]]:
     table = markdown(results, setup)
     print(table)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(table + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(
-            {"setup": setup, "results": {k: [asdict(v) for v in vs] for k, vs in results.items()}}, indent=2))
+        write_results(args.out, table,
+                      {"setup": setup, "results": {k: [asdict(v) for v in vs] for k, vs in results.items()}})
         plot(results, args.out.with_suffix(".png"))
     return results
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 from unittest import mock
@@ -28,6 +27,7 @@ from torch import nn
 
 from evit_patch.core.token_patch import apply_token_reducer
 from evit_patch.reducers import TrainingFreeEvit, training_free
+from evit_patch.tools.results import write_results
 from evit_patch.train import distributed
 from evit_patch.train.assembly import prepare_model
 from evit_patch.train.data import build_dataset
@@ -162,9 +162,7 @@ def main() -> None:
              "eval_images": len(dataset), "torch": torch.__version__}
     table = markdown(rows, setup)
     print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(table + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
+    write_results(args.out, table, {"setup": setup, "rows": rows})
     plot(rows, setup, args.out.with_suffix(".png"))
 
 

@@ -20,14 +20,18 @@ def _images() -> torch.Tensor:
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("registers", [0, 4])
-def test_transformers_last_hidden_state_on_the_full_grid(registers: int) -> None:
+def _transformers_model(registers: int) -> torch.nn.Module:
+    """DINOv2 with ``registers`` register tokens, or a ViT without any."""
     torch.manual_seed(0)
     if registers:
         config = transformers.Dinov2WithRegistersConfig(**SMALL, mlp_ratio=2, num_register_tokens=registers)
-        base = transformers.Dinov2WithRegistersModel(config).eval()
-    else:
-        base = transformers.ViTModel(transformers.ViTConfig(**SMALL, intermediate_size=96)).eval()
+        return transformers.Dinov2WithRegistersModel(config).eval()
+    return transformers.ViTModel(transformers.ViTConfig(**SMALL, intermediate_size=96)).eval()
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_transformers_last_hidden_state_on_the_full_grid(registers: int) -> None:
+    base = _transformers_model(registers)
     x = _images()
     expected = base(x)
     model = evit_patch.apply_evit(copy.deepcopy(base), LAYERS, 0.5)
@@ -46,12 +50,7 @@ def test_transformers_hidden_states_on_the_full_grid(registers: int) -> None:
     hooks run before transformers' recording hooks. Entries up to the first reorganizing layer's
     input are the unpatched ones, the prefix rows those of the reduced forward, and the last entry
     is what the model's final norm turns into the restored ``last_hidden_state``."""
-    torch.manual_seed(0)
-    if registers:
-        config = transformers.Dinov2WithRegistersConfig(**SMALL, mlp_ratio=2, num_register_tokens=registers)
-        base = transformers.Dinov2WithRegistersModel(config).eval()
-    else:
-        base = transformers.ViTModel(transformers.ViTConfig(**SMALL, intermediate_size=96)).eval()
+    base = _transformers_model(registers)
     x = _images()
     expected = base(x, output_hidden_states=True).hidden_states
     model = evit_patch.apply_evit(copy.deepcopy(base), LAYERS, 0.5)
