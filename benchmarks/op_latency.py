@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from evit_patch.reducers.evit import kept_token_count
 from evit_patch.tools.results import write_results
+from evit_patch.tools.timing import positive_int
 
 
 def operations(tokens: int, kept: int, channels: int) -> dict[str, Callable[[], object]]:
@@ -98,7 +99,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="deit_small_patch16_224")
     parser.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON keyword arguments of the model")
-    parser.add_argument("--repeats", type=int, default=61)
+    parser.add_argument("--repeats", type=positive_int, default=61)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="write <out>.json and <out>.md")
     return parser.parse_args(argv)

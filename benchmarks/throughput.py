@@ -51,7 +51,7 @@ from evit_patch.core.scores import AttentionTensors
 from evit_patch.extras import require
 from evit_patch.reducers.evit import kept_token_count
 from evit_patch.tools.results import write_results
-from evit_patch.tools.timing import autocast_to, interleaved_images_per_second, interleaved_rates, timed_call
+from evit_patch.tools.timing import autocast_to, interleaved_images_per_second, interleaved_rates, positive_int, timed_call
 from evit_patch.train.checkpoint import load_weights
 from evit_patch.train.methods import METHODS
 from evit_patch.train.recipe import apply_overrides, recipe_from_dict
@@ -235,14 +235,6 @@ def plot(results: dict[str, list[Variant]], path: Path) -> None:
     axis.legend(fontsize=6)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-
-
-def positive_int(text: str) -> int:
-    """An argparse type for counts that must be at least 1 (batch sizes, repeats, calls)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -2,6 +2,8 @@
 
 import json
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,3 +125,11 @@ def test_op_latency_times_after_the_block_and_after_the_operation_itself():
     times = script.latencies(Block(), torch.zeros(1), {"op": lambda: calls.append("op")}, repeats=1)
     assert calls[-4:] == ["block", "op", "op", "op"] and calls[:2] == ["block", "op"]
     assert len(times["op"]["after a block"]) == len(times["op"]["back to back"]) == 1
+
+
+def test_op_latency_refuses_a_count_below_one():
+    """One line, exit 2, before any model is built."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "op_latency.py"
+    result = subprocess.run([sys.executable, str(script), "--repeats", "0"], capture_output=True, text=True)
+    assert result.returncode == 2 and "--repeats: must be at least 1, got 0" in result.stderr
+    assert "Traceback" not in result.stderr

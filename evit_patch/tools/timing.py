@@ -7,6 +7,7 @@ slow spell of the machine hits all of them alike and per-repeat ratios can be pa
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import statistics
 import time
@@ -14,6 +15,14 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for counts that must be at least 1 (batch sizes, repeats, calls)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _synchronize(device: torch.device) -> None:
