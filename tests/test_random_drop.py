@@ -1,4 +1,5 @@
-"""RandomDrop keeps ceil(r n) image tokens chosen uniformly at random, afresh every forward.
+"""RandomDrop keeps ceil(r n) image tokens chosen uniformly at random: afresh every training draw,
+as a function of the image in evaluation.
 
 Every statistical check runs on a fixed seed, so it passes or fails the same way on
 every run; its threshold (p < 1e-6 under uniform selection) leaves any correct sampler
@@ -108,7 +109,9 @@ def test_every_kept_set_is_equally_likely():
     assert _chi_square_p_value(counts, 10000 / 20) > P_VALUE_FLOOR
 
 
-def test_on_a_model_each_layer_keeps_its_count_and_the_draw_changes():
+def test_on_a_model_each_layer_keeps_its_count_and_the_draw_follows_the_image():
+    """In evaluation the draw is a function of the image (a served model answers one image
+    the same way in any thread and order); other images, or training steps, draw afresh."""
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=48, depth=4,
                               num_heads=3, reg_tokens=2).eval()
@@ -120,10 +123,17 @@ def test_on_a_model_each_layer_keeps_its_count_and_the_draw_changes():
         first = patched(images)
         first_layers = kept_tokens(patched)
         second = patched(images)
+        second_layers = kept_tokens(patched)
+        patched(torch.cat([images[1:], images[:1] + 1e-3]))
+        other_layers = kept_tokens(patched)
+        patched.train()
+        trained = [patched(images) for _ in range(2)]
     hook.remove()
-    assert lengths == [3 + 16, 3 + 16]  # 64 -> 32 -> 16 image tokens, the three prefix tokens kept
+    assert lengths == [3 + 16] * 5  # 64 -> 32 -> 16 image tokens, the three prefix tokens kept
     assert [layer.kept_index.shape[1] for layer in first_layers] == [32, 16]
     assert ((first_layers[-1].status == KEPT).sum(1) == 16).all()
     assert ((first_layers[-1].status == DROPPED).sum(1) == 48).all()
-    assert not torch.equal(first_layers[0].kept_index, kept_tokens(patched)[0].kept_index)
-    assert not torch.allclose(first, second)  # other tokens, other logits
+    assert torch.equal(first, second) and torch.equal(first_layers[0].kept_index, second_layers[0].kept_index)
+    assert torch.equal(other_layers[0].kept_index[0], first_layers[0].kept_index[1])  # the image, not its place
+    assert not torch.equal(other_layers[0].kept_index[1], first_layers[0].kept_index[0])  # one pixel moved
+    assert not torch.allclose(trained[0], trained[1])  # each training step draws afresh

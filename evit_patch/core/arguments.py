@@ -32,6 +32,18 @@ def validated_layers(layers: Sequence[int] | None, depth: int) -> list[int]:
     return sorted(int(index) for index in layers)
 
 
+def validated_placement(layers: Sequence[int] | None, keep_rate: float | Sequence[float],
+                        depth: int) -> tuple[list[int], list[float]]:
+    """:func:`validated_layers` and :func:`validated_keep_rates` together: the layers sorted,
+    and a keep rate given per layer still with its own layer, in whatever order the
+    layers came."""
+    ordered = validated_layers(layers, depth)
+    rates = validated_keep_rates(keep_rate, len(ordered))
+    given = ordered if layers is None else [int(index) for index in layers]
+    rate_of = dict(zip(given, rates))
+    return ordered, [rate_of[index] for index in ordered]
+
+
 def validated_keep_rates(keep_rate: float | Sequence[float], count: int) -> list[float]:
     """One keep rate in (0, 1] per reorganization layer."""
     rates = list(keep_rate) if isinstance(keep_rate, Sequence) and not isinstance(keep_rate, str) else [keep_rate] * count

@@ -22,6 +22,7 @@ The fill of patches that are not their own token any more is the model's
 from __future__ import annotations
 
 import contextlib
+import threading
 import types
 from typing import Any, Iterable, Iterator, Optional
 
@@ -120,6 +121,7 @@ class _GridHooks:
         self.followed = 0
         self.previous: Optional[Tensor] = None  # carry, similar: the sequence as it entered the last reduction layer
         self.handed_out: Optional[tuple[Tensor, Tensor]] = None  # (restored, reduced) of the block before
+        self.thread = threading.get_ident()  # hooks sit on shared blocks: other threads' forwards pass untouched
 
     def _follow(self, last_block: int) -> None:
         """Compose the maps of the reduction layers up to block ``last_block`` into ``places``."""
@@ -133,6 +135,8 @@ class _GridHooks:
                                 previous=self.previous, grid_size=self.grid_size)
 
     def before(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Optional[tuple[Any, Any]]:
+        if threading.get_ident() != self.thread:
+            return None
         tokens = args[0] if args else next(iter(kwargs.values()), None)
         swapped = None
         if block is self.first:  # a new forward enters the first reduction block
@@ -157,6 +161,8 @@ class _GridHooks:
         return swapped
 
     def after(self, block: nn.Module, args: tuple[Any, ...], output: Tensor) -> Optional[Tensor]:
+        if threading.get_ident() != self.thread:
+            return None
         self._follow(self.index[id(block)])
         restored = self._restore(output)
         self.handed_out = (restored, output)

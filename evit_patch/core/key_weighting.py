@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from evit_patch.core.fx_graph import extra_forward_parameters
+from evit_patch.core.per_call import PerCall
 from evit_patch.core.scored_attention import attention_graph, attention_node, is_fused_attention
 from evit_patch.core.scores import at_least_float32
 from evit_patch.errors import UnsupportedModelError
@@ -32,26 +33,36 @@ class KeyWeights(nn.Module):
 
     Parameter-free and shared: set ``weights`` to a ``(B, N)`` tensor of non-negative
     weights over all keys of the current sequence (prefix tokens included) before the
-    forward, or to None for plain attention. ``self_loop`` counts each query's own key
-    with weight 1 whatever its weight, so a query whose key is weighted 0 still attends
-    to something (DynamicViT); ``eps`` keeps the normalizer away from 0.
+    forward, or to None for plain attention. The weights belong to the forward running in
+    the calling thread (:class:`~evit_patch.core.per_call.PerCall`), so concurrent calls
+    of one model never read each other's. ``self_loop`` counts each query's own key with
+    weight 1 whatever its weight, so a query whose key is weighted 0 still attends to
+    something (DynamicViT); ``eps`` keeps the normalizer away from 0.
     """
 
     def __init__(self, self_loop: bool = False, eps: float = 1e-6) -> None:
         super().__init__()
         self.self_loop = self_loop
         self.eps = eps
-        self.weights: Optional[Tensor] = None
-        self._log_mask: Optional[tuple[Tensor, torch.dtype, Tensor]] = None
+        self.call = PerCall()
+
+    @property
+    def weights(self) -> Optional[Tensor]:
+        return self.call.get("weights")
+
+    @weights.setter
+    def weights(self, weights: Optional[Tensor]) -> None:
+        self.call.set("weights", weights)
 
     def log_mask(self, dtype: torch.dtype) -> Tensor:
         """``log weights`` as an additive attention mask ``(B, 1, 1, N)`` in ``dtype``,
         computed once for all the attentions that read the same weights."""
         weights = self.weights
-        cached = self._log_mask
+        cached = self.call.get("log_mask")
         if cached is None or cached[0] is not weights or cached[1] != dtype:
             log_weights = weights.to(dtype).clamp_min(torch.finfo(dtype).tiny).log()
-            cached = self._log_mask = (weights, dtype, log_weights[:, None, None, :])
+            cached = (weights, dtype, log_weights[:, None, None, :])
+            self.call.set("log_mask", cached)
         return cached[2]
 
     def __deepcopy__(self, memo: dict) -> "KeyWeights":

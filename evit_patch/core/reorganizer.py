@@ -14,6 +14,7 @@ from evit_patch.core.arguments import validated_keep_rates
 from evit_patch.core.dense import DEFAULT_FILL, install_dense_entry_points, uninstall_dense_entry_points
 from evit_patch.core.lifecycle import PatchState
 from evit_patch.core.model_info import family_of, model_name, transformer_blocks
+from evit_patch.core.per_call import PerCall
 from evit_patch.core.reduction import LayerContext, TokenMap, TokenReducer
 from evit_patch.core.restoration import Fill
 from evit_patch.core.scores import AttentionTensors, ScoreMode
@@ -29,7 +30,8 @@ class ReductionState(PatchState):
     """What every reduction layer of a model reads and writes, and what patching replaced.
 
     One object per patched model (not globals), so two patched models, or a model
-    and its EMA copy, never see each other's keep rate.
+    and its EMA copy, never see each other's keep rate. What a forward records belongs to
+    that call (:attr:`call`, one per thread): concurrent calls never see each other's.
     """
 
     layers: list[int]
@@ -41,7 +43,7 @@ class ReductionState(PatchState):
     original_blocks: dict[int, nn.Module] = field(default_factory=dict)
     original_attentions: dict[int, nn.Module] = field(default_factory=dict)  # of blocks that only weight keys
     weighted_attentions: dict[int, nn.Module] = field(default_factory=dict)
-    records: list[Optional[TokenMap]] = field(default_factory=list)
+    call: PerCall = field(default_factory=PerCall)  # what the forward running in each thread recorded
     input_hook: Optional[RemovableHandle] = None  # the input module's pre-hook calling start_forward
     owner: Optional[nn.Module] = None  # the patched model, whose ``keep_rate`` attribute is read each forward
     published_keep_rate: Any = None  # what ``model.keep_rate`` held when last read or set
@@ -104,8 +106,16 @@ class ReductionState(PatchState):
                 f"{self.num_prefix_tokens} prefix tokens (timm's num_prefix_tokens), so which tokens are "
                 "class/register tokens cannot be told")
 
+    @property
+    def records(self) -> list[Optional[TokenMap]]:
+        """The token map of each reduction layer from the calling thread's last forward
+        (None for a layer it has not reached)."""
+        records = self.call.get("records")
+        return [None] * len(self.layers) if records is None else records
+
     def clear_record(self) -> None:
-        self.records = [None] * len(self.layers)
+        """A new forward starts in the calling thread: nothing recorded yet."""
+        self.call.set("records", [None] * len(self.layers))
 
     def set_keep_rates(self, keep_rate: float | Sequence[float]) -> None:
         """Validate and apply ``keep_rate`` (one float or one per layer), and show it as
@@ -163,7 +173,11 @@ class TokenReorganizer(nn.Module):
             )
         state = self.state
         reduction = state.reducer.reduce(x, attention, state.context(self.position, self.training))
-        state.records[self.position] = reduction.map
+        records = state.call.get("records")
+        if records is None:  # a block run without the model's input module: a forward of its own
+            state.clear_record()
+            records = state.call.get("records")
+        records[self.position] = reduction.map
         return reduction.tokens
 
     def extra_repr(self) -> str:

@@ -6,7 +6,7 @@ from typing import Sequence, TypeVar
 
 from torch import nn
 
-from evit_patch.core.arguments import validated_keep_rates, validated_layers
+from evit_patch.core.arguments import validated_placement
 from evit_patch.core.key_weighting import weighted_key_attention
 from evit_patch.core.lifecycle import attach, check_unpatched, detach, patch_state
 from evit_patch.core.model_info import family_of, model_name, prefix_token_count, score_mode, transformer_blocks
@@ -39,14 +39,13 @@ def apply_token_reducer(model: ModelT, layers: Sequence[int] | None, keep_rate: 
     name = model_name(model)
     family = family_of(model)
     blocks = transformer_blocks(model)
-    layers = validated_layers(layers, len(blocks))
-    keep_rates = validated_keep_rates(keep_rate, len(layers))
+    layers, keep_rates = validated_placement(layers, keep_rate, len(blocks))
     if reducer.key_weights is not None and not family.key_weighting:
         raise UnsupportedModelError(name, f"reducer {reducer.describe()} weights attention keys, which "
                                     f"{family.name} attention does not take; use it without key weights")
     state = ReductionState(layers, keep_rates, reducer, prefix_token_count(model), score_mode(model))
     state.patched_blocks = {
-        index: family.rewrite_block(blocks[index], TokenReorganizer(state, position), name)
+        index: family.rewrite_block(blocks[index], TokenReorganizer(state, position).train(blocks[index].training), name)
         for position, index in enumerate(layers)
     }
     state.original_blocks = {index: blocks[index] for index in layers}

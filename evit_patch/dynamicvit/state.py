@@ -12,6 +12,7 @@ from evit_patch.core.dense import install_dense_refusal, uninstall_dense_entry_p
 from evit_patch.core.key_weighting import KeyWeights
 from evit_patch.core.lifecycle import PatchState
 from evit_patch.core.model_info import transformer_blocks
+from evit_patch.core.per_call import PerCall
 from evit_patch.dynamicvit.stages import FinalTokens, ForwardRecord, StagePruner
 
 PREDICTORS_ATTRIBUTE = "dynamicvit_predictors"
@@ -20,9 +21,10 @@ PREDICTORS_ATTRIBUTE = "dynamicvit_predictors"
 
 @dataclass(eq=False)
 class DynamicViTState(PatchState):
-    """Settings and per-forward record shared by the stage hooks of one model (not
-    globals, so a model and its EMA copy never see each other's decisions), and what
-    patching replaced. How it goes in and out is :mod:`evit_patch.dynamicvit.patch`'s."""
+    """Settings shared by the stage hooks of one model (not globals, so a model and its EMA
+    copy never see each other's decisions), the record of each thread's last forward
+    (concurrent calls never see each other's), and what patching replaced. How it goes in
+    and out is :mod:`evit_patch.dynamicvit.patch`'s."""
 
     layers: list[int]
     keep_ratio: float
@@ -33,7 +35,7 @@ class DynamicViTState(PatchState):
     predictors: nn.ModuleList
     final_norm: nn.Module
     handles: list[RemovableHandle] = field(default_factory=list)
-    record: ForwardRecord = field(default_factory=ForwardRecord)
+    call: PerCall = field(default_factory=PerCall)  # what the forward running in each thread left
 
     method = "DynamicViT"
     removal = "remove_dynamicvit(model)"
@@ -60,6 +62,19 @@ class DynamicViTState(PatchState):
         self.key_weights.weights = None
         delattr(model, PREDICTORS_ATTRIBUTE)
         uninstall_dense_entry_points(model)
+
+    @property
+    def record(self) -> ForwardRecord:
+        """What the calling thread's last forward left (empty before its first)."""
+        record = self.call.get("record")
+        if record is None:
+            record = ForwardRecord()
+            self.call.set("record", record)
+        return record
+
+    @record.setter
+    def record(self, record: ForwardRecord) -> None:
+        self.call.set("record", record)
 
     def keep_fractions(self) -> list[float]:
         """Fraction of the original image tokens each stage keeps: rho, rho^2, rho^3, ..."""

@@ -10,12 +10,13 @@ inside it, so a fused token is scored as the sum of its patches.
 from __future__ import annotations
 
 import copy
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from evit_patch.core.eval_mode import eval_mode
+from evit_patch.core.per_call import PerCall
 from evit_patch.core.reduction import LayerContext, Reduction, TokenReducer, identity_reduction
 from evit_patch.core.scores import AttentionTensors
 from evit_patch.core.token_patch import apply_token_reducer
@@ -23,15 +24,21 @@ from evit_patch.reducers.evit import evit_reduction, kept_token_count
 
 
 class ScoreRecorder(TokenReducer):
-    """Keeps every token and records each layer's attentiveness scores (the oracle's side)."""
+    """Keeps every token and records each layer's attentiveness scores (the oracle's side),
+    per forward (:class:`~evit_patch.core.per_call.PerCall`)."""
 
     name = "score-recorder"
 
     def __init__(self) -> None:
-        self.scores: dict[int, Tensor] = {}
+        self.call = PerCall()
+
+    @property
+    def scores(self) -> dict[int, Tensor]:
+        """The scores of each layer position from the calling thread's last forward."""
+        return self.call.get("scores", {})
 
     def start_forward(self, images: Tensor, training: bool) -> None:
-        self.scores = {}
+        self.call.set("scores", {})
 
     def reduce(self, x: Tensor, attention: AttentionTensors, context: LayerContext) -> Reduction:
         self.scores[context.position] = context.scores(attention)
@@ -61,11 +68,11 @@ class OracleGuided(TokenReducer):
         self.oracle, self.recorder = oracle_scorer(oracle, layers)
         self.at_eval = at_eval
         self.name = "oracle" + ("" if at_eval else "(own attention at eval)")
-        self.patch_token: Optional[Tensor] = None
+        self.call = PerCall()  # the token holding each patch, in the forward running in each thread
 
     def start_forward(self, images: Tensor, training: bool) -> None:
-        self.patch_token = None
-        self.recorder.scores = {}
+        self.call.set("patch_token", None)
+        self.recorder.start_forward(images, training)
         if not (training or self.at_eval):  # the student's own attention decides: no oracle forward
             return
         parameter = next(self.oracle.parameters())
@@ -76,12 +83,13 @@ class OracleGuided(TokenReducer):
 
     def current_scores(self, oracle_scores: Tensor, num_tokens: int) -> Tensor:
         """The oracle's score of each token the student holds now ``(B, n)``."""
-        if self.patch_token is None:
-            self.patch_token = torch.arange(oracle_scores.shape[1], device=oracle_scores.device).expand_as(
-                oracle_scores)
-        alive = self.patch_token >= 0
+        patch_token = self.call.get("patch_token")
+        if patch_token is None:
+            patch_token = torch.arange(oracle_scores.shape[1], device=oracle_scores.device).expand_as(oracle_scores)
+            self.call.set("patch_token", patch_token)
+        alive = patch_token >= 0
         scores = oracle_scores.new_zeros(oracle_scores.shape[0], num_tokens)
-        return scores.scatter_add(1, self.patch_token.clamp(min=0), oracle_scores * alive)
+        return scores.scatter_add(1, patch_token.clamp(min=0), oracle_scores * alive)
 
     def reduce(self, x: Tensor, attention: AttentionTensors, context: LayerContext) -> Reduction:
         num_image = x.shape[1] - context.num_prefix_tokens
@@ -96,8 +104,9 @@ class OracleGuided(TokenReducer):
             reduction = evit_reduction(x, scores, context.num_prefix_tokens, context.keep_rate)
         else:
             reduction = evit_reduction(x, context.scores(attention), context.num_prefix_tokens, context.keep_rate)
-        if self.patch_token is not None:
-            alive = self.patch_token >= 0
-            moved = reduction.destination.gather(1, self.patch_token.clamp(min=0))
-            self.patch_token = torch.where(alive, moved, -1)
+        patch_token = self.call.get("patch_token")
+        if patch_token is not None:
+            alive = patch_token >= 0
+            moved = reduction.destination.gather(1, patch_token.clamp(min=0))
+            self.call.set("patch_token", torch.where(alive, moved, -1))
         return reduction

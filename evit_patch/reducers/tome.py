@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from evit_patch.core.key_weighting import KeyWeights
+from evit_patch.core.per_call import PerCall
 from evit_patch.core.reduction import LayerContext, Reduction, TokenMap, TokenReducer, identity_reduction
 from evit_patch.core.scores import AttentionTensors, as_dtype, at_least_float32, without_autocast
 from evit_patch.reducers.evit import kept_token_count
@@ -104,7 +105,8 @@ def merge_by_destination(x: Tensor, sizes: Optional[Tensor], destination: Tensor
     rows = rows.flatten()
     precision = at_least_float32(x.dtype)
     incoming = None if sizes is None else as_dtype(sizes.flatten(), precision)
-    totals = as_dtype(torch.bincount(rows, weights=incoming, minlength=batch * count), precision)
+    held = torch.ones_like(rows, dtype=precision) if incoming is None else incoming
+    totals = held.new_zeros(batch * count).index_add_(0, rows, held)  # a static shape: no graph break when compiled
     share = totals.reciprocal()[rows] if incoming is None else incoming / totals[rows]  # of its slot's size
     with without_autocast(x.device):
         shared = as_dtype(x, precision).reshape(-1, channels) * share.unsqueeze(1)
@@ -140,23 +142,24 @@ class SizedTokens(TokenReducer):
     def __init__(self, proportional_attention: bool = True) -> None:
         # sizes are at least 1, so the softmax needs no guard against a zero normalizer
         self.key_weights = KeyWeights(eps=0.0) if proportional_attention else None
-        self.token_sizes: Optional[Tensor] = None
-        self.prefix_count = 0
+        self.call = PerCall()  # the sizes of the forward running in each thread
 
     @property
     def sizes(self) -> Optional[Tensor]:
-        """``(B, n)`` patches held by each image token after the last reducing layer."""
-        return None if self.token_sizes is None else self.token_sizes[:, self.prefix_count:]
+        """``(B, n)`` patches held by each image token after the last reducing layer of the
+        calling thread's last forward."""
+        sizes = self.call.get("sizes")
+        return None if sizes is None else sizes[:, self.call.get("prefix_count", 0):]
 
     def start_forward(self, images: Tensor, training: bool) -> None:
-        self.token_sizes = None
+        self.call.set("sizes", None)
         if self.key_weights is not None:
             self.key_weights.weights = None
 
     def incoming_sizes(self, x: Tensor) -> Optional[Tensor]:
         """``(B, P + n)`` patches held by each token of ``x``, prefix tokens included;
         None where every token holds one (the first reducing layer)."""
-        sizes = self.token_sizes
+        sizes = self.call.get("sizes")
         if sizes is None or sizes.shape != x.shape[:2]:  # a new forward, whatever reset it
             return None
         return sizes
@@ -164,10 +167,11 @@ class SizedTokens(TokenReducer):
     def merge(self, x: Tensor, image_destination: Tensor, image_count: int, prefix_count: int) -> Tensor:
         """``x`` ``(B, P + n, C)`` with its image tokens merged into ``image_count`` by
         ``image_destination`` ``(B, n)``, the prefix tokens unchanged in front; the new
-        sizes are kept for the next layer and later attention."""
+        sizes are kept for the next layer and later attention of the same forward."""
         out, sizes = merge_by_destination(x, self.incoming_sizes(x), with_prefix(image_destination, prefix_count),
                                           prefix_count + image_count)
-        self.token_sizes, self.prefix_count = sizes, prefix_count
+        self.call.set("sizes", sizes)
+        self.call.set("prefix_count", prefix_count)
         if self.key_weights is not None:  # later attention counts a token as the patches it holds
             self.key_weights.weights = sizes
         return out

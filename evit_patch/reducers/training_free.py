@@ -59,9 +59,11 @@ def absorb_destinations(image: Tensor, scores: Tensor, keep: int) -> tuple[Tenso
     """
     batch, count, _ = image.shape
     top = scores.topk(keep, dim=1, sorted=False).indices
-    unkept = torch.ones(batch, count, dtype=torch.bool, device=image.device).scatter_(1, top, 0)
-    kept_index = (~unkept).nonzero()[:, 1].view(batch, keep)  # in sequence order, as a later pooling expects
-    other_index = unkept.nonzero()[:, 1].view(batch, count - keep)  # the exact complement, ties and all
+    is_kept = torch.zeros(batch, count, dtype=torch.uint8, device=image.device).scatter_(1, top, 1)
+    # one stable sort puts the other tokens, then the kept ones, each in sequence order (as a later pooling
+    # expects): the exact complement, ties and all, with static shapes (no graph break when compiled)
+    order = is_kept.sort(dim=1, stable=True).indices
+    other_index, kept_index = order[:, : count - keep], order[:, count - keep:]
     precision = at_least_float32(image.dtype)
     with without_autocast(image.device):
         tokens = as_dtype(image, precision)
