@@ -42,7 +42,9 @@ def _write_atomic(write: Callable[[str], None], path: str | Path) -> None:
     path = Path(path)
     temporary = _new_temporary(path)
     try:
+        mode = os.stat(temporary).st_mode  # what the umask gives a new file; safetensors writes a file of its own
         write(str(temporary))
+        os.chmod(temporary, mode)
         with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())
         os.replace(temporary, path)
@@ -73,14 +75,18 @@ def _new_temporary(path: Path) -> Path:
 
 def _write_failure(error: Exception, folder: Path) -> str:
     """Why a write failed, in words, with the free space left when the disk may be full."""
-    reason = error.strerror if isinstance(error, OSError) and error.strerror else " ".join(str(error).split())[:200]
-    if isinstance(error, OSError) and error.errno not in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(error, OSError) and error.strerror:
+        reason, full = error.strerror, error.errno in (errno.ENOSPC, errno.EDQUOT)
+    else:  # torch's zip writer: "[enforce fail at inline_container.cc:...] . unexpected pos ..."
+        reason, full = " ".join(str(error).split())[:200], not isinstance(error, OSError)
+    if not full:
         return reason
     try:
         free = shutil.disk_usage(folder).free / 2**20
     except OSError:
         return reason
-    return f"{reason} ({free:.0f} MiB free on its disk)"
+    return f"{reason} ({free:.0f} MiB free on its disk)" if isinstance(error, OSError) else \
+        f"{reason} (the disk may be full: {free:.0f} MiB free on it)"
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> None:
