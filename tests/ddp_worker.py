@@ -1,7 +1,8 @@
 """Run by torchrun in tests: train the tiny recipe, then each rank saves its own weights.
 
 ``--nan-at STEP`` makes rank 1's loss NaN at that (1-based) training step, as a diverging
-run on one process only.
+run on one process only. A run that stops (a diverging loss, an output folder in use)
+prints ``rank N stopped: ERROR`` and exits 3.
 """
 
 import argparse
@@ -13,7 +14,7 @@ from safetensors.torch import save_file
 import evit_patch.train.loop as loop
 from evit_patch.train import distributed
 from evit_patch.train.criterion import DistillationLoss
-from evit_patch.train.recipe import load_recipe
+from evit_patch.train.recipe import RecipeError, load_recipe
 
 
 def poison_rank_one(step: int) -> None:
@@ -41,7 +42,7 @@ def main() -> None:
         output, model = loop.run_training(recipe, None, runtime, show_progress=False)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(Path(output) / f"rank{dist.get_rank()}.safetensors"))
-    except loop.TrainingDiverged as error:
+    except (loop.TrainingDiverged, RecipeError) as error:
         print(f"rank {dist.get_rank()} stopped: {error}", flush=True)
         raise SystemExit(3)
     finally:

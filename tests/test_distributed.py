@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from evit_patch.train.assembly import prepare_model
 from evit_patch.train.checkpoint import load_checkpoint
+from evit_patch.train.run_folder import claim_output_folder
 
 TESTS = Path(__file__).resolve().parent
 
@@ -54,3 +55,14 @@ def test_nan_on_one_rank_stops_every_rank_with_the_last_good_checkpoint(tmp_path
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
     assert state["position"]["epoch"] == 1
     assert all(torch.isfinite(value).all() for value in state["model"].values())
+
+
+def test_a_folder_in_use_stops_every_rank_with_rank_zeros_refusal(tmp_path) -> None:
+    recipe = write_recipe(tmp_path, {"train": {"epochs": 1, "max_steps_per_epoch": 3}})
+    with claim_output_folder(tmp_path / "run"):  # another run holds the folder: only rank 0 tries to claim it
+        completed = torchrun(recipe)
+        assert sorted(os.listdir(tmp_path / "run")) == [".evit-run.lock"]
+    assert completed.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank} stopped: train.output_dir {str(tmp_path / 'run')!r} is in use by a run that has not " \
+               "ended" in completed.stdout, completed.stdout[-3000:] + completed.stderr[-3000:]

@@ -82,7 +82,7 @@ def read_run_recipe(path: Path) -> Recipe:
     return recipe
 
 
-def _check_run_folder(run: Path, weights: str) -> Optional[str]:
+def check_run_folder(run: Path, weights: str) -> Optional[str]:
     """Why ``run`` is not a finished run to evaluate, or None."""
     if not run.is_dir():
         return f"{str(run)!r} is not a folder; pass the output folder of a fine-tuning run"
@@ -100,7 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("run", type=Path, help="output folder of a fine-tuning run")
     parser.add_argument("--weights", default="model.safetensors", help="weights file in the run folder")
     args = parser.parse_args(argv)
-    problem = _check_run_folder(args.run, args.weights)
+    problem = check_run_folder(args.run, args.weights)
     if problem is not None:
         parser.exit(2, f"error: {problem}\n")
     try:

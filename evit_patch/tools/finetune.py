@@ -17,9 +17,10 @@ and minimum lr, the global batch, steps per epoch, the lr each epoch starts at, 
 GMACs unpatched and patched and the image tokens after each reorganization layer. A
 missing data folder or weight file is noted, not refused (see docs/recipes.md).
 
-Exit status 2: a bad recipe, override or output folder, or a resume that changes what the
-run is; 1: a checkpoint or weights file that cannot be used, missing data, an
-unsupported model, a diverging loss; 130: interrupted (resumable). Each is one line.
+Exit status 2: a bad recipe, override or output folder (one another run is writing, or
+that cannot be written), or a resume that changes what the run is; 1: a checkpoint or
+weights file that cannot be used or written, missing data, an unsupported model, a
+diverging loss; 130: interrupted (resumable). Each is one line.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import yaml
 
 from evit_patch.errors import CheckpointError, UnsupportedModelError
 from evit_patch.tools.evaluate import compare_with_base
+from evit_patch.tools.file_faults import file_fault
 from evit_patch.train.dry_run import describe
 from evit_patch.train.loop import TrainingDiverged, train
 from evit_patch.train.methods import method_label
@@ -67,8 +69,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         output = train(recipe, args.resume, overwrite=args.overwrite)
     except RecipeError as error:
         parser.exit(2, f"error: {_one_line(error)}\n")
-    except (CheckpointError, TrainingDiverged, UnsupportedModelError, FileNotFoundError) as error:
+    except (CheckpointError, TrainingDiverged, UnsupportedModelError) as error:
         parser.exit(1, f"error: {_one_line(error)}\n")
+    except OSError as error:  # missing data; a file of the run that cannot be written (a full disk)
+        parser.exit(1, f"error: {file_fault(error)}\n")
     if not args.no_report and method_label(recipe) is not None and int(os.environ.get("RANK", "0")) == 0:
         print(compare_with_base(recipe, output / "model.safetensors"))
 

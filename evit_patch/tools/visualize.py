@@ -24,11 +24,14 @@ from torch import nn
 from evit_patch.core.lifecycle import is_patched
 from evit_patch.core.model_info import native_input_shape
 from evit_patch.core.provenance import DROPPED, FUSED, kept_tokens
+from evit_patch.errors import CheckpointError, UnsupportedModelError
 from evit_patch.reducers import apply_evit
+from evit_patch.tools.evaluate import check_run_folder, read_run_recipe
+from evit_patch.tools.file_faults import file_fault
 from evit_patch.train.assembly import rebuild
 from evit_patch.train.checkpoint import load_weights
 from evit_patch.train.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST
-from evit_patch.train.recipe import recipe_from_dict
+from evit_patch.train.recipe import RecipeError
 
 FUSED_TINT = np.array([40, 90, 255], dtype=np.float32)
 DROPPED_GREY = 128  # not black: a kept patch of a dark background must not look dropped
@@ -100,8 +103,7 @@ def _parse_model_args(pairs: Sequence[str]) -> dict:
 def _model(args: argparse.Namespace) -> nn.Module:
     """A patched model: rebuilt from a fine-tuning run, or a timm name plus weights."""
     if args.run:
-        recipe = recipe_from_dict(yaml.safe_load((args.run / "recipe.yaml").read_text()))
-        return rebuild(recipe, args.run / "model.safetensors")
+        return rebuild(read_run_recipe(args.run / "recipe.yaml"), args.run / "model.safetensors")
     model = timm.create_model(args.model, pretrained=args.pretrained, **_parse_model_args(args.model_arg)).eval()
     if args.checkpoint:
         load_weights(model, args.checkpoint)
@@ -115,6 +117,21 @@ def _inputs(args: argparse.Namespace, model: nn.Module) -> list[tuple[torch.Tens
         return [load_image(args.image, model)]
     test = FashionMNIST("test")
     return [(test[i][0], display_image(test[i][0], FASHION_MNIST_MEAN, FASHION_MNIST_STD)) for i in args.fashion_mnist]
+
+
+def _check_sources(args: argparse.Namespace) -> str | None:
+    """Why the run folder or image given cannot be drawn from, or None; before any model is built."""
+    if args.run:
+        return check_run_folder(args.run, "model.safetensors")
+    if args.image and args.image.is_dir():
+        return f"--image {str(args.image)!r} is a folder; pass a PNG or JPEG file"
+    if args.image and not args.image.exists():
+        return f"--image {str(args.image)!r} does not exist"
+    return None
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -141,9 +158,20 @@ def main(argv: Sequence[str] | None = None) -> Path:
         parser.error(f"--model {args.model} has random weights without --checkpoint FILE or --pretrained, and a "
                      "random model's kept tokens say nothing; give one of them")
 
-    model = _model(args)
+    problem = _check_sources(args)
+    if problem is not None:
+        parser.exit(2, f"error: {problem}\n")
+    try:
+        model = _model(args)
+        inputs = _inputs(args, model)
+    except RecipeError as error:
+        parser.exit(2, f"error: {_one_line(error)}\n")
+    except (CheckpointError, UnsupportedModelError, ValueError) as error:
+        parser.exit(1, f"error: {_one_line(error)}\n")
+    except OSError as error:  # an image PIL cannot read, Fashion-MNIST files not found
+        parser.exit(1, f"error: {file_fault(error)}\n")
     rows = []
-    for tensor, shown in _inputs(args, model):
+    for tensor, shown in inputs:
         statuses = [maps[0] for maps in status_maps(model, tensor.unsqueeze(0))]
         rows.append(render(shown, statuses, args.scale))
     spacer = np.full((PANEL_GAP, rows[0].shape[1], 3), 255, dtype=np.uint8)

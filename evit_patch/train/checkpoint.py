@@ -8,11 +8,13 @@ any other way.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import pickle
 import re
+import secrets
+import shutil
 import struct
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -29,25 +31,62 @@ TRAINING_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "positi
 TIMM_CHECKPOINT_GLOBALS = [argparse.Namespace]
 """The one non-tensor class timm's ``train.py`` pickles into its checkpoints (its command
 line, ``args``): allowed in weights-only loads; nothing else is."""
-_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{8}")  # tempfile.mkstemp(prefix=".NAME.")
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{8}")  # _new_temporary; tempfile.mkstemp before it
 
 
 def _write_atomic(write: Callable[[str], None], path: str | Path) -> None:
     """``write`` a temporary file in the same folder, then rename it over ``path``: a crash
-    mid-write leaves the previous file intact (and at most a temporary file, which
-    :func:`remove_stale_temporaries` clears)."""
+    or a full disk mid-write leaves the previous file intact (and at most a temporary file,
+    which :func:`remove_stale_temporaries` clears). The file gets the permissions the umask
+    gives any new file; a failed write is one :class:`CheckpointError` line."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
+    temporary = _new_temporary(path)
     try:
-        write(temporary)
+        mode = os.stat(temporary).st_mode  # what the umask gives a new file; safetensors writes a file of its own
+        write(str(temporary))
+        os.chmod(temporary, mode)
         with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())
         os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError of its zip writer
+        temporary.unlink(missing_ok=True)
+        kept = "the previous one is intact" if path.exists() else "nothing was written"
+        raise CheckpointError(f"could not write {str(path)!r}: {_write_failure(error, path.parent)}; {kept}") from None
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
+
+
+def _new_temporary(path: Path) -> Path:
+    """An empty new file ``.NAME.XXXXXXXX`` beside ``path``, created with mode 0o666 less the
+    umask (``tempfile.mkstemp`` would give 0o600 whatever the umask)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}"
+            try:
+                os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                return temporary
+            except FileExistsError:
+                continue
+    except OSError as error:
+        raise CheckpointError(f"could not write {str(path)!r}: {_write_failure(error, path.parent)}") from None
+
+
+def _write_failure(error: Exception, folder: Path) -> str:
+    """Why a write failed, in words, with the free space left when the disk may be full."""
+    if isinstance(error, OSError) and error.strerror:
+        reason, full = error.strerror, error.errno in (errno.ENOSPC, errno.EDQUOT)
+    else:  # torch's zip writer: "[enforce fail at inline_container.cc:...] . unexpected pos ..."
+        reason, full = " ".join(str(error).split())[:200], not isinstance(error, OSError)
+    if not full:
+        return reason
+    try:
+        free = shutil.disk_usage(folder).free / 2**20
+    except OSError:
+        return reason
+    return f"{reason} ({free:.0f} MiB free on its disk)" if isinstance(error, OSError) else \
+        f"{reason} (the disk may be full: {free:.0f} MiB free on it)"
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> None:
@@ -80,13 +119,24 @@ def file_kind(path: str | Path) -> str:
     return "not a torch.save or safetensors file"
 
 
+def check_readable(path: Path, what: str, inside: str) -> None:
+    """Refuse, in one :class:`CheckpointError` line, a ``path`` that is a folder (pass
+    ``inside`` instead), absent, or that cannot be opened for reading."""
+    if path.is_dir():
+        raise CheckpointError(f"{what} {str(path)!r} is a folder; pass {inside}")
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} {str(path)!r} does not exist") from None
+    except OSError as error:
+        raise CheckpointError(f"{what} {str(path)!r} cannot be read: {error.strerror or error}") from None
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A file written by ``torch.save``, loaded with ``weights_only=True``."""
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {str(path)!r} is a folder; pass the checkpoint.pth file in it")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    check_readable(path, "checkpoint", "the checkpoint.pth file in it")
     try:
         with torch.serialization.safe_globals(TIMM_CHECKPOINT_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -156,8 +206,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     with DDP's ``module.`` and ``torch.compile``'s ``_orig_mod.`` prefixes removed."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise CheckpointError(f"weights file {str(path)!r} does not exist")
+        check_readable(path, "weights file", "the .safetensors file in it")
         try:
             state = load_file(str(path))
         except (SafetensorError, OSError) as error:

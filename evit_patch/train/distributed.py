@@ -70,8 +70,3 @@ def gather(value: object, runtime: Runtime) -> list:
     values: list = [None] * runtime.world_size
     dist.all_gather_object(values, value)
     return values
-
-
-def barrier(runtime: Runtime) -> None:
-    if runtime.distributed:
-        dist.barrier()

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import yaml
@@ -47,7 +47,7 @@ from evit_patch.train.optim import build_optimizer, build_scheduler, start_epoch
 from evit_patch.train.recipe import Recipe, RecipeError, recipe_to_dict
 from evit_patch.train.reproducibility import rng_state, seed_everything, set_rng_state
 from evit_patch.train.resume import check_resume
-from evit_patch.train.run_folder import check_output_folder, prepare_output_folder
+from evit_patch.train.run_folder import check_output_folder, claimed_output_folder, prepare_output_folder
 from evit_patch.train.schedule import keep_rate_at
 from evit_patch.train.transformers_source import class_count
 
@@ -141,10 +141,17 @@ def run_training(recipe: Recipe, resume: Optional[str], runtime: distributed.Run
                  show_progress: bool = True, overwrite: bool = False) -> tuple[Path, nn.Module]:
     """The training loop in an already started runtime: the output folder and the model.
 
-    The output folder, the checkpoint to resume and the recipe's changes against it are
-    checked before any data or model is built; ``overwrite`` lets a fresh run replace the
-    run in ``train.output_dir`` (its files are deleted once the new run has started)."""
+    The output folder is claimed for the run's life (a second run into it stops), then it,
+    the checkpoint to resume and the recipe's changes against it are checked, all before
+    any data or model is built; ``overwrite`` lets a fresh run replace the run in
+    ``train.output_dir`` (its files are deleted once the new run has started)."""
     output = Path(recipe.train.output_dir)
+    with claimed_output_folder(output, runtime):
+        return _train_in_claimed_folder(recipe, output, resume, runtime, show_progress, overwrite)
+
+
+def _train_in_claimed_folder(recipe: Recipe, output: Path, resume: Optional[str], runtime: distributed.Runtime,
+                             show_progress: bool, overwrite: bool) -> tuple[Path, nn.Module]:
     source = Path(resume) if resume else None
     state = load_training_checkpoint(source) if source is not None else None
     check_output_folder(output, source, overwrite)
@@ -176,12 +183,29 @@ def run_training(recipe: Recipe, resume: Optional[str], runtime: distributed.Run
             save_checkpoint(run)
             if runtime.is_main:
                 print(json.dumps(metrics))
-    if runtime.is_main:
-        save_weights(unwrap_model(run.model), output / "model.safetensors")
-        if run.ema is not None:
-            save_weights(run.ema.module, output / "model_ema.safetensors")
-    distributed.barrier(runtime)
+    _write_on_main(runtime, lambda: _save_final_weights(run, output),
+                   f"the trained weights are safe in {run.checkpoint_path} (model.checkpoint can start from it)")
     return output, unwrap_model(run.model)
+
+
+def _save_final_weights(run: Run, output: Path) -> None:
+    save_weights(unwrap_model(run.model), output / "model.safetensors")
+    if run.ema is not None:
+        save_weights(run.ema.module, output / "model_ema.safetensors")
+
+
+def _write_on_main(runtime: distributed.Runtime, write: Callable[[], None], advice: str) -> None:
+    """``write`` on rank 0, every rank waiting; a write that fails there (a full disk) stops
+    every rank with its one line and ``advice``."""
+    failure = None
+    if runtime.is_main:
+        try:
+            write()
+        except CheckpointError as error:
+            failure = f"{error}; {advice}"
+    failure = distributed.gather(failure, runtime)[0]
+    if failure is not None:
+        raise CheckpointError(failure)
 
 
 def start_run(recipe: Recipe, runtime: distributed.Runtime) -> Run:
@@ -273,9 +297,11 @@ def _checkpoint_state(run: Run, rng: list[dict]) -> dict[str, Any]:
 def save_checkpoint(run: Run) -> None:
     """Write ``checkpoint.pth`` atomically (rank 0), with every rank's RNG state."""
     rng = distributed.gather(rng_state(), run.runtime)
-    if run.runtime.is_main:
-        save_atomic(_checkpoint_state(run, rng), run.checkpoint_path)
-    distributed.barrier(run.runtime)
+    if run.last_checkpoint is None:
+        advice = "free space (or fix the folder) and start again (--overwrite replaces this run)"
+    else:
+        advice = f"free space (or fix the folder) and continue with --resume {run.last_checkpoint}"
+    _write_on_main(run.runtime, lambda: save_atomic(_checkpoint_state(run, rng), run.checkpoint_path), advice)
     run.last_checkpoint = run.checkpoint_path
 
 

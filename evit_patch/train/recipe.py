@@ -279,12 +279,27 @@ def _resolve_files(recipe: Recipe, base: Path, missing: Optional[list[str]] = No
             path = section and getattr(section, key)
             if path:
                 resolved = _resolve(path, base)
-                if not resolved.is_file():
-                    _absent(f"{section_name}.{key}: file {path!r} does not exist", missing)
+                problem = _unreadable(resolved, path)
+                if problem:
+                    _absent(f"{section_name}.{key}: {problem}", missing)
                     continue
                 setattr(section, key, str(resolved))
     _check_data_folders(recipe.data, base, missing)
     _check_oracle(recipe)
+
+
+def _unreadable(path: Path, shown: str) -> Optional[str]:
+    """Why the weights file at ``path`` (``shown`` as the recipe gives it) cannot be read,
+    in words, or None when it can."""
+    if path.is_dir():
+        return f"{shown!r} is a folder, not a weights file; pass the .safetensors or .pth file in it"
+    try:
+        with open(path, "rb"):
+            return None
+    except FileNotFoundError:
+        return f"file {shown!r} does not exist"
+    except OSError as error:
+        return f"file {shown!r} cannot be read: {error.strerror or error}"
 
 
 def _absent(message: str, missing: Optional[list[str]]) -> None:
