@@ -220,3 +220,13 @@ def test_dynamic_image_size_reorganizes_at_any_resolution() -> None:
         (layer,) = evit_patch.kept_tokens(model)
         assert layer.token_of_patch.shape[1] == patches
         assert layer.kept_index.shape[1] == patches // 2
+
+
+def test_keep_rates_stay_with_their_layers_in_any_order() -> None:
+    model = evit_patch.apply_evit(small_deit().eval(), [3, 1], [0.9, 0.5])  # block 1 at 0.5, block 3 at 0.9
+    assert model.evit_state.layers == [1, 3] and model.evit_state.keep_rates == [0.5, 0.9]
+    assert model.keep_rate == [0.5, 0.9]
+    with torch.no_grad():
+        model(images())
+    counts = [layer.kept_index.shape[1] for layer in evit_patch.kept_tokens(model)]
+    assert counts == [8, 9]  # 16 patches -> ceil(0.5 * 16) = 8 (+1 fused) -> ceil(0.9 * 9) = 9

@@ -22,8 +22,8 @@ The fill of patches that are not their own token any more is the model's
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
-import types
 from typing import Any, Iterable, Iterator, Optional
 
 from torch import Tensor, nn
@@ -218,7 +218,7 @@ def restoring_forward_intermediates(model: nn.Module, x: Tensor, indices: Option
 def install_dense_entry_points(model: nn.Module) -> None:
     """Route ``model.forward_intermediates`` (when its class has one) through the restoration."""
     if callable(getattr(type(model), "forward_intermediates", None)):
-        model.forward_intermediates = types.MethodType(restoring_forward_intermediates, model)
+        model.forward_intermediates = functools.partial(restoring_forward_intermediates, model)  # pickles, unlike a bound method
 
 
 def refusing_forward_intermediates(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -235,7 +235,7 @@ def refusing_forward_intermediates(model: nn.Module, *args: Any, **kwargs: Any) 
 def install_dense_refusal(model: nn.Module) -> None:
     """Route ``model.forward_intermediates`` (when its class has one) to a clear refusal in eval."""
     if callable(getattr(type(model), "forward_intermediates", None)):
-        model.forward_intermediates = types.MethodType(refusing_forward_intermediates, model)
+        model.forward_intermediates = functools.partial(refusing_forward_intermediates, model)
 
 
 def uninstall_dense_entry_points(model: nn.Module) -> None:
