@@ -71,6 +71,7 @@ class Variant:
     macs: float
     images_per_second: list[float] = field(default_factory=list)
     peak_memory_mb: Optional[float] = None
+    graph_breaks: Optional[int] = None  # compiled variants: torch._dynamo's count
 
 
 class TokenCountBound(TokenReducer):
@@ -148,13 +149,31 @@ def peak_memory_mb(call: Callable[[], object], device: torch.device) -> Optional
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
+def compiled_variants(models: dict[str, tuple[float, nn.Module]], args: argparse.Namespace,
+                      images: torch.Tensor) -> dict[str, tuple[float, nn.Module, int]]:
+    """Each model compiled (``--compile-mode``) with dynamo's count of its graph breaks, named
+    ``compiled <name>`` beside the eager ones with ``--with-eager``, else in their place."""
+    compiled = {}
+    for name, (rate, model) in models.items():
+        torch._dynamo.reset()
+        with torch.inference_mode(not args.train):
+            breaks = torch._dynamo.explain(model.train(args.train))(images).graph_break_count
+        key = f"compiled {name}" if args.with_eager else name
+        compiled[key] = (rate, torch.compile(model, mode=args.compile_mode), breaks)
+    return compiled
+
+
 def measure(args: argparse.Namespace, model_name: str, batch_size: int) -> list[Variant]:
-    models = build_models(args, model_name)
+    built = build_models(args, model_name)
+    images = example_images(next(iter(built.values()))[1], batch_size, seed=0)
     dtype = DTYPES[args.dtype]
-    variants = {name: Variant(name, rate, batch_size, evit_patch.count_macs(model)) for name, (rate, model) in
-                models.items()}
-    compiled = {name: torch.compile(model) if args.compile else model for name, (_, model) in models.items()}
-    images = example_images(next(iter(models.values()))[1], batch_size, seed=0)
+    models = {name: (rate, model, None) for name, (rate, model) in built.items()} if not args.compile or \
+        args.with_eager else {}
+    if args.compile:
+        models |= compiled_variants(built, args, images)
+    variants = {name: Variant(name, rate, batch_size, evit_patch.count_macs(built[name.removeprefix("compiled ")][1]),
+                              graph_breaks=breaks) for name, (rate, _, breaks) in models.items()}
+    compiled = {name: model for name, (_, model, _) in models.items()}
     if args.train:
         calls = {name: training_step(model, images, dtype) for name, model in compiled.items()}
         for name, call in calls.items():
@@ -197,18 +216,19 @@ def markdown(results: dict[str, list[Variant]], setup: dict) -> str:
         f"layers {setup['layers']}, median of {setup['repeats']} interleaved repeats of "
         f"{setup['calls_per_repeat']} calls; speed-up = median of per-repeat ratios (quartiles beside it)",
         "",
-        "| model | batch | variant | GMACs | MAC ratio | images/s | speed-up | quartiles | peak MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | batch | variant | GMACs | MAC ratio | images/s | speed-up | quartiles | peak MB | graph breaks |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, variants in results.items():
         model_name = key.rsplit("@", 1)[0]
         base = variants[0]
         for variant in variants:
             memory = f"{variant.peak_memory_mb:.0f}" if variant.peak_memory_mb is not None else "n/a"
+            breaks = "n/a" if variant.graph_breaks is None else variant.graph_breaks
             lines.append(
                 f"| {model_name} | {variant.batch_size} | {variant.name} | {variant.macs / 1e9:.3f} | "
                 f"{base.macs / variant.macs:.2f}x | {statistics.median(variant.images_per_second):.1f} | "
-                f"{speedup(variant, base):.3f}x | {quartiles(speedups(variant, base))} | {memory} |"
+                f"{speedup(variant, base):.3f}x | {quartiles(speedups(variant, base))} | {memory} | {breaks} |"
             )
     return "\n".join(lines)
 
@@ -252,6 +272,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--train", action="store_true", help="time training steps instead of inference")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="autocast dtype")
     parser.add_argument("--compile", action="store_true", help="torch.compile every variant")
+    parser.add_argument("--compile-mode", default=None, choices=[None, "default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile's mode (reduce-overhead: CUDA graphs)")
+    parser.add_argument("--with-eager", action="store_true",
+                        help="with --compile: time the eager variants beside the compiled ones")
     parser.add_argument("--repeats", type=positive_int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--calls-per-repeat", type=positive_int, default=1, help="calls timed back to back in one repeat")
@@ -260,7 +284,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="weights of the model (default: random), e.g. recipes/checkpoints/fashion_mnist_vit.safetensors")
     parser.add_argument("--out", type=Path, default=None, help="write <out>.json, <out>.md and <out>.png")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if (args.with_eager or args.compile_mode) and not args.compile:
+        parser.error("--with-eager and --compile-mode go with --compile")
+    return args
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, list[Variant]]:
@@ -275,7 +302,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, list[Variant]]:
         "threads": torch.get_num_threads(), "train": args.train, "dtype": args.dtype, "compile": args.compile,
         "layers": args.layers, "methods": args.methods, "bound": args.bound, "repeats": args.repeats,
         "calls_per_repeat": args.calls_per_repeat, "torch": torch.__version__, "timm": timm.__version__,
-        "source": args.source, "model_kwargs": args.model_kwargs,
+        "source": args.source, "model_kwargs": args.model_kwargs, "compile_mode": args.compile_mode,
+        "with_eager": args.with_eager,
     }
     table = markdown(results, setup)
     print(table)
