@@ -30,6 +30,15 @@ def trace_own_forward(module: nn.Module, concrete_args: dict[str, Any] | None = 
     return OwnForwardTracer().trace(module, concrete_args=concrete_args)
 
 
+def call_as_leaf(graph: fx.Graph, function: Callable[..., Any], args: tuple, kwargs: dict | None = None) -> fx.Node:
+    """A call of ``function`` that a later trace through the generated code (a whole-model torch.fx
+    trace, the re-trace that unpickles a GraphModule) records as one call, as torch.fx does for a
+    function it traced as ``fx.wrap``'d, instead of running it on Proxies."""
+    node = graph.call_function(function, args, kwargs)
+    node.meta["is_wrapped"] = True
+    return node
+
+
 def extra_forward_parameters(module: nn.Module) -> list[inspect.Parameter]:
     """Parameters of ``module.forward`` after the token input."""
     return list(inspect.signature(module.forward).parameters.values())[1:]
