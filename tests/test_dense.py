@@ -40,7 +40,25 @@ def _patched(base, keep_rate=0.5, fill="source", fuse=True):
 def _shapes(output):
     if isinstance(output, torch.Tensor):
         return tuple(output.shape)
+    if isinstance(output, dict):
+        return {key: _shapes(value) for key, value in output.items()}
     return [_shapes(item) for item in output]
+
+
+def _split(output, intermediates_only=False):
+    """(final features or None, intermediates) of what ``forward_intermediates`` returned."""
+    if isinstance(output, dict):
+        return output.get("image_features"), {key: value for key, value in output.items() if key != "image_features"}
+    return (None, output) if intermediates_only else output
+
+
+def assert_timm_contract(model, base, images, **options):
+    """timm's contract: the intermediates have the unpatched shapes, the final features are ``forward_features``."""
+    final, intermediates = _split(model.forward_intermediates(images, **options), options.get("intermediates_only"))
+    _, expected = _split(base.forward_intermediates(images, **options), options.get("intermediates_only"))
+    assert _shapes(intermediates) == _shapes(expected)
+    if final is not None and not options.get("stop_early"):
+        assert torch.equal(final, model.forward_features(images))
 
 
 @pytest.mark.parametrize("output_fmt", ["NCHW", "NLC"])
@@ -51,20 +69,15 @@ def test_forward_intermediates_has_the_unpatched_shapes(base, images, output_fmt
                                                         intermediates_only):
     options = dict(indices=[0, 1, 2, 4, 5], output_fmt=output_fmt, return_prefix_tokens=return_prefix_tokens,
                    norm=norm, intermediates_only=intermediates_only)
-    expected = base.forward_intermediates(images, **options)
     for fill in FILLS:
-        got = _patched(base, 0.5, fill).forward_intermediates(images, **options)
-        assert _shapes(got) == _shapes(expected)
+        assert_timm_contract(_patched(base, 0.5, fill), base, images, **options)
 
 
 @pytest.mark.parametrize("kwargs", [{"reg_tokens": 4}, {"class_token": False, "global_pool": "avg"}],
                          ids=["registers", "no-class-token"])
 def test_forward_intermediates_shapes_with_other_prefix_counts(images, kwargs):
     base = _model(**kwargs)
-    options = dict(indices=3, return_prefix_tokens=bool(base.num_prefix_tokens))
-    expected = base.forward_intermediates(images, **options)
-    got = _patched(base).forward_intermediates(images, **options)
-    assert _shapes(got) == _shapes(expected)
+    assert_timm_contract(_patched(base), base, images, indices=3, return_prefix_tokens=bool(base.num_prefix_tokens))
 
 
 def test_forward_features_stays_reduced_and_restore_tokens_gives_the_grid(base, images):
@@ -166,15 +179,16 @@ def test_bf16_autocast(base, images):
 def test_tome_unmerges_every_patch_to_the_token_holding_it(base, images):
     model = evit_patch.apply_token_reducer(copy.deepcopy(base), LAYERS, 0.5, evit_patch.reducers.ToMeMerge())
     evit_patch.set_restoration(model, "source")
-    final, grids = model.forward_intermediates(images, indices=[5], output_fmt="NLC")
-    assert final.shape == base.forward_intermediates(images, indices=[5])[0].shape
+    final, grids = model.forward_intermediates(images, indices=[5], output_fmt="NLC", norm=True)
+    assert grids[0].shape == base.forward_intermediates(images, indices=[5], output_fmt="NLC")[1][0].shape
     outputs = []
     model.norm.register_forward_hook(lambda module, args, output: outputs.append(output))
     model(images)  # the reduced sequence of a plain forward (its pre-hook resets ToMe's sizes)
     held = evit_patch.kept_tokens(model)[-1].token_of_patch
     assert (held >= 0).all()  # merging drops nothing
     reduced = outputs[0]
-    assert torch.equal(final[:, 1:], reduced[:, 1:].gather(1, held.unsqueeze(-1).expand(-1, -1, reduced.shape[-1])))
+    assert torch.equal(final, reduced)
+    assert torch.equal(grids[0], reduced[:, 1:].gather(1, held.unsqueeze(-1).expand(-1, -1, reduced.shape[-1])))
 
 
 def test_dense_outputs_restores_forward_features_and_leaves_the_logits(base, images):
@@ -184,7 +198,9 @@ def test_dense_outputs_restores_forward_features_and_leaves_the_logits(base, ima
         grid = model.forward_features(images)
         dense_logits = model(images)
     assert grid.shape == base.forward_features(images).shape
-    assert torch.equal(grid, model.forward_intermediates(images, indices=[5])[0])
+    grid_of_last, prefix = model.forward_intermediates(images, indices=[5], norm=True, output_fmt="NLC",
+                                                       return_prefix_tokens=True, intermediates_only=True)[0]
+    assert torch.equal(grid, torch.cat([prefix, grid_of_last], dim=1))
     torch.testing.assert_close(dense_logits, logits)  # the class token is the same token
     assert model.forward_features(images).shape[1] < grid.shape[1]  # off again outside the context
 
@@ -232,12 +248,12 @@ def test_dynamicvit_in_eval_is_refused_by_name(base, images):
 def test_output_dict_and_stop_early_have_the_unpatched_shapes(base, images):
     model = _patched(base, 0.5)
     for options in (dict(indices=[1, 3], stop_early=True), dict(indices=2, output_dict=True, return_prefix_tokens=True)):
-        got, expected = model.forward_intermediates(images, **options), base.forward_intermediates(images, **options)
-        if isinstance(expected, dict):
-            assert {key: _shapes(value) for key, value in got.items()} == \
-                {key: _shapes(value) for key, value in expected.items()}
-        else:
-            assert _shapes(got) == _shapes(expected)
+        assert_timm_contract(model, base, images, **options)
+    final, _ = model.forward_intermediates(images, indices=[1, 3], stop_early=True)
+    outputs = []
+    model.blocks[3].register_forward_hook(lambda module, args, output: outputs.append(output))
+    model.forward_features(images)
+    assert torch.equal(final, model.norm(outputs[0]))  # the reduced output of the last block run, normed
 
 
 def test_carry_refuses_places_started_for_another_prefix_count():

@@ -69,7 +69,7 @@ TIMM_ENTRY_POINTS = {
     "call": lambda model, x: model(x),
     "keyword": lambda model, x: model(x=x),
     "forward_features": lambda model, x: model.forward_head(model.forward_features(x)),
-    # the final features come back on the full grid; the class token the head reads is the reduced model's
+    # the final features are forward_features' (the reduced sequence); the intermediates are on the full grid
     "forward_intermediates": lambda model, x: model.forward_head(model.forward_intermediates(x)[0]),
 }
 

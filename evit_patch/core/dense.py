@@ -9,9 +9,10 @@ caller asks for patch features, the grid comes back through the recorded token m
   block's input back to the reduced sequence, so the blocks still run short. Whatever
   reads the blocks' outputs (timm's norm and ``forward_features``, transformers'
   ``last_hidden_state``, open_clip's tokens) then sees the full grid.
-- timm's ``forward_intermediates`` on a patched model (an instance method while the patch
-  is on) is timm's own code run inside that context: its prefix split, ``norm`` and NCHW
-  reshape work unchanged, with exactly the unpatched shapes.
+- timm's ``forward_intermediates`` on a patched model (installed on the instance while the
+  patch is on) is timm's own code run inside that context: its prefix split, ``norm`` and
+  NCHW reshape work unchanged, with exactly the unpatched shapes; its final features stay
+  ``forward_features``'s (the reduced sequence, normed), as timm's contract wants.
 - :func:`restore_tokens` turns a reduced output of the last forward into the full
   sequence afterwards, from the token maps alone.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import threading
 from typing import Any, Iterable, Iterator, Optional
 
@@ -197,28 +199,74 @@ def dense_outputs(model: nn.Module, grid_size: Optional[tuple[int, int]] = None,
         yield
 
 
+class _ReducedFinal:
+    """The final features of ``forward_intermediates`` from the reduced sequence, as ``forward_features``
+    computes them, where the last block run is also an intermediate (restored by :class:`_GridHooks`).
+
+    From the moment that block has run, every module of the model outside its blocks (the final norm,
+    CaiT's class-attention blocks) is handed the reduced sequence where it is given the restored one;
+    with timm's ``norm=True`` the first call of ``model.norm`` on it is the intermediate's, which stays
+    on the grid."""
+
+    def __init__(self, model: nn.Module, grid: _GridHooks, last_block: nn.Module, intermediate_norms: int) -> None:
+        inside = {id(module) for block in transformer_blocks(model) for module in block.modules()}
+        self.outside = [module for module in model.modules() if module is not model and id(module) not in inside]
+        self.grid, self.last_block, self.norm = grid, last_block, getattr(model, "norm", None)
+        self.intermediate_norms = intermediate_norms
+        self.pair: Optional[tuple[Tensor, Tensor]] = None  # (restored, reduced) of the last block, once it has run
+
+    def _last_block_ran(self, block: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        self.pair = self.grid.handed_out
+
+    def before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Optional[tuple[Any, Any]]:
+        if self.pair is None or not any(value is self.pair[0] for value in (*args, *kwargs.values())):
+            return None
+        if module is self.norm and self.intermediate_norms:
+            self.intermediate_norms -= 1
+            return None
+        restored, reduced = self.pair
+        return (tuple(reduced if value is restored else value for value in args),
+                {key: reduced if value is restored else value for key, value in kwargs.items()})
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        handles = [self.last_block.register_forward_hook(self._last_block_ran)]
+        handles += [module.register_forward_pre_hook(self.before, with_kwargs=True) for module in self.outside]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
 def restoring_forward_intermediates(model: nn.Module, x: Tensor, indices: Optional[int | list[int]] = None,
                                     *args: Any, **kwargs: Any) -> Any:
-    """timm's ``forward_intermediates`` of the model's class, with every intermediate (and
-    the final features) restored to the full patch grid: exactly the unpatched shapes.
-    Only the blocks handed out are restored (timm's own choice of them from ``indices``),
-    and the last one, whose output timm returns as the final features."""
+    """timm's ``forward_intermediates`` of the model's class, with every intermediate restored to the full
+    patch grid (exactly the unpatched shapes), and the final features those of ``forward_features``:
+    the reduced sequence, normed, as timm's contract wants. Only the blocks handed out are restored
+    (timm's own choice of them from ``indices``)."""
     from timm.models._features import feature_take_indices  # timm's own reading of `indices`
 
-    _state(model)  # a clear error on an unpatched model; the forward's own reset is the patch embedding's hook
+    state = _state(model)  # a clear error on an unpatched model; the forward's own reset is the patch embedding's hook
     if getattr(model, "grad_checkpointing", False) and model.training:
         raise ValueError(f"{model_name(model)}: dense restoration hooks the blocks, which gradient checkpointing "
                          "recomputes; call model.set_grad_checkpointing(False) first")
-    depth = len(transformer_blocks(model))
-    taken, last = feature_take_indices(depth, indices)
-    with dense_outputs(model, grid_size_of(model, x), {*taken, last, depth - 1}):
+    blocks = transformer_blocks(model)
+    taken, last = feature_take_indices(len(blocks), indices)
+    call = inspect.signature(type(model).forward_intermediates).bind(model, x, indices, *args, **kwargs)
+    call.apply_defaults()
+    last_run = last if call.arguments.get("stop_early") else len(blocks) - 1
+    grid = _GridHooks(model, state, grid_size_of(model, x), taken)
+    final = _ReducedFinal(model, grid, blocks[last_run], int(bool(call.arguments.get("norm"))))
+    with grid.installed(), final.installed() if last_run in taken else contextlib.nullcontext():
         return type(model).forward_intermediates(model, x, indices, *args, **kwargs)
 
 
 def install_dense_entry_points(model: nn.Module) -> None:
-    """Route ``model.forward_intermediates`` (when its class has one) through the restoration."""
+    """Route ``model.forward_intermediates`` (when its class has one) through the restoration (a partial of
+    a module-level function, not a bound method: the model pickles)."""
     if callable(getattr(type(model), "forward_intermediates", None)):
-        model.forward_intermediates = functools.partial(restoring_forward_intermediates, model)  # pickles, unlike a bound method
+        model.forward_intermediates = functools.partial(restoring_forward_intermediates, model)
 
 
 def refusing_forward_intermediates(model: nn.Module, *args: Any, **kwargs: Any) -> Any:

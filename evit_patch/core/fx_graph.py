@@ -30,13 +30,12 @@ def trace_own_forward(module: nn.Module, concrete_args: dict[str, Any] | None = 
     return OwnForwardTracer().trace(module, concrete_args=concrete_args)
 
 
-def opaque_call(graph: fx.Graph, function: Callable[..., Any], args: tuple, kwargs: dict[str, Any] | None = None) -> fx.Node:
-    """A call of ``function`` that any later trace of the generated code records as one
-    call (``torch.fx.wrap``), instead of running its Python: the re-trace that unpickling a
-    GraphModule does, and a trace of the whole patched model (``create_feature_extractor``).
-    For functions that branch on their tensor inputs, which a trace cannot follow."""
-    node = graph.call_function(function, args, kwargs or {})
-    node.meta["is_wrapped"] = True  # the generated code then declares wrap("name")
+def call_as_leaf(graph: fx.Graph, function: Callable[..., Any], args: tuple, kwargs: dict | None = None) -> fx.Node:
+    """A call of ``function`` that a later trace through the generated code (a whole-model torch.fx
+    trace, the re-trace that unpickles a GraphModule) records as one call, as torch.fx does for a
+    function it traced as ``fx.wrap``'d, instead of running it on Proxies."""
+    node = graph.call_function(function, args, kwargs)
+    node.meta["is_wrapped"] = True
     return node
 
 

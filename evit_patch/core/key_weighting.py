@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evit_patch.core.fx_graph import extra_forward_parameters, opaque_call
+from evit_patch.core.fx_graph import call_as_leaf, extra_forward_parameters
 from evit_patch.core.per_call import PerCall
 from evit_patch.core.scored_attention import attention_graph, attention_node, is_fused_attention
 from evit_patch.core.scores import at_least_float32
@@ -144,10 +144,10 @@ def _replace_attention(graph: fx.Graph, node: fx.Node, model_name: str) -> None:
     with graph.inserting_before(node):
         holder = graph.get_attr(HOLDER_NAME)
         if is_fused_attention(node):
-            weighted = opaque_call(graph, key_weighted_sdpa, (holder, *node.args), dict(node.kwargs))
+            weighted = call_as_leaf(graph, key_weighted_sdpa, (holder, *node.args), dict(node.kwargs))
         else:
-            weighted = opaque_call(graph, key_weighted_softmax, (holder, node.args[0]),
-                                   {"dim": _softmax_dim(node, model_name)})
+            weighted = call_as_leaf(graph, key_weighted_softmax, (holder, node.args[0]),
+                                    {"dim": _softmax_dim(node, model_name)})
     node.replace_all_uses_with(weighted)
     graph.erase_node(node)
 
@@ -173,8 +173,8 @@ def _accept_traced_away_inputs(graph: fx.Graph, attention: nn.Module) -> None:
             anchor = graph.placeholder(parameter.name, default_value=parameter.default)
         inputs.append(anchor)
     with graph.inserting_after(anchor):
-        opaque_call(graph, refuse_traced_away_inputs,
-                    (tuple(p.name for p in parameters), tuple(p.default for p in parameters), *inputs))
+        call_as_leaf(graph, refuse_traced_away_inputs,
+                     (tuple(p.name for p in parameters), tuple(p.default for p in parameters), *inputs))
 
 
 def weighted_key_attention(attention: nn.Module, holder: KeyWeights, model_name: str) -> fx.GraphModule:

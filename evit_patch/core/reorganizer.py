@@ -7,6 +7,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
+import torch.fx
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -130,12 +131,15 @@ class ReductionState(PatchState):
             setattr(self.owner, KEEP_RATE_ATTRIBUTE, value)
             self.published_keep_rate = copy.copy(value)
 
-    def start_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def start_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Optional[tuple[tuple, dict]]:
         """Pre-hook of the module that takes the images (:meth:`ModelFamily.input_module`),
         so that every entry point (``model(x)``, keyword calls, ``forward_features``,
         ``forward_intermediates``, ``encode_image``) starts a forward afresh: a new record,
         the reducer's per-forward state reset, and a keep rate assigned to
-        ``model.keep_rate`` since the last forward taken up."""
+        ``model.keep_rate`` since the last forward taken up. Under a torch.fx trace (the images a
+        Proxy) it is recorded as one call instead (:func:`forward_started`), run by the traced graph."""
+        if args and isinstance(args[0], torch.fx.Proxy):
+            return (forward_started(self.reorganizers()[0], module, args[0]), *args[1:]), kwargs
         if self.owner is not None:
             current = getattr(self.owner, KEEP_RATE_ATTRIBUTE, None)
             if current != self.published_keep_rate:
@@ -144,6 +148,10 @@ class ReductionState(PatchState):
         images = next((value for value in (*args, *kwargs.values()) if isinstance(value, Tensor)), None)
         if images is not None:
             self.reducer.start_forward(images, module.training)
+
+    def reorganizers(self) -> list["TokenReorganizer"]:
+        return [module for block in self.patched_blocks.values() for module in block.modules()
+                if isinstance(module, TokenReorganizer)]
 
     def context(self, position: int, training: bool) -> LayerContext:
         return LayerContext(position, self.layers[position], self.keep_rates[position], self.num_prefix_tokens,
@@ -164,6 +172,9 @@ class TokenReorganizer(nn.Module):
         self.position = position
 
     def forward(self, x: Tensor, attention: AttentionTensors, **masks: Any) -> Tensor:
+        return reorganize(self, x, attention, masks)
+
+    def reorganize(self, x: Tensor, attention: AttentionTensors, masks: dict[str, Any]) -> Tensor:
         """``masks``: the block's mask inputs (``attn_mask``, ``is_causal``, ``attention_mask``),
         which must be absent: a mask sized to the full sequence cannot follow the kept tokens."""
         if any(mask is not None and mask is not False for mask in masks.values()):
@@ -180,8 +191,29 @@ class TokenReorganizer(nn.Module):
         records[self.position] = reduction.map
         return reduction.tokens
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` calls on every module first: refused in one line."""
+        raise RuntimeError("torch.jit.script cannot compile an EViT-patched model (its token reduction is Python); "
+                           "use torch.compile or torch.export, or remove_evit(model) first")
+
     def extra_repr(self) -> str:
         state = self.state
         return f"block={state.layers[self.position]}, keep_rate={state.keep_rates[self.position]}, " \
                f"reducer={state.reducer.describe()}"
 
+
+
+@torch.fx.wrap
+def reorganize(reorganizer: TokenReorganizer, x: Tensor, attention: AttentionTensors, masks: dict[str, Any]) -> Tensor:
+    """:meth:`TokenReorganizer.reorganize`, which a torch.fx trace of the model (timm's and torchvision's
+    feature extractors) records as one call: the reducers' shape logic and the mask check run with the real
+    tensors (a traced ``attn_mask`` input is refused only when it holds a mask)."""
+    return reorganizer.reorganize(x, attention, masks)
+
+
+@torch.fx.wrap
+def forward_started(reorganizer: TokenReorganizer, module: nn.Module, images: Tensor) -> Tensor:
+    """``images``, after :meth:`ReductionState.start_forward` ran for them: the start of a forward in a
+    traced graph, where the input module's pre-hook ran at trace time only."""
+    reorganizer.state.start_forward(module, (images,), {})
+    return images

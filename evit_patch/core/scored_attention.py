@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from evit_patch.core.fx_graph import descendants, extra_forward_parameters, find_nodes, trace_own_forward
+from evit_patch.core.fx_graph import call_as_leaf, descendants, extra_forward_parameters, find_nodes, trace_own_forward
 from evit_patch.core.scores import active_dropout_rate
 from evit_patch.errors import UnsupportedModelError
 
@@ -73,7 +73,7 @@ def _make_dropout_live(graph: fx.Graph, sdpa: fx.Node, attention: nn.Module) -> 
     dropout = getattr(attention, "attn_drop", None)
     if isinstance(dropout, nn.Dropout) and dropout.p > 0:
         with graph.inserting_before(sdpa):
-            rate = graph.call_function(active_dropout_rate, (graph.get_attr("attn_drop"),))
+            rate = call_as_leaf(graph, active_dropout_rate, (graph.get_attr("attn_drop"),))
         sdpa.update_kwarg("dropout_p", rate)
 
 
