@@ -42,10 +42,10 @@ def images(batch: int = 3, size: int = 32, seed: int = 1) -> torch.Tensor:
 
 
 def reseed(patched: torch.nn.Module) -> None:
-    """Random drop's generator back to its seed: the next forward draws what the last one did."""
+    """Random drop's count of training draws back to 0: the next forward draws what the last one did."""
     reducer = patched.evit_state.reducer
     if isinstance(reducer, RandomDrop):
-        reducer.generator.manual_seed(reducer.seed)
+        reducer.training_draws.zero_()
 
 
 def run(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, patched: torch.nn.Module | None = None

@@ -111,7 +111,7 @@ def test_transformers_pickles_as_transformers_allows():
 
 def _forward_in_worker(model: torch.nn.Module, x: torch.Tensor, queue) -> None:
     with torch.no_grad():
-        queue.put(model(x))
+        queue.put(model(x).numpy())  # a plain array: a tensor would go as a shared-memory handle that dies with the worker
 
 
 def test_a_spawned_worker_gets_a_working_patched_model():
@@ -124,4 +124,4 @@ def test_a_spawned_worker_gets_a_working_patched_model():
     result = queue.get(timeout=120)
     worker.join(timeout=60)
     assert worker.exitcode == 0
-    _assert_same([result], _outputs(model, x))
+    _assert_same([torch.from_numpy(result)], _outputs(model, x))
