@@ -11,9 +11,10 @@
 #   2. batch-1 latency, fp16, DeiT-S and DeiT-B: unpatched, EViT 0.7 / 0.5, and the token-count
 #      bound at those counts (what any token method could gain there)
 #   3. a training step (forward, backward, AdamW) at batch 128, bf16, DeiT-S, every method at 0.7
-#   4. torch.compile, bf16, DeiT-S at batch 256 and batch 1: unpatched, EViT 0.7
-# --quick swaps in a 4-block DeiT-Tiny at 32 px, small batches, one repeat and no
-# compilation (compile is covered by the test suite), so CI can run it and it cannot rot.
+#   4. torch.compile with CUDA graphs (mode reduce-overhead), bf16, DeiT-S at batch 1, every
+#      token method at 0.7 and DynamicViT, each beside its eager self, with its graph-break count
+# --quick swaps in a 4-block DeiT-Tiny at 32 px, small batches, one repeat, and step 4 for
+# ToMe-style merging alone in the default mode, so CI can run it and it cannot rot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +41,11 @@ else
 fi
 COMMON=(--device "$DEVICE" --repeats "$REPEATS" --warmup "$WARMUP")
 ALL_METHODS=(evit evit-no-fusion tome dynamicvit width-pruning)
+if [ "$QUICK" = 1 ]; then
+    COMPILED=(--methods tome --compile-mode default)
+else
+    COMPILED=(--methods evit evit-no-fusion random tome evit-training-free dynamicvit --compile-mode reduce-overhead)
+fi
 
 step() {  # step NAME ARGS...: one throughput run, its tables under $OUT/NAME.*
     local name=$1
@@ -57,7 +63,6 @@ done
 step "latency_b1_${DTYPES[0]}" "${BASE[@]}" --batch-sizes 1 --dtype "${DTYPES[0]}" --keep-rates 0.7 0.5 --bound
 step "train_b${TRAIN_BATCH}_bf16" "${SMALL[@]}" --train --batch-sizes "$TRAIN_BATCH" --dtype bf16 \
     --methods "${ALL_METHODS[@]}" --keep-rates 0.7
-if [ "$QUICK" = 0 ]; then
-    step "compiled_bf16" "${SMALL[@]}" --compile --batch-sizes "$BIG_BATCH" 1 --dtype bf16 --keep-rates 0.7
-fi
+LIMIT=$((LIMIT * 2)) step "compiled_b1_bf16" "${SMALL[@]}" --compile --with-eager --batch-sizes 1 --dtype bf16 \
+    --keep-rates 0.7 "${COMPILED[@]}"
 echo "results in $OUT"

@@ -12,6 +12,7 @@ EXPECTED = {  # file -> variants its table must list
     "latency_b1_bf16": ["unpatched", "evit 0.7", "evit 0.5", "token-count bound 0.7", "token-count bound 0.5"],
     "train_b4_bf16": ["unpatched", "evit 0.7", "evit-no-fusion 0.7", "tome 0.7", "dynamicvit 0.7",
                       "width-pruning 0.7"],
+    "compiled_b1_bf16": ["unpatched", "tome 0.7", "compiled unpatched", "compiled tome 0.7"],
 }
 
 
@@ -25,6 +26,9 @@ def test_device_script_quick_writes_every_table(tmp_path: Path) -> None:
         assert rows == variants, (name, rows)
         assert (tmp_path / f"{name}.json").is_file() and (tmp_path / f"{name}.png").is_file()
     assert "training step" in (tmp_path / "train_b4_bf16.md").read_text()
+    compiled = [line.split(" | ") for line in (tmp_path / "compiled_b1_bf16.md").read_text().splitlines()
+                if line.startswith("| deit_tiny")]
+    assert [row[-1] for row in compiled] == ["n/a |", "n/a |", "0 |", "0 |"]  # dynamo's graph breaks
 
 
 def test_device_script_refuses_an_unknown_argument(tmp_path: Path) -> None:
