@@ -79,6 +79,18 @@ COMMANDS: dict[str, Small] = {
     """"intermediate_size": 1536, "image_size": 224, "patch_size": 16}'""": Small(
         {}, f"""{QUICK_TIMING} --model-kwargs '{{"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, """
             """"intermediate_size": 64, "image_size": 32, "patch_size": 8}' --layers 1 2 3"""),
+    "python benchmarks/throughput.py --models deit_small_patch16_224 --batch-sizes 1 32 --keep-rates 0.7 --methods evit "
+    "evit-no-fusion random tome evit-training-free dynamicvit --compile --with-eager --repeats 9 --threads 2 "
+    "--out benchmarks/results/compiled_deit_s_cpu": Small(  # compiled in tests/test_compile.py and device_run --quick
+        {"--compile --with-eager ": "", "benchmarks/results/compiled_deit_s_cpu": "{tmp}/compiled"},
+        f"{QUICK_TIMING} {TINY_DEIT} --models deit_tiny_patch16_224"),
+    "python benchmarks/throughput.py --models deit_small_patch16_224 --batch-sizes 1 32 --keep-rates 0.7 --methods evit "
+    "random --repeats 9 --threads 2 --out benchmarks/results/random_drop_deit_s_cpu": Small(
+        {"benchmarks/results/random_drop_deit_s_cpu": "{tmp}/random"}, f"{QUICK_TIMING} {TINY_DEIT} --models deit_tiny_patch16_224"),
+    "python benchmarks/soak.py --threads 4 --calls 300 --out benchmarks/results/soak_cpu": Small(
+        {"benchmarks/results/soak_cpu": "{tmp}/soak"},
+        """--threads 2 --calls 6 --max-batch 2 --methods evit tome --layers 1 2 """
+        """--model-kwargs '{"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2}'"""),
     # docs/baselines.md
     "python benchmarks/compare.py": Small({}, f"{SMALL_COMPARE} --out {{tmp}}/default"),
     "python benchmarks/compare.py --steps 150 600 1800 --methods unpatched evit tome width-pruning": Small(
