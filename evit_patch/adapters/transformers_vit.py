@@ -207,32 +207,46 @@ class TransformersFamily(ModelFamily):
         patched.recompile()
         return patched
 
-    def prepare_replacements(self, model: nn.Module, replacements: dict[int, nn.Module]) -> None:
+    def replacement_hooks(self, model: nn.Module, replacements: dict[int, nn.Module]) -> dict[int, list[Callable]]:
         """transformers records ``output_hidden_states`` with forward hooks on the layer class the
         model names in ``_can_record_outputs``, installed on the first request; a rewritten layer is
-        not of that class, so its hidden state would be missing from the tuple. The hooks are
-        installed now (as that first request would, inactive until one comes) and each rewritten
-        layer gets the hook of the layer it replaces, so the tuple keeps one entry per layer and
-        the original layers have theirs when the patch comes off."""
-        from transformers.utils.output_capturing import (
-            OutputRecorder,
-            install_output_capuring_hook,
-            maybe_install_capturing_hooks,
-        )
+        not of that class, so its hidden state would be missing from the tuple. Each rewritten layer
+        gets a hook that records as the layer it replaces (:class:`RecordsAsItsLayer`), inactive
+        until a request comes; nothing else is installed now, so the model pickles as before."""
+        recording = self._hidden_state_recording(model)
+        if recording is None:
+            return {}
+        recorder = recording[1]
+        return {index: [RecordsAsItsLayer(recorder.index, recorder.capture_initial_hidden_state)]
+                for index in replacements if isinstance(self.blocks(model)[index], recorder.target_class)}
+
+    def restore_originals(self, model: nn.Module, originals: dict[int, nn.Module]) -> None:
+        """Layers that were out of the model when transformers installed its recording hooks (on
+        the first request while patched) get theirs now, so the tuple is whole again."""
+        from transformers.utils.output_capturing import install_output_capuring_hook
+
+        recording = self._hidden_state_recording(model)
+        if recording is None or not getattr(recording[0], "_output_capturing_hooks_installed", False):
+            return
+        recorder = recording[1]
+        for layer in originals.values():
+            if isinstance(layer, recorder.target_class) and not any(_is_recording_hook(hook) for hook in
+                                                                     layer._forward_hooks.values()):
+                install_output_capuring_hook(layer, "hidden_states", recorder.index, recorder.capture_initial_hidden_state)
+
+    def _hidden_state_recording(self, model: nn.Module) -> Optional[tuple[nn.Module, Any]]:
+        """The module whose forward records ``hidden_states`` (the one holding the layers: ViT's
+        base model, DINOv2's encoder) and its recorder spec, or None."""
+        from transformers.utils.output_capturing import OutputRecorder
 
         blocks = self.blocks(model)
-        # the model whose forward records them: the one holding the layers (ViT: the base model, DINOv2: its encoder)
         recording = next(module for module in model.modules() if any(child is blocks for child in module.children()))
-        maybe_install_capturing_hooks(recording)
         recorder = (getattr(recording, "_can_record_outputs", None) or {}).get("hidden_states")
         if recorder is None:
-            return
+            return None
         if not isinstance(recorder, OutputRecorder):  # a bare class, as transformers reads it
             recorder = OutputRecorder(target_class=recorder, index=0)
-        for index, block in replacements.items():
-            if recorder.target_class is not None and isinstance(blocks[index], recorder.target_class):
-                install_output_capuring_hook(block, "hidden_states", recorder.index,
-                                             recorder.capture_initial_hidden_state)
+        return (recording, recorder) if recorder.target_class is not None else None
 
     def output_tensor(self, output: Any) -> Tensor:
         for name in ("logits", "pooler_output", "last_hidden_state"):
@@ -240,6 +254,32 @@ class TransformersFamily(ModelFamily):
             if value is not None:
                 return value
         return output
+
+
+class RecordsAsItsLayer:
+    """transformers' ``hidden_states`` recording hook, for a rewritten layer: made by
+    transformers' own installer on first use, and left out of pickles (transformers' hook is a
+    local function, which pickle cannot take)."""
+
+    def __init__(self, index: int, capture_initial_hidden_state: bool) -> None:
+        self.index, self.capture_initial_hidden_state = index, capture_initial_hidden_state
+        self.hook: Optional[Callable[..., None]] = None
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self.hook is None:
+            from transformers.utils.output_capturing import install_output_capuring_hook
+
+            scratch = nn.Module()
+            install_output_capuring_hook(scratch, "hidden_states", self.index, self.capture_initial_hidden_state)
+            self.hook = next(iter(scratch._forward_hooks.values()))
+        self.hook(module, args, output)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "hook": None}
+
+
+def _is_recording_hook(hook: Callable[..., Any]) -> bool:
+    return isinstance(hook, RecordsAsItsLayer) or getattr(hook, "__qualname__", "").startswith("install_output_capuring_hook.")
 
 
 TRANSFORMERS = TransformersFamily()

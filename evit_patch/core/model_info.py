@@ -7,7 +7,7 @@ with :func:`register_family`. The core names no library but timm's defaults.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -68,10 +68,18 @@ class ModelFamily:
         """``block`` with ``reorganizer`` after its attention residual (see :mod:`evit_patch.core.block_rewrite`)."""
         return reorganizing_block(block, reorganizer, model_name)
 
-    def prepare_replacements(self, model: nn.Module, replacements: dict[int, nn.Module]) -> None:
-        """Called just before ``replacements`` (block index -> rewritten block) take their
-        places among ``model``'s blocks: a library that hooks its own block class (transformers
-        records ``hidden_states`` so) gets the same hooks on the rewritten blocks. timm: nothing."""
+    def replacement_hooks(self, model: nn.Module, replacements: dict[int, nn.Module]) -> dict[int, list[Callable]]:
+        """Forward hooks for ``replacements`` (block index -> rewritten block), asked for just
+        before they take their places among ``model``'s blocks: a library that hooks its own
+        block class (transformers records ``hidden_states`` so) gives the rewritten blocks the
+        same. The patch registers them, again after unpickling (a GraphModule's hooks are not
+        pickled). timm: none."""
+        return {}
+
+    def restore_originals(self, model: nn.Module, originals: dict[int, nn.Module]) -> None:
+        """Called once ``originals`` (block index -> original block) are back among ``model``'s
+        blocks: hooks the library installed on its blocks while they were out get onto them
+        too. timm: nothing."""
 
     def output_tensor(self, output: Any) -> Tensor:
         """The tensor a training loss or a benchmark reads from the model's output (timm: the output)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch.fx
 from torch import Tensor, nn
@@ -45,6 +45,7 @@ class ReductionState(PatchState):
     original_attentions: dict[int, nn.Module] = field(default_factory=dict)  # of blocks that only weight keys
     weighted_attentions: dict[int, nn.Module] = field(default_factory=dict)
     call: PerCall = field(default_factory=PerCall)  # what the forward running in each thread recorded
+    replacement_hooks: dict[int, list[Callable]] = field(default_factory=dict)  # the family's, on the rewritten blocks
     input_hook: Optional[RemovableHandle] = None  # the input module's pre-hook calling start_forward
     owner: Optional[nn.Module] = None  # the patched model, whose ``keep_rate`` attribute is read each forward
     published_keep_rate: Any = None  # what ``model.keep_rate`` held when last read or set
@@ -56,7 +57,8 @@ class ReductionState(PatchState):
 
     def install(self, model: nn.Module) -> None:
         blocks = transformer_blocks(model)
-        family_of(model).prepare_replacements(model, self.patched_blocks)
+        self.replacement_hooks = family_of(model).replacement_hooks(model, self.patched_blocks)
+        self.register_replacement_hooks()
         for index, block in self.patched_blocks.items():
             blocks[index] = block
         for index, attention in self.weighted_attentions.items():
@@ -68,6 +70,16 @@ class ReductionState(PatchState):
             self.publish_keep_rate()
         install_dense_entry_points(model)
 
+    def register_replacement_hooks(self) -> None:
+        for index, hooks in self.replacement_hooks.items():
+            for hook in hooks:
+                self.patched_blocks[index].register_forward_hook(hook)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled: the rewritten blocks get their hooks back (a GraphModule's are not pickled)."""
+        self.__dict__.update(state)
+        self.register_replacement_hooks()
+
     def uninstall(self, model: nn.Module) -> None:
         blocks = transformer_blocks(model)
         for index, block in self.original_blocks.items():
@@ -76,6 +88,7 @@ class ReductionState(PatchState):
         for index, attention in self.original_attentions.items():
             attention.training = blocks[index].attn.training  # train()/eval() since patching reached the copy only
             blocks[index].attn = attention
+        family_of(model).restore_originals(model, self.original_blocks)
         self.input_hook.remove()
         if self.owner is not None:
             model.__dict__.pop(KEEP_RATE_ATTRIBUTE, None)
