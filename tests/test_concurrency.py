@@ -113,3 +113,38 @@ def _record_error(model: torch.nn.Module) -> str:
     except RuntimeError as error:
         return str(error)
     return ""
+
+
+@pytest.mark.parametrize("method", ["evit", "tome"])
+def test_concurrent_dense_calls_equal_calls_one_after_another(method, one_intra_op_thread):
+    """forward_intermediates hooks the shared blocks for its own call: another thread's forward,
+    dense or not, passes them untouched."""
+    model = patched(method)
+
+    def dense(batch: int) -> list[torch.Tensor]:
+        with torch.no_grad():
+            final, intermediates = model.forward_intermediates(images(batch, seed=batch), indices=[1, 3])
+        return [final, *intermediates]
+
+    def plain(batch: int) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [model(images(batch, seed=batch))]
+
+    calls = {2: dense, 5: dense, 3: plain}
+    alone = {batch: call(batch) for batch, call in calls.items()}
+    barrier = threading.Barrier(len(calls), timeout=60)
+
+    def meet(*_) -> None:
+        barrier.wait()
+
+    meeting = model.blocks[LAYERS[-1] + 1].register_forward_pre_hook(meet)
+    together: dict[int, list[torch.Tensor]] = {}
+    threads = [threading.Thread(target=lambda b=batch, c=call: together.setdefault(b, c(b))) for batch, call in calls.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    meeting.remove()
+    for batch in calls:
+        assert len(together[batch]) == len(alone[batch])
+        assert all(torch.equal(a, b) for a, b in zip(together[batch], alone[batch])), f"{method}: batch {batch}"

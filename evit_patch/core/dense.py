@@ -216,7 +216,8 @@ class _ReducedFinal:
         self.pair: Optional[tuple[Tensor, Tensor]] = None  # (restored, reduced) of the last block, once it has run
 
     def _last_block_ran(self, block: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        self.pair = self.grid.handed_out
+        if threading.get_ident() == self.grid.thread:  # another thread's forward passes the shared block too
+            self.pair = self.grid.handed_out
 
     def before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Optional[tuple[Any, Any]]:
         if self.pair is None or not any(value is self.pair[0] for value in (*args, *kwargs.values())):
