@@ -33,3 +33,32 @@ def test_benchmark_refuses_counts_below_one() -> None:
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"
     result = subprocess.run([sys.executable, str(script), "--calls-per-repeat", "0"], capture_output=True, text=True)
     assert result.returncode == 2 and "--calls-per-repeat: must be at least 1, got 0" in result.stderr
+
+
+def test_paired_speeds_take_the_median_of_per_repeat_ratios_and_time_an_architecture_once(monkeypatch) -> None:
+    """The median of ratios, not the ratio of medians (here 2.0 against 1.6); a model sharing
+    another's architecture is not timed and gets its figures."""
+    timed: list[list[str]] = []
+
+    def rates(models, images, repeats, dtype, calls_per_repeat=1):
+        timed.append(list(models))
+        return {"base": [10.0, 20.0, 30.0], "patched": [20.0, 40.0, 30.0]}
+
+    monkeypatch.setattr(timing, "interleaved_images_per_second", rates)
+    models = {"base": torch.nn.Identity(), "patched": torch.nn.Identity(), "patched, fine-tuned": torch.nn.Identity()}
+    speeds = timing.paired_speeds(models, torch.zeros(1), same_as={"patched, fine-tuned": "patched"})
+    assert timed == [["base", "patched"]]
+    assert speeds["patched"].speedup == 2.0 and speeds["patched"].images_per_second == 30.0
+    assert speeds["patched, fine-tuned"] == speeds["patched"]
+    assert speeds["base"].speedup == 1.0 and speeds["base"].spread == 0.0
+
+
+def test_a_spread_that_cannot_be_trusted_is_said(monkeypatch) -> None:
+    steady = {"base": [10.0] * 5, "patched": [15.0, 15.2, 14.9, 15.1, 15.0]}
+    busy = {"base": [10.0] * 5, "patched": [7.6, 15.2, 11.0, 15.1, 9.0]}
+    for measured, warned in ((steady, False), (busy, True)):
+        monkeypatch.setattr(timing, "interleaved_images_per_second", lambda *args, m=measured, **kwargs: m)
+        speeds = timing.paired_speeds({"base": torch.nn.Identity(), "patched": torch.nn.Identity()}, torch.zeros(1))
+        warning = timing.spread_warning(speeds)
+        assert (warning is not None) == warned
+    assert warning.startswith("warning: the speed-ups scatter by up to +-")

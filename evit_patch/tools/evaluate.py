@@ -22,7 +22,7 @@ from evit_patch.core.lifecycle import detach
 from evit_patch.core.model_info import example_images
 from evit_patch.cost import count_macs
 from evit_patch.errors import CheckpointError, UnsupportedModelError
-from evit_patch.tools.timing import images_per_second
+from evit_patch.tools.timing import paired_speeds, spread_warning
 from evit_patch.train import distributed
 from evit_patch.train.assembly import rebuild
 from evit_patch.train.data import build_dataset
@@ -33,20 +33,26 @@ from evit_patch.train.model_source import build_model
 from evit_patch.train.recipe import Recipe, RecipeError, check_values, parse_yaml, recipe_from_dict
 
 
-def table(models: dict[str, nn.Module], recipe: Recipe, runtime: distributed.Runtime) -> str:
-    """Markdown rows of accuracy, GMACs and images/s (measured together, interleaved)."""
+def table(models: dict[str, nn.Module], recipe: Recipe, runtime: distributed.Runtime,
+          same_as: Optional[dict[str, str]] = None) -> str:
+    """Markdown rows of accuracy, GMACs and images/s, the speed-up paired with the first model
+    repeat by repeat (:func:`~evit_patch.tools.timing.paired_speeds`; models in ``same_as``
+    share the figure of the one named there), and a warning line when the repeats scatter."""
     first_model = next(iter(models.values()))
     loader = eval_loader(build_dataset(recipe.data, first_model, training=False), recipe, runtime)
     images = example_images(first_model, recipe.train.benchmark_batch_size, seed=0)
-    speed = images_per_second({n: m.to(runtime.device) for n, m in models.items()}, images.to(runtime.device))
-    first = next(iter(models))
-    lines = [f"| model | top-1 | top-5 | GMACs | images/s (batch {images.shape[0]}) | speed-up |",
+    speeds = paired_speeds({n: m.to(runtime.device) for n, m in models.items()}, images.to(runtime.device),
+                           same_as=same_as)
+    lines = [f"| model | top-1 | top-5 | GMACs | images/s (batch {images.shape[0]}) | speed-up (quartiles) |",
              "|---|---|---|---|---|---|"]
     for name, model in models.items():
         scores = accuracy(model, loader, runtime)
+        speed = speeds[name]
         lines.append(f"| {name} | {scores['top1']:.2f} | {scores['top5']:.2f} | {count_macs(model) / 1e9:.3f} | "
-                     f"{speed[name]:.0f} | {speed[name] / speed[first]:.2f}x |")
-    return "\n".join(lines)
+                     f"{speed.images_per_second:.0f} | {speed.speedup:.2f}x ({speed.quartiles[0]:.2f}-"
+                     f"{speed.quartiles[1]:.2f}) |")
+    warning = spread_warning(speeds)
+    return "\n".join(lines + ([warning] if warning else []))
 
 
 def _runtime() -> distributed.Runtime:
@@ -62,10 +68,12 @@ def compare_with_base(recipe: Recipe, weights: Path) -> str:
     name = method_label(recipe)
     tuned = rebuild(recipe, weights)
     models = {"base (unpatched)": base}
+    same_as = {}
     if method.meaningful_untrained:
         models[f"{name}, not fine-tuned"] = method.apply(copy.deepcopy(base), recipe, None, None)
+        same_as[f"{name}, fine-tuned"] = f"{name}, not fine-tuned"  # one architecture, one speed
     models[f"{name}, fine-tuned"] = tuned
-    return table(models, recipe, _runtime())
+    return table(models, recipe, _runtime(), same_as)
 
 
 def read_run_recipe(path: Path) -> Recipe:

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -97,8 +98,48 @@ def interleaved_images_per_second(models: dict[str, nn.Module], images: torch.Te
                              images.device, repeats, warmup, calls_per_repeat)
 
 
-def images_per_second(models: dict[str, nn.Module], images: torch.Tensor, repeats: int = 5,
-                      dtype: Optional[torch.dtype] = None) -> dict[str, float]:
-    """Median inference images/s of each model, timed interleaved."""
-    timings = interleaved_images_per_second(models, images, repeats, dtype)
-    return {name: statistics.median(values) for name, values in timings.items()}
+@dataclass(frozen=True)
+class PairedSpeed:
+    """A model's speed beside a reference timed in the same repeats."""
+
+    images_per_second: float  # median over repeats
+    speedup: float  # median of the per-repeat ratios to the reference (not the ratio of medians)
+    quartiles: tuple[float, float]  # of those ratios: how far the median can be trusted
+
+    @property
+    def spread(self) -> float:
+        """Half the interquartile range of the ratios, relative to their median."""
+        return (self.quartiles[1] - self.quartiles[0]) / (2 * self.speedup)
+
+
+UNTRUSTED_SPREAD = 0.05
+"""A spread above which a speed-up is reported with a warning: on a quiet machine the ratios
+of paired repeats stay within a few percent; another job running makes them scatter."""
+
+
+def paired_speeds(models: dict[str, nn.Module], images: torch.Tensor, repeats: int = 7,
+                  dtype: Optional[torch.dtype] = None, same_as: Optional[dict[str, str]] = None,
+                  calls_per_repeat: int = 1) -> dict[str, PairedSpeed]:
+    """Images/s of each model and its speed-up over the first one, paired repeat by repeat
+    (:func:`interleaved_images_per_second`). A model named in ``same_as`` is not timed: it
+    takes the figures of the model named there, whose architecture it shares (the same
+    patch with other weights), so one architecture gets one figure."""
+    same_as = same_as or {}
+    timed = {name: model for name, model in models.items() if name not in same_as}
+    rates = interleaved_images_per_second(timed, images, repeats, dtype, calls_per_repeat=calls_per_repeat)
+    reference = rates[next(iter(models))]
+    speeds = {}
+    for name, values in rates.items():
+        ratios = [value / base for value, base in zip(values, reference)]
+        low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        speeds[name] = PairedSpeed(statistics.median(values), statistics.median(ratios), (low, high))
+    return {name: speeds[same_as.get(name, name)] for name in models}
+
+
+def spread_warning(speeds: dict[str, PairedSpeed]) -> Optional[str]:
+    """One line when a speed-up cannot be trusted (its paired repeats scatter), else None."""
+    worst = max(speeds.values(), key=lambda speed: speed.spread)
+    if worst.spread <= UNTRUSTED_SPREAD:
+        return None
+    return (f"warning: the speed-ups scatter by up to +-{100 * worst.spread:.0f}% between repeats (another job on "
+            "this machine?); rerun on a quiet machine before trusting them")
