@@ -14,6 +14,7 @@ LAYERS = {
     "evit_patch.reducers": ("evit_patch.core", "evit_patch.errors", "evit_patch.reducers"),
     "evit_patch.dynamicvit": ("evit_patch.core", "evit_patch.errors", "evit_patch.losses", "evit_patch.dynamicvit"),
     "evit_patch.adapters": ("evit_patch.core", "evit_patch.errors", "evit_patch.adapters"),
+    "evit_patch.tuning": ("evit_patch.tuning",),  # pure choice by measurement: tensors and numbers only
     "evit_patch": ("evit_patch.core", "evit_patch.errors", "evit_patch.extras", "evit_patch.losses", "evit_patch.reducers",
                    "evit_patch.dynamicvit", "evit_patch.cost", "evit_patch.models", "evit_patch.adapters"),
 }
