@@ -12,6 +12,7 @@ final weights go to ``model.safetensors`` with the resolved ``recipe.yaml`` besi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -19,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import yaml
@@ -44,7 +45,7 @@ from evit_patch.train.methods import method_label
 from evit_patch.train.metrics import accuracy, autocast
 from evit_patch.train.model_source import build_model
 from evit_patch.train.optim import build_optimizer, build_scheduler, start_epoch_lr
-from evit_patch.train.recipe import Recipe, RecipeError, recipe_to_dict
+from evit_patch.train.recipe import Recipe, RecipeError, recipe_to_dict, reduces_tokens
 from evit_patch.train.reproducibility import rng_state, seed_everything, set_rng_state
 from evit_patch.train.resume import check_resume
 from evit_patch.train.run_folder import check_output_folder, claimed_output_folder, prepare_output_folder
@@ -54,6 +55,22 @@ from evit_patch.train.transformers_source import class_count
 
 class TrainingDiverged(RuntimeError):
     """The loss stopped being finite."""
+
+
+UpdateHook = Callable[["Run"], None]
+_UPDATE_HOOKS: list[UpdateHook] = []
+
+
+@contextlib.contextmanager
+def update_hook(hook: UpdateHook) -> Iterator[None]:
+    """Call ``hook(run)`` before each optimizer update of every run trained inside the block
+    (``run.optimizer`` then holds the lr and weight decay that update uses): a way to watch
+    training, e.g. from a test or a progress reporter, without patching the loop."""
+    _UPDATE_HOOKS.append(hook)
+    try:
+        yield
+    finally:
+        _UPDATE_HOOKS.remove(hook)
 
 
 @dataclass
@@ -125,7 +142,7 @@ class Run:
     def keep_rate(self, epoch: float) -> float:
         """The recipe's keep rate at a (fractional) epoch."""
         schedule = self.recipe.keep_rate_schedule
-        return keep_rate_at(epoch, self.recipe.evit.keep_rate, schedule.kind, schedule.start_epoch, schedule.epochs)
+        return keep_rate_at(epoch, self.recipe.reduction.keep_rate, schedule.kind, schedule.start_epoch, schedule.epochs)
 
 
 def train(recipe: Recipe, resume: Optional[str] = None, show_progress: bool = True, overwrite: bool = False) -> Path:
@@ -310,7 +327,7 @@ def run_summary(recipe: Recipe, output: Path, resuming: bool) -> str:
     model = recipe.model
     start = model.checkpoint or model.pretrained_file or ("timm's hub weights" if model.pretrained else "random weights")
     method = method_label(recipe) or "no token method"
-    where = f" at blocks {recipe.evit.layers}" if recipe.evit.enabled and not recipe.structural.enabled else ""
+    where = f" at blocks {recipe.reduction.layers}" if reduces_tokens(recipe) else ""
     steps = f" (at most {recipe.train.max_steps_per_epoch} steps each)" if recipe.train.max_steps_per_epoch else ""
     return (f"{'resuming' if resuming else 'fine-tuning'} {model.name} with {method}{where} from {start}: "
             f"{recipe.train.epochs} epoch(s){steps} of {recipe.train.batch_size} images per step and process; "
@@ -322,7 +339,7 @@ def train_one_epoch(run: Run, interrupt: Interrupt, show_progress: bool) -> Epoc
     Ctrl-C saves a checkpoint and exits with 130; a non-finite loss raises
     :class:`TrainingDiverged` before the update."""
     recipe, runtime, model, position, progress = run.recipe, run.runtime, run.model, run.position, run.progress
-    reduces_tokens = recipe.evit.enabled
+    sets_keep_rate = reduces_tokens(recipe)
     loader = train_loader(run.train_set, recipe, runtime, position.epoch, skip_batches=position.step_in_epoch)
     start_epoch_lr(run.scheduler, recipe, position.epoch, position.global_step)  # per-group lr_scale included
     model.train()
@@ -336,7 +353,7 @@ def train_one_epoch(run: Run, interrupt: Interrupt, show_progress: bool) -> Epoc
                 break
             images, targets = images.to(runtime.device), targets.to(runtime.device)
             keep_rate = run.keep_rate(position.epoch + index / run.steps_per_epoch)
-            if reduces_tokens:
+            if sets_keep_rate:
                 set_keep_rate(unwrap_model(model), keep_rate)
                 if run.ema is not None:
                     set_keep_rate(run.ema.module, keep_rate)
@@ -350,6 +367,8 @@ def train_one_epoch(run: Run, interrupt: Interrupt, show_progress: bool) -> Epoc
                 value = loss.item() if not math.isfinite(loss.item()) else "not finite on another process"
                 raise TrainingDiverged(f"loss is {value} at epoch {position.epoch + 1}, step {index + 1}; nothing of "
                                        f"this step was applied; {_where_to_restart(run)}")
+            for hook in _UPDATE_HOOKS:
+                hook(run)
             _update(run, loss)
             position.global_step += 1
             position.step_in_epoch = index + 1
@@ -361,7 +380,7 @@ def train_one_epoch(run: Run, interrupt: Interrupt, show_progress: bool) -> Epoc
             progress.images += images.shape[0]
             progress.seconds = earlier_seconds + time.perf_counter() - started
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
-                            keep=f"{keep_rate:.3f}" if reduces_tokens else "-",
+                            keep=f"{keep_rate:.3f}" if sets_keep_rate else "-",
                             img_s=f"{progress.images / progress.seconds:.0f}")
             bar.update(1)
             if interrupted:
@@ -401,7 +420,7 @@ def epoch_metrics(run: Run, progress: EpochProgress) -> dict[str, Any]:
     metrics = {"epoch": run.position.epoch + 1,
                "train_loss": progress.loss_sum / progress.steps if progress.steps else None,
                "lr": run.optimizer.param_groups[0]["lr"],
-               "keep_rate": run.keep_rate(run.position.epoch + 1) if recipe.evit.enabled else None,
+               "keep_rate": run.keep_rate(run.position.epoch + 1) if reduces_tokens(recipe) else None,
                "train_images_per_second": progress.images / progress.seconds if progress.steps else None,
                **accuracy(run.model, run.evaluation, run.runtime, amp)}
     if run.ema is not None:

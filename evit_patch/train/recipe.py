@@ -9,11 +9,13 @@ Every problem is one :class:`RecipeError` of one line naming the key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
@@ -26,6 +28,7 @@ from torch import nn
 
 from evit_patch.core.arguments import validated_keep_rates, validated_layers
 from evit_patch.models import DEFAULT_EVIT_LAYERS
+from evit_patch.reducers.registry import option_defaults, token_method
 
 
 class RecipeError(ValueError):
@@ -43,16 +46,27 @@ class ModelConfig:
 
 
 @dataclass
-class EvitConfig:
+class ReductionConfig:
+    """The token method at these layers and counts. Its options (``fuse``, ``seed``, ...) are
+    fields that :func:`reduction_config` adds, one per option of a registered method."""
+
     enabled: bool = True
     layers: list[int] = field(default_factory=lambda: [3, 6, 9])
     keep_rate: float = 0.7
-    fuse: bool = True  # reducer evit: fuse the unkept tokens (false: "EViT w/o fusion")
-    variant: Literal["paper", "training-free"] = "paper"  # reducer evit: the official method, or one for no fine-tuning
-    reducer: Literal["evit", "random", "tome", "oracle"] = "evit"  # the method at these layers and counts
-    seed: int = 0  # reducer random: its generator's seed
-    proportional_attention: bool = True  # reducer tome: keys weighted by the patches each token holds
-    oracle_at_eval: bool = True  # reducer oracle: the oracle decides at evaluation too (else the model's own attention)
+    method: str = "evit"  # a registered token method (evit_patch.reducers.registry)
+
+
+_REDUCTION_CONFIGS: dict[str, type] = {}
+
+
+def reduction_config() -> type:
+    """:class:`ReductionConfig` with a field for every option of every registered token method."""
+    options = option_defaults()
+    key = repr(options)
+    if key not in _REDUCTION_CONFIGS:
+        fields = [(name, hint, field(default=default)) for name, (hint, default) in options.items()]
+        _REDUCTION_CONFIGS[key] = dataclasses.make_dataclass("ReductionConfig", fields, bases=(ReductionConfig,))
+    return _REDUCTION_CONFIGS[key]
 
 
 @dataclass
@@ -66,16 +80,16 @@ class StructuralConfig:
     """Width pruning (heads, MLP channels) in place of EViT, to the same MACs; turns EViT off."""
     enabled: bool = False
     target_macs: Optional[float] = None  # MACs of one image; null: EViT's cost (match_evit)
-    match_evit: bool = True  # budget = the model's cost with EViT at evit.layers / evit.keep_rate (only read for that)
+    match_evit: bool = True  # budget: the model's cost with EViT at reduction.layers / keep_rate (only read for that)
     importance: Literal["magnitude", "random"] = "magnitude"
     shape: Optional[PrunedShapeConfig] = None  # the widths to prune to; a run records the ones it found here
 
 
 @dataclass
 class DynamicViTConfig:
-    enabled: bool = False  # learned pruning (DynamicViT) instead of EViT; needs evit.enabled: false
+    enabled: bool = False  # learned pruning (DynamicViT) instead of EViT; needs reduction.enabled: false
     layers: list[int] = field(default_factory=lambda: [3, 6, 9])
-    keep_ratio: float = 0.7  # stage s keeps keep_ratio**s of the image tokens
+    keep_rate: float = 0.7  # per stage, compounding: stage s keeps keep_rate**s of the image tokens
     backbone_lr_scale: float = 0.01  # backbone lr = optimizer lr x this; predictors get the full lr
     freeze_epochs: int = 5  # backbone frozen for the first epochs
     ratio_weight: float = 2.0
@@ -161,16 +175,48 @@ class TrainConfig:
 @dataclass
 class Recipe:
     model: ModelConfig
-    evit: EvitConfig = field(default_factory=EvitConfig)
+    reduction: ReductionConfig = field(default_factory=lambda: reduction_config()())
     dynamicvit: DynamicViTConfig = field(default_factory=DynamicViTConfig)
     keep_rate_schedule: KeepRateScheduleConfig = field(default_factory=KeepRateScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     teacher: Optional[TeacherConfig] = None
-    oracle: Optional[ModelConfig] = None  # reducer oracle: the trained model that scores tokens (default: `model`)
+    oracle: Optional[ModelConfig] = None  # method oracle: the trained model that scores tokens (default: `model`)
     structural: StructuralConfig = field(default_factory=StructuralConfig)
     token_labeling: TokenLabelingConfig = field(default_factory=TokenLabelingConfig)
+
+    @property
+    def evit(self) -> ReductionConfig:
+        """The former name of :attr:`reduction` (deprecated; warns)."""
+        warnings.warn("Recipe.evit is now Recipe.reduction (it configures any token method); evit goes in the next "
+                      "release", DeprecationWarning, stacklevel=2)
+        return self.reduction
+
+
+def reduces_tokens(recipe: Recipe) -> bool:
+    """Whether the recipe runs its ``reduction`` section's token method: enabled, and not
+    replaced by width pruning (``structural.enabled``), which runs without it."""
+    return recipe.reduction.enabled and not recipe.structural.enabled
+
+
+RENAMED: dict[str, str] = {"evit": "reduction", "reduction.reducer": "reduction.method",
+                           "dynamicvit.keep_ratio": "dynamicvit.keep_rate"}
+"""Keys of earlier versions -> their names now. A recipe that still uses one is refused,
+naming the new key; a recipe a run stored (checkpoint, run folder) is read with the new names."""
+
+
+def with_current_names(values: Any) -> Any:
+    """A copy of a stored recipe's mapping with the keys of :data:`RENAMED` under their names now."""
+    values = copy.deepcopy(values)
+    for old, new in RENAMED.items():  # a section first, then the keys inside it
+        *parents, last = old.split(".")
+        node = values
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last in node and new.split(".")[-1] not in node:
+            node[new.split(".")[-1]] = node.pop(last)
+    return values
 
 
 def _check_type(value: Any, hint: Any, key: str) -> Any:
@@ -189,6 +235,8 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise RecipeError(f"{key}: expected a list, got {_short(value)}")
         return [_check_type(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
+    if hint is ReductionConfig:
+        return _build(reduction_config(), value, f"{key}.")
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, f"{key}.")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
@@ -213,6 +261,9 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in values:
+        if f"{prefix}{key}" in RENAMED:
+            raise RecipeError(f"recipe key '{prefix}{key}' is now '{RENAMED[prefix + key]}': rename it in the recipe "
+                              f"(or the --set)")
         if key not in hints:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {names}"
@@ -311,35 +362,37 @@ def _absent(message: str, missing: Optional[list[str]]) -> None:
 
 def _check_oracle(recipe: Recipe) -> None:
     """An oracle must know which tokens matter: trained weights, not a random start."""
-    if not (recipe.evit.enabled and recipe.evit.reducer == "oracle") or recipe.oracle is not None:
+    if not (reduces_tokens(recipe) and recipe.reduction.method == "oracle") or recipe.oracle is not None:
         return
     model = recipe.model
     if not (model.pretrained or model.pretrained_file or model.checkpoint):
-        raise RecipeError("evit.reducer: oracle needs a trained oracle: add an `oracle:` section (name and "
+        raise RecipeError("reduction.method: oracle needs a trained oracle: add an `oracle:` section (name and "
                           "checkpoint / pretrained_file), or start `model` from trained weights, which then "
                           "serve as the oracle")
 
 
-def _check_variant(evit: EvitConfig) -> None:
-    """``evit.variant`` chooses between EViT's own forms; the training-free one always merges."""
-    if evit.variant == "paper":
+def _check_variant(reduction: ReductionConfig) -> None:
+    """``reduction.variant`` chooses between EViT's own forms; the training-free one always merges."""
+    try:
+        token_method(reduction.method)
+    except ValueError as error:
+        raise RecipeError(f"reduction.method: {error}") from None
+    if reduction.variant == "paper":
         return
-    if evit.reducer != "evit":
-        raise RecipeError(f"evit.variant: {evit.variant!r} is a form of reducer evit, not of {evit.reducer!r}; "
-                          "set evit.reducer: evit, or drop evit.variant")
-    if not evit.fuse:
-        raise RecipeError(f"evit.variant: {evit.variant!r} merges every unkept token into a kept one and has "
-                          "no no-fusion form; drop evit.fuse: false, or use evit.variant: paper")
+    if reduction.method != "evit":
+        raise RecipeError(f"reduction.variant: {reduction.variant!r} is a form of reducer evit, not of {reduction.method!r}; "
+                          "set reduction.method: evit, or drop reduction.variant")
+    if not reduction.fuse:
+        raise RecipeError(f"reduction.variant: {reduction.variant!r} merges every unkept token into a kept one and has "
+                          "no no-fusion form; drop reduction.fuse: false, or use reduction.variant: paper")
 
 
 def _check_structural(recipe: Recipe) -> None:
-    """A structurally pruned run needs a budget, and runs without EViT."""
+    """A structurally pruned run needs a budget (it runs without the token method: :func:`reduces_tokens`)."""
     structural = recipe.structural
     if structural.enabled and structural.shape is None and structural.target_macs is None and not structural.match_evit:
         raise RecipeError("structural: enabled without a budget; set structural.target_macs, "
-                          "or structural.match_evit: true to take the cost of the evit settings")
-    if structural.enabled:
-        recipe.evit.enabled = False
+                          "or structural.match_evit: true to take the cost of the reduction settings")
 
 
 def _check_data_folders(data: DataConfig, base: Path, missing: Optional[list[str]] = None) -> None:
@@ -413,7 +466,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer.clip_grad": (_finite_above(0.0), "a positive gradient norm (or null: no clipping)"),
     "keep_rate_schedule.start_epoch": (_finite_at_least(0.0), ">= 0"),
     "keep_rate_schedule.epochs": (_finite_at_least(0.0), ">= 0"),
-    "evit.seed": (lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
+    "reduction.seed": (lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
     "data.train_subset": (lambda v: v >= 1, "at least 1 (or null: all images)"),
     "data.eval_subset": (lambda v: v >= 1, "at least 1 (or null: all images)"),
     "data.workers": (lambda v: v >= 0, ">= 0"),
@@ -450,7 +503,7 @@ def check_values(recipe: Recipe) -> None:
         raise RecipeError(f"optimizer.min_lr: must be at most optimizer.lr ({recipe.optimizer.lr}), "
                           f"got {recipe.optimizer.min_lr}")
     _check_optimizer_name(recipe.optimizer.name)
-    _check_variant(recipe.evit)
+    _check_variant(recipe.reduction)
     _check_output_dir(recipe.train.output_dir)
     for section in ("model", "teacher", "oracle"):
         config = getattr(recipe, section)
@@ -461,15 +514,14 @@ def check_values(recipe: Recipe) -> None:
         _model_depth("teacher", recipe.teacher)  # its kwargs, before data is loaded for it
     oracle_depth = _model_depth("oracle", recipe.oracle) if recipe.oracle is not None else None
     structural = recipe.structural
-    if recipe.evit.enabled or (structural.enabled and structural.shape is None and structural.target_macs is None):
-        _check_method_arguments("evit", recipe.evit.layers, recipe.evit.keep_rate, depth)
-        reads_oracle = recipe.evit.enabled and recipe.evit.reducer == "oracle" and oracle_depth is not None
-        if reads_oracle and max(recipe.evit.layers) >= oracle_depth:
-            raise RecipeError(f"evit.layers: the oracle is read at the same blocks, and oracle.name "
-                              f"{recipe.oracle.name!r} has blocks 0..{oracle_depth - 1}, not {max(recipe.evit.layers)}")
+    if reduces_tokens(recipe) or (structural.enabled and structural.shape is None and structural.target_macs is None):
+        _check_method_arguments("reduction", recipe.reduction.layers, recipe.reduction.keep_rate, depth)
+        reads_oracle = reduces_tokens(recipe) and recipe.reduction.method == "oracle" and oracle_depth is not None
+        if reads_oracle and max(recipe.reduction.layers) >= oracle_depth:
+            raise RecipeError(f"reduction.layers: the oracle is read at the same blocks, and oracle.name "
+                              f"{recipe.oracle.name!r} has blocks 0..{oracle_depth - 1}, not {max(recipe.reduction.layers)}")
     if recipe.dynamicvit.enabled:
-        _check_method_arguments("dynamicvit", recipe.dynamicvit.layers, recipe.dynamicvit.keep_ratio, depth,
-                                rate_key="keep_ratio")
+        _check_method_arguments("dynamicvit", recipe.dynamicvit.layers, recipe.dynamicvit.keep_rate, depth)
     if structural.shape is not None and depth is not None:
         for key in ("heads", "mlp_hidden"):
             widths = getattr(structural.shape, key)
@@ -478,13 +530,12 @@ def check_values(recipe: Recipe) -> None:
                                   f"got {_short(widths)}")
 
 
-def _check_method_arguments(section: str, layers: list[int], rate: float, depth: Optional[int],
-                            rate_key: str = "keep_rate") -> None:
+def _check_method_arguments(section: str, layers: list[int], rate: float, depth: Optional[int]) -> None:
     """The layer and keep-rate checks ``apply_evit`` and ``apply_dynamicvit`` make."""
     try:
         validated_keep_rates(rate, 1)
     except (TypeError, ValueError) as error:
-        raise RecipeError(f"{section}.{rate_key}: {_without_subject(error, 'keep_rate')}") from None
+        raise RecipeError(f"{section}.keep_rate: {_without_subject(error, 'keep_rate')}") from None
     if depth is None:  # not a ViT with `blocks`: applying the method names the reason
         return
     try:
@@ -608,9 +659,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, missing: O
     path = Path(path)
     values = _read_recipe_file(path)
     recipe = _build(Recipe, apply_overrides(values, overrides or []), "")
-    if recipe.dynamicvit.enabled and recipe.evit.enabled:
-        raise RecipeError("dynamicvit.enabled and evit.enabled are both true; a run prunes with one method: "
-                          "set evit.enabled: false (or dynamicvit.enabled: false)")
+    if recipe.dynamicvit.enabled and recipe.reduction.enabled:
+        raise RecipeError("dynamicvit.enabled and reduction.enabled are both true; a run prunes with one method: "
+                          "set reduction.enabled: false (or dynamicvit.enabled: false)")
     _resolve_files(recipe, path.resolve().parent.parent, missing)
     _check_structural(recipe)
     _check_token_labeling(recipe)
@@ -623,4 +674,5 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 
 
 def recipe_from_dict(values: dict) -> Recipe:
-    return _build(Recipe, values, "")
+    """A recipe a run stored (earlier versions' key names read as now)."""
+    return _build(Recipe, with_current_names(values), "")

@@ -3,7 +3,7 @@
 A checkpoint stores the recipe it was trained with; ``--resume`` compares it with the
 recipe given now, key by key, before any data or model is built:
 
-- what the run *is* may not change: the model, the method and its settings (``evit``,
+- what the run *is* may not change: the model, the method and its settings (``reduction``,
   ``dynamicvit``, ``structural``, ``keep_rate_schedule``, the oracle), the data and its
   augmentation, the batch size and steps per epoch (which give the position its
   meaning), the seed, the EMA, the optimizer, the teacher and token labeling. Any such
@@ -28,7 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from evit_patch.train.recipe import PrunedShapeConfig, Recipe, RecipeError, recipe_to_dict
+from evit_patch.train.recipe import PrunedShapeConfig, Recipe, RecipeError, recipe_to_dict, reduces_tokens, with_current_names
 
 _SCHEDULE = "the lr schedule follows the new recipe: from update {update} on the lr is what a fresh run of it has there"
 _FROM_NOW = "applies from update {update} on"
@@ -123,9 +123,10 @@ def check_resume(state: dict, recipe: Recipe, source: Path) -> list[str]:
     saved = state.get("recipe")
     if not isinstance(saved, dict):
         return [f"--resume {str(source)!r} stores no recipe to compare with; the run continues with this one"]
+    saved = with_current_names(saved)  # a checkpoint of an earlier version: its keys as named now
     adopt_recorded_values(saved, recipe)
     changes = recipe_changes(saved, recipe)
-    oracle_is_start = recipe.evit.enabled and recipe.evit.reducer == "oracle" and recipe.oracle is None
+    oracle_is_start = reduces_tokens(recipe) and recipe.reduction.method == "oracle" and recipe.oracle is None
     refused = {key: values for key, values in changes.items()
                if key not in MAY_CHANGE or (oracle_is_start and key.startswith("model."))}  # the oracle's weights
     if refused:
