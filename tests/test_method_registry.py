@@ -120,3 +120,11 @@ def test_the_docs_list_every_registered_method_and_option() -> None:
     for method in token_methods().values():
         for option in method.option_types():
             assert f"`{option}`" in text, option
+
+
+def test_a_method_option_is_a_typed_recipe_key_with_its_range(tmp_path) -> None:
+    assert load_recipe(write_recipe(tmp_path), ["reduction.method=random", "reduction.seed=7"]).reduction.seed == 7
+    with pytest.raises(RecipeError, match=r"^reduction\.seed: must be an integer in \[0, 2\*\*63\), got -1$"):
+        load_recipe(write_recipe(tmp_path), ["reduction.method=random", "reduction.seed=-1"])
+    with pytest.raises(RecipeError, match=r"^reduction\.seed: expected int, got 'x'$"):
+        load_recipe(write_recipe(tmp_path), ["reduction.seed=x"])

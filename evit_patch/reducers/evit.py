@@ -100,9 +100,10 @@ def apply_evit(model: ModelT, layers: Sequence[int] | None = None, keep_rate: fl
         close = difflib.get_close_matches(str(variant), VARIANTS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}{hint}")
-    if variant == "training-free" and not fuse:
-        raise ValueError("variant 'training-free' merges every unkept token into a kept one; it has no "
-                         "no-fusion form: drop fuse=False, or use variant='paper'")
+    try:
+        EvitOptions(fuse, variant)
+    except ValueError as error:
+        raise ValueError(f"variant {error}: drop fuse=False, or use variant='paper'") from None
     method = "evit" if variant == "paper" else "evit-training-free"
     return apply_token_reducer(model, layers, keep_rate, token_method(method).build({"fuse": fuse}))
 
@@ -114,6 +115,10 @@ class EvitOptions:
 
     fuse: bool = True
     variant: Variant = "paper"
+
+    def __post_init__(self) -> None:
+        if self.variant == "training-free" and not self.fuse:
+            raise ValueError(f"{self.variant!r} merges every unkept token into a kept one and has no no-fusion form")
 
 
 def paper_evit(fuse: bool = True, variant: Variant = "paper") -> EvitReducer:

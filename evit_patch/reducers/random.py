@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -89,9 +89,9 @@ class RandomDrop(TokenReducer):
 
 @dataclass(frozen=True)
 class RandomOptions:
-    """``seed``: the draw's seed."""
+    """``seed``: the draw's seed (a field's metadata: the range a recipe checks, and it in words)."""
 
-    seed: int = 0
+    seed: int = field(default=0, metadata={"ge": 0, "lt": 2**63, "must": "an integer in [0, 2**63)"})
 
 
 register_token_method(TokenMethod("random", "random drop", RandomDrop, RandomOptions))

@@ -9,7 +9,6 @@ pruning, which are not reducers at EViT's insertion point. Fine-tuning, ``evalua
 from __future__ import annotations
 
 import copy
-import dataclasses
 import difflib
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Optional
@@ -61,7 +60,7 @@ def _unchanged(model: nn.Module, recipe: Recipe, keep_rate: Optional[float],
 def recipe_token_method(recipe: Recipe) -> TokenMethod:
     """The registered token method of the recipe's ``reduction`` section (its name, or the form of
     it that the options select: ``fuse: false``, ``variant: training-free``)."""
-    return selected_method(recipe.reduction.method, dataclasses.asdict(recipe.reduction))
+    return selected_method(recipe.reduction.method, recipe.reduction.model_dump())
 
 
 def recipe_reducer(recipe: Recipe, starting_model: Optional[nn.Module] = None) -> TokenReducer:
@@ -75,7 +74,7 @@ def recipe_reducer(recipe: Recipe, starting_model: Optional[nn.Module] = None) -
             recipe.oracle or recipe.model)
     if "layers" in method.needs:
         needs["layers"] = recipe.reduction.layers
-    return method.build(dataclasses.asdict(recipe.reduction), **needs)
+    return method.build(recipe.reduction.model_dump(), **needs)
 
 
 def _token_reducer(model: nn.Module, recipe: Recipe, keep_rate: Optional[float],
@@ -99,7 +98,7 @@ def _width_pruning(model: nn.Module, recipe: Recipe, keep_rate: Optional[float],
     structural = recipe.structural
     try:
         if structural.shape is not None:
-            apply_pruned_shape(model, dataclasses.asdict(structural.shape), importance=structural.importance)
+            apply_pruned_shape(model, structural.shape.model_dump(), importance=structural.importance)
         else:
             target = structural.target_macs
             if target is None:
