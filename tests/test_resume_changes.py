@@ -26,7 +26,7 @@ import evit_patch.train.loop as loop
 from evit_patch.tools.finetune import main as finetune_main
 from evit_patch.train.checkpoint import load_checkpoint, remove_stale_temporaries
 from evit_patch.train.criterion import DistillationLoss
-from evit_patch.train.recipe import load_recipe
+from evit_patch.train.recipe import load_recipe, recipe_to_dict
 from evit_patch.train.resume import recipe_changes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,7 +158,7 @@ KILL_DURING_SECOND_SAVE = textwrap.dedent("""
     import torch
     import evit_patch.train.checkpoint as checkpoint
     from evit_patch.train.loop import train
-    from evit_patch.train.recipe import load_recipe
+    from evit_patch.train.recipe import load_recipe, recipe_to_dict
 
     saves, real_save = [], torch.save
     def save(state, target):
@@ -311,7 +311,7 @@ def test_a_position_past_the_end_of_this_recipes_epochs_is_one_line(one_epoch_ru
 
 def test_recipe_changes_count_kwargs_and_emptied_sections(tmp_path) -> None:
     recipe = load_recipe(write_recipe(tmp_path))
-    saved = yaml.safe_load(yaml.safe_dump(loop.recipe_to_dict(recipe)))
+    saved = yaml.safe_load(yaml.safe_dump(recipe_to_dict(recipe)))
     assert recipe_changes(saved, recipe) == {}
     fewer = yaml.safe_load(yaml.safe_dump(saved))
     del fewer["model"]["kwargs"]["depth"]

@@ -35,7 +35,6 @@ class Method:
     Attributes:
         name: the short name (``compare.py --methods``).
         label: the table label, without its budget.
-        section: the recipe section that configures it.
         selection: ``--set`` overrides that select it on any recipe.
         changes_architecture: it adds or removes parameters, so a saved run's weights
             load only after it is applied (else before).
@@ -45,7 +44,6 @@ class Method:
 
     name: str
     label: str
-    section: str
     selection: tuple[str, ...]
     changes_architecture: bool
     meaningful_untrained: bool
@@ -112,15 +110,15 @@ def _width_pruning(model: nn.Module, recipe: Recipe, keep_rate: Optional[float],
 
 
 def _token_method(method: TokenMethod) -> Method:
-    return Method(method.name, method.label, "evit", (f"reduction.method={method.name}",), method.changes_architecture,
+    return Method(method.name, method.label, (f"reduction.method={method.name}",), method.changes_architecture,
                   method.meaningful_untrained, _token_reducer)
 
 
-_UNPATCHED = Method("unpatched", "unpatched", "evit", ("reduction.enabled=false",), False, True, _unchanged)
+_UNPATCHED = Method("unpatched", "unpatched", ("reduction.enabled=false",), False, True, _unchanged)
 _OTHERS = [
-    Method("dynamicvit", "DynamicViT", "dynamicvit", ("reduction.enabled=false", "dynamicvit.enabled=true"),
+    Method("dynamicvit", "DynamicViT", ("reduction.enabled=false", "dynamicvit.enabled=true"),
            True, False, _dynamicvit),
-    Method("width-pruning", "width pruning", "structural", ("structural.enabled=true",), True, True, _width_pruning),
+    Method("width-pruning", "width pruning", ("structural.enabled=true",), True, True, _width_pruning),
 ]
 
 
