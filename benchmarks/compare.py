@@ -8,7 +8,7 @@ same way: top-1 before and after fine-tuning on the full evaluation split, GMACs
 parameters, and images/s of the models of the longest budget timed side by side,
 interleaved, in this one process (speed-up = median of per-repeat ratios to the unpatched
 model). Budgets are EViT's cost at each keep rate: token methods run at EViT's layers and
-token counts, DynamicViT at the keep ratio whose MACs match, width pruning to EViT's MACs.
+token counts, DynamicViT at the keep rate whose MACs match, width pruning to EViT's MACs.
 
     python benchmarks/compare.py                                   # the embedded default, 150 steps
     python benchmarks/compare.py --steps 150 600 1800 --methods unpatched evit tome width-pruning
@@ -54,7 +54,7 @@ from evit_patch.train.loop import run_training
 from evit_patch.train.methods import METHODS
 from evit_patch.train.metrics import accuracy
 from evit_patch.train.model_source import build_model
-from evit_patch.train.recipe import Recipe, RecipeError, load_recipe
+from evit_patch.train.recipe import Recipe, RecipeError, load_recipe, reduces_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 WITHIN = 0.5  # points of top-1: "as accurate as the unpatched model fine-tuned alike"
@@ -114,26 +114,26 @@ def epochs_for(steps: int, steps_per_epoch: int) -> int:
 
 def method_recipe(args: argparse.Namespace, method: str, keep_rate: Optional[float], steps: int) -> Recipe:
     overrides = [*METHODS[method].selection, *COMPARISON_SETTINGS.get(method, [])]
-    budget = [] if keep_rate is None else [f"evit.keep_rate={keep_rate}"]
-    if method == "dynamicvit":  # stages where EViT reorganizes, keep ratio at EViT's cost (below)
-        budget.append(f"dynamicvit.layers={json.dumps(load_recipe(args.recipe, args.overrides).evit.layers)}")
+    budget = [] if keep_rate is None else [f"reduction.keep_rate={keep_rate}"]
+    if method == "dynamicvit":  # stages where EViT reorganizes, keep rate at EViT's cost (below)
+        budget.append(f"dynamicvit.layers={json.dumps(load_recipe(args.recipe, args.overrides).reduction.layers)}")
     recipe = load_recipe(args.recipe, [*args.overrides, *overrides, *budget])
     epochs = epochs_for(steps, args.steps_per_epoch)
     recipe.train.epochs = epochs
     recipe.train.max_steps_per_epoch = steps // epochs
     recipe.train.output_dir = str(run_folder(args, method, keep_rate) / f"steps_{steps}")
     if recipe.dynamicvit.enabled:
-        recipe.dynamicvit.keep_ratio = dynamicvit_ratio_for(recipe, evit_macs(recipe))
+        recipe.dynamicvit.keep_rate = dynamicvit_ratio_for(recipe, evit_macs(recipe))
     return recipe
 
 
 def evit_macs(recipe: Recipe) -> float:
     """The budget: the recipe's model with EViT at its layers and keep rate."""
-    return count_macs(apply_evit(build_model(recipe.model), recipe.evit.layers, recipe.evit.keep_rate))
+    return count_macs(apply_evit(build_model(recipe.model), recipe.reduction.layers, recipe.reduction.keep_rate))
 
 
 def dynamicvit_ratio_for(recipe: Recipe, target_macs: float) -> float:
-    """The largest DynamicViT keep ratio whose inference costs at most ``target_macs``.
+    """The largest DynamicViT keep rate whose inference costs at most ``target_macs``.
 
     Its predictors sit before their blocks, so at EViT's rate it prunes a block earlier
     and costs less; bisection on the exact count matches the budget instead."""
@@ -141,20 +141,20 @@ def dynamicvit_ratio_for(recipe: Recipe, target_macs: float) -> float:
     state = dynamicvit_state(model)
 
     def macs_at(ratio: float) -> float:
-        state.keep_ratio = ratio
+        state.keep_rate = ratio
         return count_macs(model)
 
     return round(largest_within(macs_at, target_macs, 0.01, 1.0, 1e-3), 3)
 
 
 def method_setting(recipe: Recipe) -> str:
-    """What a method runs with: keep rate, DynamicViT's keep ratio, or pruned widths."""
+    """What a method runs with: keep rate, DynamicViT's keep rate, or pruned widths."""
     if recipe.structural.enabled:
         shape = recipe.structural.shape
         return f"heads {shape.heads[0]}, MLP {shape.mlp_hidden[0]} per block"
     if recipe.dynamicvit.enabled:
-        return f"keep ratio {recipe.dynamicvit.keep_ratio}"
-    return f"keep {recipe.evit.keep_rate}" if recipe.evit.enabled else "all tokens, full width"
+        return f"keep rate {recipe.dynamicvit.keep_rate}"
+    return f"keep {recipe.reduction.keep_rate}" if reduces_tokens(recipe) else "all tokens, full width"
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -345,7 +345,7 @@ def main() -> None:
     args.steps = sorted(set(args.steps))
     runtime = distributed.Runtime(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        recipe = load_recipe(args.recipe, [*args.overrides, "evit.enabled=false"])
+        recipe = load_recipe(args.recipe, [*args.overrides, "reduction.enabled=false"])
     except RecipeError as error:
         fail(str(error))
     args.steps_per_epoch = len(train_loader(build_dataset(recipe.data, build_model(recipe.model), training=True),

@@ -91,12 +91,12 @@ def main() -> None:
     if problem:
         print(f"kept_foreground.py: error: {problem}", file=sys.stderr)
         raise SystemExit(2)
-    keep_rate = args.keep_rate or recipe.evit.keep_rate
-    model = apply_evit(build_model(recipe.model).eval(), recipe.evit.layers, keep_rate, fuse=recipe.evit.fuse)
+    keep_rate = args.keep_rate or recipe.reduction.keep_rate
+    model = apply_evit(build_model(recipe.model).eval(), recipe.reduction.layers, keep_rate, fuse=recipe.reduction.fuse)
     dataset = build_dataset(recipe.data, model, training=False)
     count = min(args.images, len(dataset))
     images = torch.stack([dataset[i][0] for i in range(count)])
-    table = markdown(args.label, recipe.evit.layers, keep_rate,
+    table = markdown(args.label, recipe.reduction.layers, keep_rate,
                      kept_foreground(model, images.split(250), args.threshold), count)
     print(table)
     if args.out:

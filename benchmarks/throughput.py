@@ -93,8 +93,8 @@ def with_method(base: nn.Module, model_name: str, model_kwargs: dict, method: st
                 layers: list[int], source: str = "timm") -> nn.Module:
     """A copy of ``base`` with a registry method at ``keep_rate`` on ``layers``."""
     values = {"model": {"name": model_name, "kwargs": model_kwargs, "source": source},
-              "evit": {"layers": layers, "keep_rate": keep_rate},
-              "dynamicvit": {"layers": layers, "keep_ratio": keep_rate}}
+              "reduction": {"layers": layers, "keep_rate": keep_rate},
+              "dynamicvit": {"layers": layers, "keep_rate": keep_rate}}
     recipe = recipe_from_dict(apply_overrides(values, list(METHODS[method].selection)))
     return METHODS[method].apply(copy.deepcopy(base), recipe, keep_rate, base)
 

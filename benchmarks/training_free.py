@@ -88,12 +88,12 @@ def method_rows(recipe_path: Path, overrides: list[str], keep_rate: float, loade
     """Every registry method but the unpatched model, and the ablations, at one keep rate."""
     rows = []
     for name in REGISTRY_METHODS[1:]:
-        recipe = load_recipe(recipe_path, [*overrides, *METHODS[name].selection, f"evit.keep_rate={keep_rate}"])
+        recipe = load_recipe(recipe_path, [*overrides, *METHODS[name].selection, f"reduction.keep_rate={keep_rate}"])
         rows.append({"method": name, "label": METHODS[name].label, "keep_rate": keep_rate,
                      **measure(prepare_model(recipe), loader, runtime)})
-    recipe = load_recipe(recipe_path, [*overrides, f"evit.keep_rate={keep_rate}"])
+    recipe = load_recipe(recipe_path, [*overrides, f"reduction.keep_rate={keep_rate}"])
     for label, make in ABLATIONS.items():
-        model = apply_token_reducer(build_model(recipe.model), recipe.evit.layers, keep_rate, make())
+        model = apply_token_reducer(build_model(recipe.model), recipe.reduction.layers, keep_rate, make())
         rows.append({"method": "ablation", "label": label, "keep_rate": keep_rate, **measure(model, loader, runtime)})
     return rows
 
@@ -158,7 +158,7 @@ def main() -> None:
         {"method": "unpatched", "label": METHODS["unpatched"].label, "keep_rate": keep, **unpatched},
         *method_rows(args.recipe, args.overrides, keep, loader, runtime)]]
     setup = {"recipe": str(args.recipe.relative_to(ROOT) if args.recipe.is_relative_to(ROOT) else args.recipe),
-             "overrides": args.overrides, "keep_rates": args.keep_rates, "layers": recipe.evit.layers,
+             "overrides": args.overrides, "keep_rates": args.keep_rates, "layers": recipe.reduction.layers,
              "eval_images": len(dataset), "torch": torch.__version__}
     table = markdown(rows, setup)
     print(table)

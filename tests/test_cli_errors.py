@@ -24,7 +24,7 @@ import evit_patch.train.loop as loop
 from evit_patch.cost import count_macs
 from evit_patch.tools.evaluate import main as evaluate_main
 from evit_patch.tools.finetune import main as finetune_main
-from evit_patch.train.recipe import Recipe, RecipeError, load_recipe
+from evit_patch.train.recipe import Recipe, RecipeError, load_recipe, reduces_tokens
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -48,13 +48,13 @@ def assert_one_line(err: str, *fragments: str) -> None:
 
 
 BAD_VALUES = [
-    ("evit.keep_rate=0", "evit.keep_rate: must be in (0, 1]"),
-    ("evit.keep_rate=1.5", "evit.keep_rate: must be in (0, 1]"),
-    ("evit.keep_rate=-0.1", "evit.keep_rate: must be in (0, 1]"),
-    ("evit.keep_rate=.nan", "evit.keep_rate: must be in (0, 1]"),
-    ("evit.layers=[3]", "evit.layers: block index 3 is out of range; the model has blocks 0..2"),  # depth 3
-    ("evit.layers=[1, 1]", "evit.layers: must not repeat a block index"),
-    ("evit.layers=[]", "evit.layers: must name at least one block index in [0, 3)"),
+    ("reduction.keep_rate=0", "reduction.keep_rate: must be in (0, 1]"),
+    ("reduction.keep_rate=1.5", "reduction.keep_rate: must be in (0, 1]"),
+    ("reduction.keep_rate=-0.1", "reduction.keep_rate: must be in (0, 1]"),
+    ("reduction.keep_rate=.nan", "reduction.keep_rate: must be in (0, 1]"),
+    ("reduction.layers=[3]", "reduction.layers: block index 3 is out of range; the model has blocks 0..2"),  # depth 3
+    ("reduction.layers=[1, 1]", "reduction.layers: must not repeat a block index"),
+    ("reduction.layers=[]", "reduction.layers: must name at least one block index in [0, 3)"),
     ("optimizer.lr=-1e-3", "optimizer.lr: must be a positive learning rate, got -0.001"),
     ("optimizer.lr=.inf", "optimizer.lr: must be a positive learning rate"),
     ("optimizer.min_lr=1.0", "optimizer.min_lr: must be at most optimizer.lr"),
@@ -68,7 +68,7 @@ BAD_VALUES = [
                                        "'vit_tiny_patch16_224'?"),
     ("model.kwargs.dept=3", "model.kwargs: timm cannot build 'vit_tiny_patch16_224'"),
     ("optimizer.name=adamx", "optimizer.name: timm has no optimizer 'adamx'; did you mean 'adamax'?"),
-    ("dynamicvit.enabled=true", "dynamicvit.enabled and evit.enabled are both true"),
+    ("dynamicvit.enabled=true", "dynamicvit.enabled and reduction.enabled are both true"),
 ]
 
 
@@ -83,25 +83,25 @@ def test_a_bad_recipe_value_is_one_line_naming_the_key_before_any_work(tmp_path,
     assert snapshot(tmp_path) == before
 
 
-def test_dynamicvit_layers_and_keep_ratio_are_checked_against_the_model(tmp_path) -> None:
-    switch = ["evit.enabled=false", "dynamicvit.enabled=true"]
+def test_dynamicvit_layers_and_keep_rate_are_checked_against_the_model(tmp_path) -> None:
+    switch = ["reduction.enabled=false", "dynamicvit.enabled=true"]
     with pytest.raises(RecipeError, match=r"^dynamicvit.layers: block index 3 is out of range; the model has blocks 0..2"):
         load_recipe(write_recipe(tmp_path), switch)  # default layers [3, 6, 9] on a 3-block model
-    with pytest.raises(RecipeError, match=r"^dynamicvit.keep_ratio: must be in \(0, 1\]"):
-        load_recipe(write_recipe(tmp_path), [*switch, "dynamicvit.layers=[1]", "dynamicvit.keep_ratio=0"])
+    with pytest.raises(RecipeError, match=r"^dynamicvit.keep_rate: must be in \(0, 1\]"):
+        load_recipe(write_recipe(tmp_path), [*switch, "dynamicvit.layers=[1]", "dynamicvit.keep_rate=0"])
     assert load_recipe(write_recipe(tmp_path), [*switch, "dynamicvit.layers=[1, 2]"]).dynamicvit.layers == [1, 2]
 
 
 def test_unused_method_settings_are_not_held_against_the_recipe(tmp_path) -> None:
     """EViT's default layers [3, 6, 9] do not fit the 3-block model, but are not used when EViT is off."""
-    recipe = load_recipe(write_recipe(tmp_path), ["evit.enabled=false", "evit.layers=[3, 6, 9]"])
-    assert recipe.evit.enabled is False
+    recipe = load_recipe(write_recipe(tmp_path), ["reduction.enabled=false", "reduction.layers=[3, 6, 9]"])
+    assert recipe.reduction.enabled is False
 
 
 def test_layers_are_checked_against_the_depth_the_kwargs_give(tmp_path) -> None:
-    assert load_recipe(write_recipe(tmp_path), ["model.kwargs.depth=5", "evit.layers=[4]"]).evit.layers == [4]
-    with pytest.raises(RecipeError, match=r"^evit.layers: block index 4 is out of range; the model has blocks 0..3"):
-        load_recipe(write_recipe(tmp_path), ["model.kwargs.depth=4", "evit.layers=[4]"])
+    assert load_recipe(write_recipe(tmp_path), ["model.kwargs.depth=5", "reduction.layers=[4]"]).reduction.layers == [4]
+    with pytest.raises(RecipeError, match=r"^reduction.layers: block index 4 is out of range; the model has blocks 0..3"):
+        load_recipe(write_recipe(tmp_path), ["model.kwargs.depth=4", "reduction.layers=[4]"])
 
 
 def test_teacher_and_oracle_models_are_checked_too(tmp_path) -> None:
@@ -109,9 +109,9 @@ def test_teacher_and_oracle_models_are_checked_too(tmp_path) -> None:
         load_recipe(write_recipe(tmp_path), ["teacher.name=deit_tiny_patch16"])
     with pytest.raises(RecipeError, match=r"^teacher.kwargs: timm cannot build 'deit_tiny_patch16_224' .*'dept'"):
         load_recipe(write_recipe(tmp_path), ["teacher.name=deit_tiny_patch16_224", "teacher.kwargs.dept=3"])
-    oracle = ["evit.reducer=oracle", f"oracle.name={TINY['model']['name']}", "model.kwargs.depth=5", "evit.layers=[4]",
+    oracle = ["reduction.method=oracle", f"oracle.name={TINY['model']['name']}", "model.kwargs.depth=5", "reduction.layers=[4]",
               *(f"oracle.kwargs.{key}={value}" for key, value in TINY["model"]["kwargs"].items())]
-    with pytest.raises(RecipeError, match=r"^evit.layers: the oracle is read at the same blocks, and oracle.name "
+    with pytest.raises(RecipeError, match=r"^reduction.layers: the oracle is read at the same blocks, and oracle.name "
                                           r"'vit_tiny_patch16_224' has blocks 0..2, not 4"):
         load_recipe(write_recipe(tmp_path), oracle)  # the oracle is read at the student's layers
 
@@ -258,7 +258,7 @@ def test_evaluate_on_an_incomplete_or_damaged_run_is_one_line(finished_run, tmp_
     (not_mapping / "recipe.yaml").write_text("[1, 2]\n")
     bad_value = copy_run(finished_run, tmp_path / "bad_value")
     values = yaml.safe_load((bad_value / "recipe.yaml").read_text())
-    values["evit"]["keep_rate"] = 2.0
+    values["reduction"]["keep_rate"] = 2.0
     (bad_value / "recipe.yaml").write_text(yaml.safe_dump(values))
     cases = [
         (missing, 2, "model.safetensors' not found: a run writes it when its last epoch ends", "--resume"),
@@ -266,7 +266,7 @@ def test_evaluate_on_an_incomplete_or_damaged_run_is_one_line(finished_run, tmp_
         (wider, 1, "holds weights of another model: cls_token is [1, 1, 32] there and [1, 1, 48]"),
         (broken, 2, "recipe.yaml' is not a valid run recipe: it is not valid YAML"),
         (not_mapping, 2, "is not a valid run recipe: recipe: expected a mapping of keys"),
-        (bad_value, 2, "is not a valid run recipe: evit.keep_rate: must be in (0, 1]"),
+        (bad_value, 2, "is not a valid run recipe: reduction.keep_rate: must be in (0, 1]"),
         (tmp_path / "absent", 2, "is not a folder; pass the output folder of a fine-tuning run"),
     ]
     for run, status, *fragments in cases:
@@ -289,8 +289,8 @@ def test_count_macs_refuses_a_model_on_the_meta_device() -> None:
 
 SCHEMA_KEYS = sorted(
     f"{section}.{key}" for section, keys in {
-        "evit": ["enabled", "layers", "keep_rate", "fuse", "reducer", "seed", "proportional_attention"],
-        "dynamicvit": ["enabled", "layers", "keep_ratio", "freeze_epochs", "ratio_weight"],
+        "reduction": ["enabled", "layers", "keep_rate", "fuse", "method", "seed", "proportional_attention"],
+        "dynamicvit": ["enabled", "layers", "keep_rate", "freeze_epochs", "ratio_weight"],
         "keep_rate_schedule": ["kind", "start_epoch", "epochs"],
         "data": ["dataset", "root", "download", "train_subset", "workers", "random_erasing", "mixup",
                  "label_smoothing", "train_split"],
@@ -300,7 +300,7 @@ SCHEMA_KEYS = sorted(
         "structural": ["enabled", "target_macs", "match_evit", "shape"],
         "token_labeling": ["enabled", "dense_weight"],
         "model": ["name", "pretrained", "checkpoint"],  # not kwargs: a random depth of 10**9 is not the point
-    }.items() for key in keys) + ["evit", "train", "teacher", "oracle", "structural", "data"]
+    }.items() for key in keys) + ["reduction", "train", "teacher", "oracle", "structural", "data"]
 
 TRICKY_YAML = ["2001-13-01", "0x_", "!!int x", "!!float abc", "!!binary x", "[1", "{", "'", "&a [*a]", "? [1]\n: 2",
                "[" * 1000, "1e999", "-.inf", ".nan", "~", "{a: 1, a: 2}", "!!python/object:os.system x"]
@@ -374,8 +374,8 @@ def test_the_recipe_loader_returns_a_valid_recipe_or_one_recipe_error(content: b
     assert math.isfinite(optimizer.lr) and 0 < optimizer.lr and 0 <= optimizer.min_lr <= optimizer.lr
     assert not Path(train.output_dir).is_file()
     assert timm.is_model(recipe.model.name)
-    if recipe.evit.enabled:
-        assert 0 < recipe.evit.keep_rate <= 1
+    if reduces_tokens(recipe):
+        assert 0 < recipe.reduction.keep_rate <= 1
         depth = recipe.model.kwargs.get("depth", 3)
-        assert recipe.evit.layers and len(set(recipe.evit.layers)) == len(recipe.evit.layers)
-        assert all(0 <= layer < depth for layer in recipe.evit.layers)
+        assert recipe.reduction.layers and len(set(recipe.reduction.layers)) == len(recipe.reduction.layers)
+        assert all(0 <= layer < depth for layer in recipe.reduction.layers)

@@ -49,7 +49,7 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_deit_s_inference_keeps_exactly_137_96_67_image_tokens() -> None:
-    model = apply_dynamicvit(timm.create_model("deit_small_patch16_224"), layers=(3, 6, 9), keep_ratio=0.7).eval()
+    model = apply_dynamicvit(timm.create_model("deit_small_patch16_224"), layers=(3, 6, 9), keep_rate=0.7).eval()
     counts = tokens_entering_blocks(model, torch.randn(2, 3, 224, 224))
     assert counts == [197] * 3 + [1 + 137] * 3 + [1 + 96] * 3 + [1 + 67] * 3
     kept = dynamicvit_state(model).record.kept_indices
@@ -60,7 +60,7 @@ def test_deit_s_inference_keeps_exactly_137_96_67_image_tokens() -> None:
                                           ("vit_small_patch14_reg4_dinov2", 5)])
 def test_inference_keeps_int_n_rho_to_the_s_and_every_prefix_token(name, prefix) -> None:
     kwargs = {"img_size": 56} if "dinov2" in name else {}
-    model = apply_dynamicvit(small_vit(name, **kwargs), layers=[1, 3, 4], keep_ratio=0.6).eval()
+    model = apply_dynamicvit(small_vit(name, **kwargs), layers=[1, 3, 4], keep_rate=0.6).eval()
     n = model.patch_embed.num_patches
     expected = [int(n * 0.6), int(n * 0.36), int(n * 0.216)]
     counts = tokens_entering_blocks(model, images(size=kwargs.get("img_size", 64)))
@@ -72,7 +72,7 @@ def test_inference_keeps_int_n_rho_to_the_s_and_every_prefix_token(name, prefix)
 
 
 def test_a_stage_passes_prefix_tokens_through_and_gathers_the_kept_image_tokens() -> None:
-    model = apply_dynamicvit(small_vit("deit_tiny_distilled_patch16_224"), layers=[1, 3], keep_ratio=0.5).eval()
+    model = apply_dynamicvit(small_vit("deit_tiny_distilled_patch16_224"), layers=[1, 3], keep_rate=0.5).eval()
     leaving, entering = [], []
     model.blocks[2].register_forward_hook(lambda module, args, output: leaving.append(output))
     model.blocks[3].register_forward_pre_hook(lambda module, args: entering.append(args[0]))  # after the stage's
@@ -101,7 +101,7 @@ def test_training_masks_are_binary_monotone_and_hide_dropped_keys() -> None:
     model = small_vit("deit_tiny_distilled_patch16_224", drop_rate=0.0)
     for block in model.blocks:
         block.attn.fused_attn = False  # materialized attention, to read its rows
-    apply_dynamicvit(model, layers=[1, 3, 4], keep_ratio=0.5)
+    apply_dynamicvit(model, layers=[1, 3, 4], keep_rate=0.5)
     torch.manual_seed(0)
     _, probabilities = train_forward(model, images(4), attention_blocks=range(1, 6))
     state = dynamicvit_state(model)
@@ -126,7 +126,7 @@ def test_training_masks_are_binary_monotone_and_hide_dropped_keys() -> None:
 
 
 def test_training_keeps_the_sequence_and_gradients_reach_every_predictor() -> None:
-    model = apply_dynamicvit(small_vit(), layers=[1, 3, 4], keep_ratio=0.7)
+    model = apply_dynamicvit(small_vit(), layers=[1, 3, 4], keep_rate=0.7)
     counts = []
     for block in model.blocks:
         block.register_forward_pre_hook(lambda module, args: counts.append(args[0].shape[1]))
@@ -143,7 +143,7 @@ def test_inference_equals_training_restricted_to_the_kept_tokens(monkeypatch) ->
     """With decisions equal to inference's top-k choice, masking in training and removing
     at inference compute the same logits: masked keys are exactly what removal takes away."""
     model = small_vit("deit_tiny_distilled_patch16_224").double()
-    apply_dynamicvit(model, layers=[1, 3, 4], keep_ratio=0.6)
+    apply_dynamicvit(model, layers=[1, 3, 4], keep_rate=0.6)
     state = dynamicvit_state(model)
     state.key_weights.eps = 0.0  # else masked rows sum to 1 - O(eps)
     x = images().double()
@@ -181,14 +181,14 @@ def test_extra_parameters_are_the_predictors_and_in_the_state_dict() -> None:
 
 
 def test_state_dict_round_trip_through_safetensors(tmp_path) -> None:
-    model = apply_dynamicvit(small_vit(), layers=[1, 3], keep_ratio=0.5)
+    model = apply_dynamicvit(small_vit(), layers=[1, 3], keep_rate=0.5)
     with torch.no_grad():
         for parameter in model.dynamicvit_predictors.parameters():
             parameter.add_(torch.randn_like(parameter))
     save_weights(model, tmp_path / "model.safetensors")
     torch.manual_seed(1)
     other = apply_dynamicvit(timm.create_model("deit_tiny_patch16_224", img_size=64, depth=6), layers=[1, 3],
-                             keep_ratio=0.5)
+                             keep_rate=0.5)
     load_weights(other, tmp_path / "model.safetensors")
     assert set(load_file(str(tmp_path / "model.safetensors"))) == set(model.state_dict())
     with torch.no_grad():
@@ -231,7 +231,7 @@ def test_deit_s_costs_the_published_flops_plus_its_predictors() -> None:
     """Paper: 2.9 GFLOPs at rho 0.7. The predictors run on 196, 137 and 96 tokens: per
     token C^2 + C^2/2 + C^2/8 + C/2 multiply-adds (and the LayerNorm, 5 per channel in
     fvcore's count)."""
-    model = apply_dynamicvit(timm.create_model("deit_small_patch16_224"), keep_ratio=0.7)
+    model = apply_dynamicvit(timm.create_model("deit_small_patch16_224"), keep_rate=0.7)
     width = 384
     per_token = width * width + width * width // 2 + width * width // 8 + width // 2 + 5 * width
     predictors = (196 + 137 + 96) * per_token
@@ -240,21 +240,21 @@ def test_deit_s_costs_the_published_flops_plus_its_predictors() -> None:
     assert total < 0.66 * evit_patch.count_macs(remove_dynamicvit(model))
 
 
-@pytest.mark.parametrize("layers, keep_ratio, error, message", [
+@pytest.mark.parametrize("layers, keep_rate, error, message", [
     ([1, 6], 0.7, ValueError, r"block index 6 is out of range; the model has blocks 0..5"),
     ([3, 3], 0.7, ValueError, "must not repeat"),
     ([], 0.7, ValueError, "at least one block"),
     ([1.5], 0.7, TypeError, "integers"),
-    ([1], 0.0, ValueError, r"keep_ratio must be in \(0, 1\]"),
-    ([1], 1.5, ValueError, r"keep_ratio must be in \(0, 1\]"),
-    ([1], "0.7", TypeError, "keep_ratio must be a float"),
-    ([1], True, TypeError, "keep_ratio must be a float"),
+    ([1], 0.0, ValueError, r"keep_rate must be in \(0, 1\]"),
+    ([1], 1.5, ValueError, r"keep_rate must be in \(0, 1\]"),
+    ([1], "0.7", TypeError, "keep_rate must be a float"),
+    ([1], True, TypeError, "keep_rate must be a float"),
 ])
-def test_bad_arguments_name_the_problem_and_leave_the_model_as_it_was(layers, keep_ratio, error, message) -> None:
+def test_bad_arguments_name_the_problem_and_leave_the_model_as_it_was(layers, keep_rate, error, message) -> None:
     model = small_vit()
     before, attentions = snapshot(model), [block.attn for block in model.blocks]
     with pytest.raises(error, match=message):
-        apply_dynamicvit(model, layers=layers, keep_ratio=keep_ratio)
+        apply_dynamicvit(model, layers=layers, keep_rate=keep_rate)
     assert not is_dynamicvit(model) and not hasattr(model, "dynamicvit_predictors")
     assert [block.attn for block in model.blocks] == attentions
     assert all(not block._forward_pre_hooks for block in model.blocks)
@@ -288,3 +288,9 @@ def test_patching_twice_or_over_evit_is_refused() -> None:
         apply_dynamicvit(evit, layers=[2])
     with pytest.raises(ValueError, match="no DynamicViT pruning; call apply_dynamicvit"):
         remove_dynamicvit(small_vit())
+
+
+def test_the_former_keep_ratio_keyword_warns_and_still_works() -> None:
+    with pytest.warns(DeprecationWarning, match="keep_rate"):
+        model = apply_dynamicvit(small_vit(), layers=[1, 3], keep_ratio=0.5)
+    assert dynamicvit_state(model).keep_rate == 0.5

@@ -30,14 +30,14 @@ from evit_patch.train.assembly import prepare_model
 from evit_patch.train.recipe import RecipeError
 from evit_patch.train.reproducibility import seed_everything
 
-DYNAMICVIT = {"evit": {"enabled": False},
-              "dynamicvit": {"enabled": True, "layers": [1, 2], "keep_ratio": 0.5, "freeze_epochs": 1}}
+DYNAMICVIT = {"reduction": {"enabled": False},
+              "dynamicvit": {"enabled": True, "layers": [1, 2], "keep_rate": 0.5, "freeze_epochs": 1}}
 
 
 def patched_model() -> nn.Module:
     torch.manual_seed(0)
     model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=4)
-    return apply_dynamicvit(model, layers=[1, 2], keep_ratio=0.7)
+    return apply_dynamicvit(model, layers=[1, 2], keep_rate=0.7)
 
 
 def images(batch: int = 4) -> torch.Tensor:
@@ -159,7 +159,7 @@ def test_recipe_runs_with_a_frozen_then_trained_backbone(tmp_path, monkeypatch, 
     assert len(metrics) == 2 and all(m["keep_rate"] is None for m in metrics)
     evaluate_main([str(run)])
     printed = capsys.readouterr().out
-    assert "| unpatched |" in printed and "| DynamicViT keep ratio 0.5 |" in printed
+    assert "| unpatched |" in printed and "| DynamicViT keep rate 0.5 |" in printed
 
 
 @pytest.mark.slow  # three short runs: about 30 s on two cores
@@ -182,10 +182,10 @@ def test_resume_reproduces_the_uninterrupted_run_with_ema_and_mixup(tmp_path, mo
 
 
 def test_recipe_with_both_methods_enabled_is_refused(tmp_path) -> None:
-    with pytest.raises(RecipeError, match="dynamicvit.enabled and evit.enabled are both true.*evit.enabled: false"):
+    with pytest.raises(RecipeError, match="dynamicvit.enabled and reduction.enabled are both true.*reduction.enabled: false"):
         tiny_recipe(tmp_path, {"dynamicvit": {"enabled": True}})
-    with pytest.raises(RecipeError, match="did you mean 'dynamicvit.keep_ratio'"):
-        tiny_recipe(tmp_path, {**DYNAMICVIT, "dynamicvit": {"enabled": True, "keep_rate": 0.5}})
+    with pytest.raises(RecipeError, match="did you mean 'dynamicvit.keep_rate'"):
+        tiny_recipe(tmp_path, {**DYNAMICVIT, "dynamicvit": {"enabled": True, "keep_rat": 0.5}})
 
 
 def test_torchrun_freezes_and_unfreezes_the_backbone_on_every_process(tmp_path) -> None:

@@ -156,7 +156,7 @@ def test_evaluate_rebuilds_the_patched_model_from_the_run(tmp_path, capsys) -> N
     """The printed top-1 of both rows is that of the run's weights (one step away from the
     shipped base), computed here without the project's data or metric code: a model that
     evaluate built with fresh weights would score near chance."""
-    overrides = {"model": BASE_MODEL, "evit": {"layers": [1, 3, 4], "keep_rate": 0.7},
+    overrides = {"model": BASE_MODEL, "reduction": {"layers": [1, 3, 4], "keep_rate": 0.7},
                  "optimizer": {"lr": 1e-6, "min_lr": 1e-6}, "data": {"train_subset": 32, "eval_subset": 256},
                  "train": {"epochs": 1, "max_steps_per_epoch": 1, "benchmark_batch_size": 4}}
     run = loop.train(tiny_recipe(tmp_path, overrides), show_progress=False)

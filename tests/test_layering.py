@@ -1,11 +1,15 @@
 """The package's layers import downward only: the mechanism knows no method, training or
 tool, and ``import evit_patch`` loads no training code. Checked in fresh interpreters, so
 no other test's imports can hide a wrong arrow; a subpackage is imported under a bare
-``evit_patch`` package, so that what the top-level ``__init__`` loads does not count."""
+``evit_patch`` package, so that what the top-level ``__init__`` loads does not count.
+No two modules import each other, directly or around a circle: read from the source, so
+an import inside a function or under ``TYPE_CHECKING`` counts too."""
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +83,78 @@ def test_command_lines_are_console_scripts_and_modules(command: str, module: str
 def test_a_command_line_runs_as_a_module() -> None:
     result = subprocess.run([sys.executable, "-m", "evit_patch.evaluate", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
+
+
+PACKAGE = Path(__file__).resolve().parent.parent / "evit_patch"
+
+
+def import_graph(package: Path) -> dict[str, set[str]]:
+    """Each module of ``package`` (a folder) -> the modules of it that its source imports,
+    anywhere in the file. ``from a import b`` is module ``a.b`` where that is a module."""
+    def name_of(path: Path) -> str:
+        parts = [package.name, *path.relative_to(package).with_suffix("").parts]
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    files = {name_of(path): path for path in package.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = here.split(".")[: len(here.split(".")) - node.level + 1]
+                    base = ".".join([*parts, *([base] if base else [])])
+                targets |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in files else base for alias in node.names}
+        graph[name] = {target for target in targets if target in files and target != name}
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for target in sorted(graph[module]):
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            group = []
+            while not group or group[-1] != module:
+                group.append(stack.pop())
+            if len(group) > 1:
+                circles.append(sorted(group))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return circles
+
+
+def test_no_module_imports_itself_around_a_circle() -> None:
+    graph = import_graph(PACKAGE)
+    assert len(graph) > 80 and "evit_patch.reducers.counting" in graph["evit_patch.reducers.tome"]
+    assert import_circles(graph) == []
+
+
+def test_the_circle_check_sees_a_circle_through_a_function_level_or_type_checking_import(tmp_path) -> None:
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "sub" / "a.py").write_text("from pkg.sub.b import thing\n")
+    (package / "sub" / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import c\n")
+    (package / "sub" / "c.py").write_text("def late():\n    import pkg.sub.a\n")
+    (package / "d.py").write_text("from pkg.sub import a\n")
+    assert import_circles(import_graph(package)) == [["pkg.sub.a", "pkg.sub.b", "pkg.sub.c"]]

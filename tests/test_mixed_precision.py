@@ -129,7 +129,7 @@ def test_dynamicvit_under_bf16_autocast_prunes_by_float32_keep_scores() -> None:
     """DynamicViT's inference top-k ranks the predictor's keep log-probabilities: under CPU
     autocast its last linear layer gives bf16 logits, whose log-softmax must not be
     rounded to bf16 (untrained predictors put every token near log(1/2), ties in bf16)."""
-    model = apply_dynamicvit(_timm_model(), layers=LAYERS[:1], keep_ratio=KEEP_RATE).eval()
+    model = apply_dynamicvit(_timm_model(), layers=LAYERS[:1], keep_rate=KEEP_RATE).eval()
     captured = []
     predictors(model)[0].decide[-2].register_forward_hook(lambda m, args, output: captured.append(output))
     with torch.no_grad(), _bf16():

@@ -164,15 +164,13 @@ def official_epoch_lr(epoch: int, peak: float, floor: float, epochs: int) -> flo
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t / epochs))
 
 
-def test_the_loop_steps_per_epoch_as_the_official_loop(tmp_path, monkeypatch) -> None:
+def test_the_loop_steps_per_epoch_as_the_official_loop(tmp_path) -> None:
     recipe = tiny_recipe(tmp_path, {"optimizer": {"schedule_step": "epoch", "scale_min_lr": False, "lr": 0.05,
                                                   "min_lr": 1.0e-3},
                                     "train": {"epochs": 4, "max_steps_per_epoch": 2, "batch_size": 32}})
     seen: list[float] = []
-    original = loop._update
-    monkeypatch.setattr(loop, "_update", lambda run, loss: (seen.append(run.optimizer.param_groups[0]["lr"]),
-                                                            original(run, loss)))
-    loop.train(recipe, show_progress=False)
+    with loop.update_hook(lambda run: seen.append(run.optimizer.param_groups[0]["lr"])):
+        loop.train(recipe, show_progress=False)
     peak = 0.05 * 32 / 512
     expected = [official_epoch_lr(epoch, peak, 1.0e-3, 4) for epoch in range(4) for _ in range(2)]
     assert seen == pytest.approx(expected, rel=1e-12)

@@ -14,9 +14,9 @@ from evit_patch.train.model_source import build_model
 from evit_patch.train.recipe import RecipeError
 
 CASES = {
-    "random": ({"reducer": "random", "seed": 5}, RandomDrop, 8),
-    "tome": ({"reducer": "tome"}, ToMeMerge, 9),
-    "oracle": ({"reducer": "oracle"}, OracleGuided, 9),
+    "random": ({"method": "random", "seed": 5}, RandomDrop, 8),
+    "tome": ({"method": "tome"}, ToMeMerge, 9),
+    "oracle": ({"method": "oracle"}, OracleGuided, 9),
     "no-fusion": ({"fuse": False}, EvitReducer, 8),
 }
 
@@ -31,7 +31,7 @@ def trained_start(tmp_path):
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_recipe_trains_and_rebuilds_its_reducer(tmp_path, case):
     options, reducer_type, image_tokens = CASES[case]
-    recipe = tiny_recipe(tmp_path, {"evit": options, "model": trained_start(tmp_path),
+    recipe = tiny_recipe(tmp_path, {"reduction": options, "model": trained_start(tmp_path),
                                     "train": {"epochs": 1, "max_steps_per_epoch": 2}})
     run = loop.train(recipe, show_progress=False)
     model = rebuild(recipe, run / "model.safetensors")
@@ -41,7 +41,7 @@ def test_a_recipe_trains_and_rebuilds_its_reducer(tmp_path, case):
 
 
 def test_the_oracle_defaults_to_the_starting_weights_and_stays_frozen(tmp_path):
-    recipe = tiny_recipe(tmp_path, {"evit": {"reducer": "oracle"}, "model": trained_start(tmp_path),
+    recipe = tiny_recipe(tmp_path, {"reduction": {"method": "oracle"}, "model": trained_start(tmp_path),
                                     "train": {"epochs": 1, "max_steps_per_epoch": 2}})
     _, tuned = loop.run_training(recipe, None, loop.distributed.Runtime(torch.device("cpu")), False)
     start = build_model(recipe.model).state_dict()
@@ -52,4 +52,4 @@ def test_the_oracle_defaults_to_the_starting_weights_and_stays_frozen(tmp_path):
 
 def test_an_oracle_from_random_weights_is_refused(tmp_path):
     with pytest.raises(RecipeError, match="oracle needs a trained oracle"):
-        tiny_recipe(tmp_path, {"evit": {"reducer": "oracle"}})
+        tiny_recipe(tmp_path, {"reduction": {"method": "oracle"}})

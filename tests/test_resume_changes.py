@@ -5,6 +5,7 @@ checkpoint of its own, and a save killed midway leaves nothing behind for long."
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -24,7 +26,7 @@ import evit_patch.train.loop as loop
 from evit_patch.tools.finetune import main as finetune_main
 from evit_patch.train.checkpoint import load_checkpoint, remove_stale_temporaries
 from evit_patch.train.criterion import DistillationLoss
-from evit_patch.train.recipe import load_recipe
+from evit_patch.train.recipe import load_recipe, recipe_to_dict
 from evit_patch.train.resume import recipe_changes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,7 +158,7 @@ KILL_DURING_SECOND_SAVE = textwrap.dedent("""
     import torch
     import evit_patch.train.checkpoint as checkpoint
     from evit_patch.train.loop import train
-    from evit_patch.train.recipe import load_recipe
+    from evit_patch.train.recipe import load_recipe, recipe_to_dict
 
     saves, real_save = [], torch.save
     def save(state, target):
@@ -198,24 +200,20 @@ def cosine_lr(update: int, total: int, lr: float, min_lr: float, batch: int = 32
     return low + 0.5 * (high - low) * (1 + math.cos(math.pi * update / total))
 
 
-def record_updates(monkeypatch) -> list[list[tuple[float, float]]]:
-    """(lr, weight decay) of every parameter group at every update."""
+@contextlib.contextmanager
+def record_updates() -> Iterator[list[list[tuple[float, float]]]]:
+    """(lr, weight decay) of every parameter group at every update of the runs inside the block."""
     seen: list[list[tuple[float, float]]] = []
-    original = loop._update
-
-    def update(run, loss):
-        seen.append([(group["lr"], group["weight_decay"]) for group in run.optimizer.param_groups])
-        original(run, loss)
-
-    monkeypatch.setattr(loop, "_update", update)
-    return seen
+    with loop.update_hook(lambda run: seen.append([(group["lr"], group["weight_decay"])
+                                                   for group in run.optimizer.param_groups])):
+        yield seen
 
 
-def test_more_epochs_on_resume_give_the_schedule_of_a_fresh_run_of_that_length(one_epoch_run, tmp_path, capsys,
-                                                                              monkeypatch) -> None:
+def test_more_epochs_on_resume_give_the_schedule_of_a_fresh_run_of_that_length(one_epoch_run, tmp_path,
+                                                                              capsys) -> None:
     recipe, folder = copied(one_epoch_run, tmp_path)
-    seen = record_updates(monkeypatch)
-    finetune_main([str(recipe), "--resume", str(folder / "checkpoint.pth"), "--no-report", *sets("train.epochs=3")])
+    with record_updates() as seen:
+        finetune_main([str(recipe), "--resume", str(folder / "checkpoint.pth"), "--no-report", *sets("train.epochs=3")])
     err = capsys.readouterr().err
     assert "warning: resuming with train.epochs changed from 1 to 3: the lr schedule follows the new recipe: from " \
            "update 2 on the lr is what a fresh run of it has there" in err
@@ -226,15 +224,16 @@ def test_more_epochs_on_resume_give_the_schedule_of_a_fresh_run_of_that_length(o
     assert yaml.safe_load((folder / "recipe.yaml").read_text())["train"]["epochs"] == 3
 
 
-def test_optimizer_settings_changed_on_resume_take_effect(one_epoch_run, tmp_path, capsys, monkeypatch) -> None:
+def test_optimizer_settings_changed_on_resume_take_effect(one_epoch_run, tmp_path, capsys) -> None:
     recipe, folder = copied(one_epoch_run, tmp_path)
-    seen = record_updates(monkeypatch)
-    finetune_main([str(recipe), "--resume", str(folder / "checkpoint.pth"), "--no-report",
-                   *sets("train.epochs=2", "optimizer.lr=0.02", "optimizer.weight_decay=0.05")])
+    with record_updates() as seen:
+        finetune_main([str(recipe), "--resume", str(folder / "checkpoint.pth"), "--no-report",
+                       *sets("train.epochs=2", "optimizer.lr=0.02", "optimizer.weight_decay=0.05")])
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
     assert [line.split(" changed")[0] for line in warnings] == [
         "warning: resuming with optimizer.lr", "warning: resuming with optimizer.weight_decay",
         "warning: resuming with train.epochs", "warning: resuming with train.output_dir"]  # a copied run
+    assert len(seen) == 2  # updates 2 and 3 of 2 epochs x 2 steps
     for update, groups in enumerate(seen, start=2):
         assert groups[0][0] == pytest.approx(cosine_lr(update, 4, 2e-2, 1e-4), rel=1e-12)
         assert sorted(decay for _, decay in groups) == [0.0, 0.05]  # timm's no-decay group for norms and biases
@@ -249,9 +248,9 @@ def test_turning_weight_decay_off_on_resume_is_refused(one_epoch_run, tmp_path, 
 
 
 REFUSED = [
-    ("evit.keep_rate=0.7", "evit.keep_rate (0.5 there, 0.7 here)"),
-    ("evit.layers=[2]", "evit.layers ([1] there, [2] here)"),
-    ("evit.reducer=tome", "evit.reducer ('evit' there, 'tome' here)"),
+    ("reduction.keep_rate=0.7", "reduction.keep_rate (0.5 there, 0.7 here)"),
+    ("reduction.layers=[2]", "reduction.layers ([1] there, [2] here)"),
+    ("reduction.method=tome", "reduction.method ('evit' there, 'tome' here)"),
     ("model.name=deit_tiny_patch16_224", "model.name ('vit_tiny_patch16_224' there, 'deit_tiny_patch16_224' here)"),
     ("model.kwargs.depth=4", "model.kwargs.depth (3 there, 4 here)"),
     ("data.train_subset=128", "data.train_subset (256 there, 128 here)"),
@@ -282,10 +281,10 @@ def test_a_resume_that_changes_what_the_run_is_is_refused(one_epoch_run, tmp_pat
 def test_every_refused_change_is_named(one_epoch_run, tmp_path, capsys, no_work) -> None:
     recipe, folder = copied(one_epoch_run, tmp_path)
     code, err = run_cli([str(recipe), "--resume", str(folder / "checkpoint.pth"),
-                         *sets("train.epochs=2", "train.seed=4", "evit.keep_rate=0.7", "data.mixup=0.2")], capsys)
+                         *sets("train.epochs=2", "train.seed=4", "reduction.keep_rate=0.7", "data.mixup=0.2")], capsys)
     assert code == 2
     line = error_line(err)
-    assert "data.mixup (0.0 there, 0.2 here), evit.keep_rate (0.5 there, 0.7 here), train.seed (3 there, 4 here)" in line
+    assert "data.mixup (0.0 there, 0.2 here), reduction.keep_rate (0.5 there, 0.7 here), train.seed (3 there, 4 here)" in line
 
 
 def test_resuming_a_finished_run_without_more_epochs_is_refused(one_epoch_run, tmp_path, capsys, no_work) -> None:
@@ -312,7 +311,7 @@ def test_a_position_past_the_end_of_this_recipes_epochs_is_one_line(one_epoch_ru
 
 def test_recipe_changes_count_kwargs_and_emptied_sections(tmp_path) -> None:
     recipe = load_recipe(write_recipe(tmp_path))
-    saved = yaml.safe_load(yaml.safe_dump(loop.recipe_to_dict(recipe)))
+    saved = yaml.safe_load(yaml.safe_dump(recipe_to_dict(recipe)))
     assert recipe_changes(saved, recipe) == {}
     fewer = yaml.safe_load(yaml.safe_dump(saved))
     del fewer["model"]["kwargs"]["depth"]
@@ -321,7 +320,7 @@ def test_recipe_changes_count_kwargs_and_emptied_sections(tmp_path) -> None:
     with_teacher["teacher"] = {"name": "vit_tiny_patch16_224", "kind": "soft"}
     assert recipe_changes(with_teacher, recipe) == {"teacher": ({"name": "vit_tiny_patch16_224", "kind": "soft"}, None)}
     older = yaml.safe_load(yaml.safe_dump(saved))
-    del older["evit"]["oracle_at_eval"]  # a key this version added: its default holds
+    del older["reduction"]["oracle_at_eval"]  # a key this version added: its default holds
     assert recipe_changes(older, recipe) == {}
 
 

@@ -21,7 +21,7 @@ from evit_patch.train import distributed
 from evit_patch.train.assembly import prepare_model, rebuild
 from evit_patch.train.checkpoint import load_weights, save_weights
 from evit_patch.train.model_source import build_model
-from evit_patch.train.recipe import RecipeError, load_recipe, recipe_from_dict
+from evit_patch.train.recipe import RecipeError, load_recipe, recipe_from_dict, reduces_tokens
 from evit_patch.width_pruning import TOLERANCE, apply_pruned_shape, prune_to_macs, pruned_shape
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,7 +228,8 @@ def test_models_it_cannot_narrow_are_refused() -> None:
 
 def test_recipe_prunes_to_the_evit_budget_instead_of_applying_evit(tmp_path) -> None:
     recipe = tiny_recipe(tmp_path, {"structural": {"enabled": True}})
-    assert recipe.evit.enabled is False and recipe.structural.shape is None
+    assert not reduces_tokens(recipe) and recipe.structural.shape is None
+    assert recipe.reduction.enabled is True  # validation leaves the recipe as written
     model = prepare_model(recipe)
     assert not evit_patch.is_patched(model)
     target = evit_patch.count_macs(evit_patch.apply_evit(build_model(recipe.model), [1], 0.5))
@@ -260,7 +261,7 @@ def width_pruned_run(tmp_path_factory):
 def test_width_pruned_run_is_rebuilt_from_its_folder(width_pruned_run, capsys) -> None:
     run, model = width_pruned_run
     saved = recipe_from_dict(yaml.safe_load((run / "recipe.yaml").read_text()))
-    assert saved.evit.enabled is False
+    assert not reduces_tokens(saved)
     assert {"heads": saved.structural.shape.heads, "mlp_hidden": saved.structural.shape.mlp_hidden} == pruned_shape(model)
     rebuilt = rebuild(saved, run / "model.safetensors")
     inputs = image(rebuilt)

@@ -321,16 +321,16 @@ def test_bad_variants_are_refused(model, call, message) -> None:
 
 
 def test_recipes_select_the_variant() -> None:
-    recipe = load_recipe(RECIPE, ["evit.variant=training-free"])
+    recipe = load_recipe(RECIPE, ["reduction.variant=training-free"])
     assert recipe_method(recipe).name == "evit-training-free"
     assert isinstance(recipe_reducer(recipe), TrainingFreeEvit)
     assert recipe_method(load_recipe(RECIPE)).name == "evit"
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["evit.variant=training_free"], "did you mean 'training-free'"),
-    (["evit.variant=training-free", "evit.reducer=tome"], "form of reducer evit, not of 'tome'"),
-    (["evit.variant=training-free", "evit.fuse=false"], "no no-fusion form"),
+    (["reduction.variant=training_free"], "did you mean 'training-free'"),
+    (["reduction.variant=training-free", "reduction.method=tome"], "form of reducer evit, not of 'tome'"),
+    (["reduction.variant=training-free", "reduction.fuse=false"], "no no-fusion form"),
 ])
 def test_recipes_refuse_bad_variants(overrides, message) -> None:
     with pytest.raises(RecipeError, match=message):

@@ -22,7 +22,7 @@ REG4_BASE = ("python -m evit_patch.finetune recipes/fashion_mnist_pretrain.yaml 
              "--set train.epochs=2 --set train.output_dir=runs/fashion_mnist_pretrain_reg4_2ep")
 REG4 = ("python benchmarks/training_free.py --set model.checkpoint=runs/fashion_mnist_pretrain_reg4_2ep/model.safetensors "
         "--set model.kwargs.reg_tokens=4 --set data.eval_subset=2000 --out benchmarks/results/training_free_fashion_mnist_reg4")
-FINETUNE = "python -m evit_patch.finetune recipes/fashion_mnist.yaml --set evit.variant=training-free"
+FINETUNE = "python -m evit_patch.finetune recipes/fashion_mnist.yaml --set reduction.variant=training-free"
 COMPARE = ("python benchmarks/compare.py --methods unpatched evit evit-training-free --keep-rates 0.7 0.5 --steps 234 "
            "--repeats 5 --out benchmarks/results/training_free_finetune_fashion_mnist --runs runs/training_free_compare")
 COMPARE_REG4 = ("python benchmarks/compare.py --set model.checkpoint=runs/fashion_mnist_pretrain_reg4_2ep/model.safetensors "

@@ -39,7 +39,7 @@ def image_folder(root: Path, per_class: int = 24) -> Path:
 def write_recipe(folder: Path, model: dict, **sections: dict) -> Path:
     values = {
         "model": {"source": "transformers", **model},
-        "evit": {"layers": [1], "keep_rate": 0.5},
+        "reduction": {"layers": [1], "keep_rate": 0.5},
         "data": {"dataset": "imagefolder", "root": str(folder / "images")},
         "optimizer": {"lr": 5.0e-2, "min_lr": 1.0e-4, "weight_decay": 0.0},
         "train": {"epochs": 2, "batch_size": 16, "max_steps_per_epoch": 3, "seed": 0, "eval_batch_size": 48,
@@ -88,7 +88,7 @@ def test_a_checkpoint_folder_is_loaded_with_its_weights(tmp_path) -> None:
                                    "model type"),
     ({"name": "vit", "kwargs": CONFIG, "pretrained": True}, {}, "model.pretrained: a transformers model's weights "
                                                                 "come from its checkpoint folder"),
-    ({"name": "vit", "kwargs": CONFIG}, {"evit": {"layers": [3]}}, "evit.layers"),
+    ({"name": "vit", "kwargs": CONFIG}, {"reduction": {"layers": [3]}}, "reduction.layers"),
     ({"name": "vit", "kwargs": CONFIG, "source": "hub"}, {}, "model.source: 'hub' is not one of"),
 ])
 def test_a_bad_transformers_recipe_is_one_line_before_any_work(tmp_path, capsys, no_work, model, sections,

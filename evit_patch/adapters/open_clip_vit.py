@@ -46,7 +46,7 @@ class ScoredMultiheadAttention(nn.MultiheadAttention):
         bias = self.in_proj_bias
         query = F.linear(x[:, :1], self.in_proj_weight[:width], None if bias is None else bias[:width])
         key = F.linear(x, self.in_proj_weight[width:2 * width], None if bias is None else bias[width:2 * width])
-        return output, (_heads(query, heads), _heads(key, heads), None, None)
+        return output, AttentionTensors(_heads(query, heads), _heads(key, heads), None, None)
 
 
 def _heads(x: Tensor, heads: int) -> Tensor:

@@ -17,7 +17,7 @@ caller asks for patch features, the grid comes back through the recorded token m
   sequence afterwards, from the token maps alone.
 
 The fill of patches that are not their own token any more is the model's
-``restoration`` setting (:func:`set_restoration`; default ``carry``, measured best).
+``restoration`` setting (:func:`set_restoration`; default ``carry``, chosen in docs/dense.md).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from evit_patch.core.model_info import model_name, transformer_blocks
 from evit_patch.core.restoration import NEEDS_ENTERING_GRID, Fill, PatchPlaces, check_fill, places_of, restore_sequence
 
 DEFAULT_FILL: Fill = "carry"
-"""The fill measured best on the garment task (docs/dense.md)."""
+"""The default fill; docs/dense.md compares the fills."""
 
 
 def _state(model: nn.Module) -> Any:

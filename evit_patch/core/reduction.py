@@ -157,8 +157,8 @@ def identity_reduction(x: Tensor, num_prefix_tokens: int) -> Reduction:
 
 def token_rows(x: Tensor, index: Tensor) -> Tensor:
     """``x[b, index[b, j]]`` as ``(B, k, C)``: whole rows copied by one ``index_select``
-    over the flattened batch. ``gather`` with an index expanded over channels looks up
-    every element and is about ten times slower on CPU, forward and backward."""
+    over the flattened batch, not ``gather`` with an index expanded over channels, which
+    looks up every element (docs/measured.md, "Choices in the code")."""
     batch, length, channels = x.shape
     if batch > 1:
         index = index + torch.arange(0, batch * length, length, device=index.device).unsqueeze(1)

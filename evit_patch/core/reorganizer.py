@@ -187,16 +187,18 @@ class TokenReorganizer(nn.Module):
     def forward(self, x: Tensor, attention: AttentionTensors, **masks: Any) -> Tensor:
         return reorganize(self, x, attention, masks)
 
-    def reorganize(self, x: Tensor, attention: AttentionTensors, masks: dict[str, Any]) -> Tensor:
-        """``masks``: the block's mask inputs (``attn_mask``, ``is_causal``, ``attention_mask``),
-        which must be absent: a mask sized to the full sequence cannot follow the kept tokens."""
+    def reorganize(self, x: Tensor, attention: tuple, masks: dict[str, Any]) -> Tensor:
+        """``attention``: the four tensors the rewritten attention returns, handed to the reducer
+        as :class:`AttentionTensors`. ``masks``: the block's mask inputs (``attn_mask``,
+        ``is_causal``, ``attention_mask``), which must be absent: a mask sized to the full
+        sequence cannot follow the kept tokens."""
         if any(mask is not None and mask is not False for mask in masks.values()):
             raise ValueError(
                 f"an EViT-patched block shortens the token sequence, so {' / '.join(masks)} "
                 "cannot be applied; call the model without them, or remove_evit(model) first"
             )
         state = self.state
-        reduction = state.reducer.reduce(x, attention, state.context(self.position, self.training))
+        reduction = state.reducer.reduce(x, AttentionTensors(*attention), state.context(self.position, self.training))
         records = state.call.get("records")
         if records is None:  # a block run without the model's input module: a forward of its own
             state.clear_record()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Literal, Optional, Tuple
+from typing import Literal, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -21,10 +21,22 @@ without a class token, the attention each token receives averaged over all queri
 i.e. its weight in the average of the attention outputs that global pooling reads."""
 
 
-AttentionTensors = Tuple[Optional[Tensor], Optional[Tensor], Optional[float], Optional[Tensor]]
-"""``(q, k, scale, None)`` from fused attention, ``(None, k, None, attention)`` from
-attention that materializes its post-softmax matrix (``k`` None where the graph does not
-show it)."""
+class AttentionTensors(NamedTuple):
+    """What an attention layer hands a reducer beside its output: ``(query, keys, scale, None)``
+    from fused attention, ``(None, keys, None, weights)`` from attention that materializes its
+    post-softmax matrix. A tuple still, so ``q, k, scale, weights = tensors`` reads it too.
+
+    Attributes:
+        query: ``(B, H, N, d)`` (or the class token's alone, ``(B, H, 1, d)``); None with ``weights``.
+        keys: ``(B, H, N, d)``; None where the graph does not show them.
+        scale: the softmax scale the fused call was given (None: ``d ** -0.5``).
+        weights: ``(B, H, N, N)`` post-softmax attention; None with fused attention.
+    """
+
+    query: Optional[Tensor]
+    keys: Optional[Tensor]
+    scale: Optional[float]
+    weights: Optional[Tensor]
 
 
 def token_scores(tensors: AttentionTensors, mode: ScoreMode, num_prefix_tokens: int) -> Tensor:
@@ -34,10 +46,10 @@ def token_scores(tensors: AttentionTensors, mode: ScoreMode, num_prefix_tokens: 
     autocast many tokens would share a rounded score, and the top-k at the cut would be
     decided by rounding (the reference code's softmax output is float32 under AMP too).
     """
-    q, k, scale, attention = tensors
-    if attention is not None:
-        return scores_from_attention(attention, mode, num_prefix_tokens)
-    return scores_from_qk(q, k, scale, mode, num_prefix_tokens)
+    tensors = AttentionTensors(*tensors)  # a plain 4-tuple, as callers of a reducer gave before, reads the same
+    if tensors.weights is not None:
+        return scores_from_attention(tensors.weights, mode, num_prefix_tokens)
+    return scores_from_qk(tensors.query, tensors.keys, tensors.scale, mode, num_prefix_tokens)
 
 
 def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -56,8 +68,8 @@ def at_least_float32(dtype: torch.dtype) -> torch.dtype:
 
 
 def as_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
-    """``tensor`` in ``dtype``, without dispatching a cast when it already is (a few microseconds
-    each at batch 1, where a reorganization layer is a few dozen such operations)."""
+    """``tensor`` in ``dtype``, without dispatching a cast when it already is: at batch 1 a
+    reorganization layer is a few dozen such operations (docs/measured.md, "Choices in the code")."""
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 

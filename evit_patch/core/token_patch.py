@@ -70,8 +70,10 @@ def _weight_attention_keys(blocks: nn.Sequential | nn.ModuleList, state: Reducti
 
 
 def remove_evit(model: ModelT) -> ModelT:
-    """Take EViT, any token reducer or DynamicViT off ``model``: it then computes exactly
-    as never patched (with its weights as they are now)."""
+    """Take whatever token method is on ``model`` off: EViT, any registered token method
+    (random drop, ToMe-style merging, the oracle, ...) or DynamicViT, whichever patched it.
+    The model then computes exactly as never patched (with its weights as they are now).
+    The name is EViT's, the package's first method; it removes every method."""
     return detach(model)
 
 

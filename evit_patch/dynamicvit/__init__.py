@@ -2,7 +2,7 @@
 
 >>> import timm
 >>> from evit_patch.dynamicvit import apply_dynamicvit
->>> model = apply_dynamicvit(timm.create_model("deit_small_patch16_224"), layers=(3, 6, 9), keep_ratio=0.7)
+>>> model = apply_dynamicvit(timm.create_model("deit_small_patch16_224"), layers=(3, 6, 9), keep_rate=0.7)
 """
 
 from evit_patch.dynamicvit.loss import DynamicViTLoss, ratio_loss, token_distillation_loss

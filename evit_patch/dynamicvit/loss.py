@@ -1,4 +1,4 @@
-"""DynamicViT's training objective: classification, keep ratio, and distillation from the
+"""DynamicViT's training objective: classification, keep rate, and distillation from the
 unpruned teacher (its logits and its final tokens at the tokens the student kept)."""
 
 from __future__ import annotations

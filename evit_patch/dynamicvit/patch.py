@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import numbers
-from typing import Sequence, TypeVar
+import warnings
+from typing import Optional, Sequence, TypeVar
 
 from torch import nn
 
@@ -53,13 +54,13 @@ def dynamicvit_extra_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in predictors(model).parameters())
 
 
-def _validated_keep_ratio(keep_ratio: float) -> float:
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real):
-        raise TypeError(f"keep_ratio must be a float in (0, 1], got {keep_ratio!r}")
-    if not 0.0 < float(keep_ratio) <= 1.0:
-        raise ValueError(f"keep_ratio must be in (0, 1] (stage s keeps keep_ratio**s of the image tokens), "
-                         f"got {keep_ratio!r}")
-    return float(keep_ratio)
+def _validated_dynamicvit_keep_rate(keep_rate: float) -> float:
+    if isinstance(keep_rate, bool) or not isinstance(keep_rate, numbers.Real):
+        raise TypeError(f"keep_rate must be a float in (0, 1], got {keep_rate!r}")
+    if not 0.0 < float(keep_rate) <= 1.0:
+        raise ValueError(f"keep_rate must be in (0, 1] (stage s keeps keep_rate**s of the image tokens), "
+                         f"got {keep_rate!r}")
+    return float(keep_rate)
 
 
 def _check_class_token_head(model: nn.Module, name: str) -> None:
@@ -91,23 +92,30 @@ def _embedding_width(model: nn.Module, name: str) -> int:
     return width
 
 
-def apply_dynamicvit(model: ModelT, layers: Sequence[int] = (3, 6, 9), keep_ratio: float = 0.7) -> ModelT:
+def apply_dynamicvit(model: ModelT, layers: Sequence[int] = (3, 6, 9), keep_rate: float = 0.7, *,
+                     keep_ratio: Optional[float] = None) -> ModelT:
     """Patch ``model`` in place with DynamicViT token pruning and return it.
 
     Args:
         model: a timm ViT with a class-token head (``blocks``, ``num_prefix_tokens``).
         layers: 0-indexed blocks before which a predictor decides (DeiT: 3, 6, 9).
-        keep_ratio: rho; stage s keeps ``int(N * rho**s)`` of the N original image tokens.
+        keep_rate: rho, per stage and compounding: stage s keeps ``int(N * rho**s)`` of the
+            N original image tokens.
+        keep_ratio: the former name of ``keep_rate`` (deprecated; warns).
 
     In ``train()`` mode tokens are masked out of attention (hard Gumbel-softmax
     decisions); in ``eval()`` mode they are removed. Class, distillation and register
     tokens are never pruned. On any error the model is left exactly as it was.
     """
+    if keep_ratio is not None:
+        warnings.warn("apply_dynamicvit(keep_ratio=...) is now keep_rate=..., the name every method uses; "
+                      "keep_ratio goes in the next release", DeprecationWarning, stacklevel=2)
+        keep_rate = keep_ratio
     check_unpatched(model)
     name = model_name(model)
     blocks = transformer_blocks(model)
     layers = validated_layers(layers, len(blocks))
-    keep_ratio = _validated_keep_ratio(keep_ratio)
+    keep_rate = _validated_dynamicvit_keep_rate(keep_rate)
     num_prefix_tokens = prefix_token_count(model)
     _check_class_token_head(model, name)
     norm = _required_module(model, "norm", name, "the final norm whose tokens token distillation reads")
@@ -121,7 +129,7 @@ def apply_dynamicvit(model: ModelT, layers: Sequence[int] = (3, 6, 9), keep_rati
     parameter = next(model.parameters())
     stage_predictors = nn.ModuleList(KeepPredictor(width) for _ in layers).to(parameter.device, parameter.dtype)
     stage_predictors.train(model.training)
-    state = DynamicViTState(layers, keep_ratio, num_prefix_tokens, holder, originals, weighted, stage_predictors, norm)
+    state = DynamicViTState(layers, keep_rate, num_prefix_tokens, holder, originals, weighted, stage_predictors, norm)
     return attach(model, state)
 
 

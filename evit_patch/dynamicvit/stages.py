@@ -9,17 +9,15 @@ image tokens by keep score are gathered and later blocks run on the shorter sequ
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from evit_patch.core.key_weighting import KeyWeights
 from evit_patch.core.reduction import prefix_and_kept
 from evit_patch.dynamicvit.predictor import KEEP, KeepPredictor
-
-if TYPE_CHECKING:  # the state installs these hooks
-    from evit_patch.dynamicvit.state import DynamicViTState
 
 
 @dataclass(eq=False)
@@ -44,6 +42,17 @@ class ForwardRecord:
         return ForwardRecord()
 
 
+class StageSettings(Protocol):
+    """What the stage hooks read and write of the model's DynamicViT state
+    (:class:`~evit_patch.dynamicvit.state.DynamicViTState`, which installs them)."""
+
+    num_prefix_tokens: int
+    key_weights: KeyWeights
+    record: ForwardRecord
+
+    def kept_count(self, num_image_tokens: int, stage: int) -> int: ...
+
+
 def gumbel_keep_decisions(log_probabilities: Tensor) -> Tensor:
     """Hard 0/1 keep decisions ``(B, n)`` sampled with Gumbel-softmax; the gradient is the
     soft sample's (straight-through)."""
@@ -54,7 +63,7 @@ class StagePruner:
     """Forward pre-hook of one stage block (the block's own module and ``state_dict``
     stay as they are)."""
 
-    def __init__(self, state: DynamicViTState, predictor: KeepPredictor, stage: int) -> None:
+    def __init__(self, state: StageSettings, predictor: KeepPredictor, stage: int) -> None:
         self.state = state
         self.predictor = predictor
         self.stage = stage
@@ -97,7 +106,7 @@ class FinalTokens:
     """Forward hook of the final norm: keeps its output of a training forward for token
     distillation."""
 
-    def __init__(self, state: DynamicViTState) -> None:
+    def __init__(self, state: StageSettings) -> None:
         self.state = state
 
     def __call__(self, norm: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:

@@ -27,7 +27,7 @@ class DynamicViTState(PatchState):
     and out is :mod:`evit_patch.dynamicvit.patch`'s."""
 
     layers: list[int]
-    keep_ratio: float
+    keep_rate: float
     num_prefix_tokens: int
     key_weights: KeyWeights
     original_attentions: dict[int, nn.Module]
@@ -78,7 +78,7 @@ class DynamicViTState(PatchState):
 
     def keep_fractions(self) -> list[float]:
         """Fraction of the original image tokens each stage keeps: rho, rho^2, rho^3, ..."""
-        return [self.keep_ratio ** (stage + 1) for stage in range(len(self.layers))]
+        return [self.keep_rate ** (stage + 1) for stage in range(len(self.layers))]
 
     def kept_count(self, num_image_tokens: int, stage: int) -> int:
         """``int(N * rho^(stage+1))`` of the float product, as the official DynamicViT code

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-import math
+from dataclasses import dataclass
+from functools import partial
 from typing import Literal, Sequence, TypeVar, get_args
 
 from torch import Tensor, nn
@@ -11,6 +12,8 @@ from torch import Tensor, nn
 from evit_patch.core.reduction import LayerContext, Reduction, TokenReducer, identity_reduction, selection_reduction
 from evit_patch.core.scores import AttentionTensors
 from evit_patch.core.token_patch import apply_token_reducer
+from evit_patch.reducers.counting import kept_token_count
+from evit_patch.reducers.registry import TokenMethod, register_token_method, token_method
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -18,17 +21,6 @@ Variant = Literal["paper", "training-free"]
 """``paper``: the official method, to be fine-tuned. ``training-free``: the same layers,
 token counts and MACs for a model used as it is (:mod:`evit_patch.reducers.training_free`)."""
 VARIANTS: tuple[str, ...] = get_args(Variant)
-
-
-def kept_token_count(num_tokens: int, keep_rate: float) -> int:
-    """Number of image tokens kept: ``ceil(keep_rate * num_tokens)`` of the float product,
-    exactly as the official EViT code counts (``math.ceil(keep_rate * (N - 1))``), so a
-    patched model keeps the same tokens at every size (e.g. ``0.55 * 180`` is
-    ``99.00000000000001`` in floats: 100 kept, as there). Any keep rate in (0, 1] keeps at
-    least one token of a non-empty sequence, since the product is then positive.
-    """
-    num_tokens = int(num_tokens)  # a tensor while torch.jit traces (fvcore)
-    return min(num_tokens, math.ceil(keep_rate * num_tokens))
 
 
 def evit_reduction(x: Tensor, scores: Tensor, num_prefix_tokens: int, keep_rate: float,
@@ -108,11 +100,35 @@ def apply_evit(model: ModelT, layers: Sequence[int] | None = None, keep_rate: fl
         close = difflib.get_close_matches(str(variant), VARIANTS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}{hint}")
-    if variant == "paper":
-        return apply_token_reducer(model, layers, keep_rate, EvitReducer(fuse))
-    if not fuse:
-        raise ValueError("variant 'training-free' merges every unkept token into a kept one; it has no "
-                         "no-fusion form: drop fuse=False, or use variant='paper'")
-    from evit_patch.reducers.training_free import TrainingFreeEvit  # it builds on this module's counts
+    try:
+        EvitOptions(fuse, variant)
+    except ValueError as error:
+        raise ValueError(f"variant {error}: drop fuse=False, or use variant='paper'") from None
+    method = "evit" if variant == "paper" else "evit-training-free"
+    return apply_token_reducer(model, layers, keep_rate, token_method(method).build({"fuse": fuse}))
 
-    return apply_token_reducer(model, layers, keep_rate, TrainingFreeEvit())
+
+@dataclass(frozen=True)
+class EvitOptions:
+    """``fuse``: fuse the unkept tokens into one (false: EViT w/o fusion). ``variant``: the
+    paper's method, or the training-free one (:mod:`evit_patch.reducers.training_free`)."""
+
+    fuse: bool = True
+    variant: Variant = "paper"
+
+    def __post_init__(self) -> None:
+        if self.variant == "training-free" and not self.fuse:
+            raise ValueError(f"{self.variant!r} merges every unkept token into a kept one and has no no-fusion form")
+
+
+def paper_evit(fuse: bool = True, variant: Variant = "paper") -> EvitReducer:
+    """The ``evit`` method's reducer; its ``variant`` is always ``paper`` here, since the
+    training-free one is a method of its own (selected by ``variant``, never built here)."""
+    if variant != "paper":
+        raise ValueError(f"variant {variant!r} is the method 'evit-training-free', not a form of EvitReducer")
+    return EvitReducer(fuse)
+
+
+register_token_method(TokenMethod("evit", "EViT", paper_evit, EvitOptions))
+register_token_method(TokenMethod("evit-no-fusion", "EViT w/o fusion", partial(EvitReducer, fuse=False),
+                                  form_of=("evit", {"fuse": False})))

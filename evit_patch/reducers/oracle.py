@@ -10,6 +10,7 @@ inside it, so a fused token is scored as the sum of its patches.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -20,7 +21,9 @@ from evit_patch.core.per_call import PerCall
 from evit_patch.core.reduction import LayerContext, Reduction, TokenReducer, identity_reduction
 from evit_patch.core.scores import AttentionTensors
 from evit_patch.core.token_patch import apply_token_reducer
-from evit_patch.reducers.evit import evit_reduction, kept_token_count
+from evit_patch.reducers.counting import kept_token_count
+from evit_patch.reducers.evit import evit_reduction
+from evit_patch.reducers.registry import TokenMethod, register_token_method
 
 
 class ScoreRecorder(TokenReducer):
@@ -110,3 +113,18 @@ class OracleGuided(TokenReducer):
             moved = reduction.destination.gather(1, patch_token.clamp(min=0))
             self.call.set("patch_token", torch.where(alive, moved, -1))
         return reduction
+
+
+@dataclass(frozen=True)
+class OracleOptions:
+    """``oracle_at_eval``: the oracle decides at evaluation too (else the model's own attention)."""
+
+    oracle_at_eval: bool = True
+
+
+def oracle_guided(oracle: nn.Module, layers: Sequence[int], oracle_at_eval: bool = True) -> OracleGuided:
+    """The ``oracle`` method's reducer: ``oracle`` is a trained model, ``layers`` the student's."""
+    return OracleGuided(oracle, layers, at_eval=oracle_at_eval)
+
+
+register_token_method(TokenMethod("oracle", "oracle-guided EViT", oracle_guided, OracleOptions, needs=("oracle", "layers")))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -10,7 +11,8 @@ from torch import Tensor
 from evit_patch.core.per_call import PerCall
 from evit_patch.core.reduction import LayerContext, Reduction, TokenReducer, identity_reduction, selection_reduction
 from evit_patch.core.scores import AttentionTensors
-from evit_patch.reducers.evit import kept_token_count
+from evit_patch.reducers.counting import kept_token_count
+from evit_patch.reducers.registry import TokenMethod, register_token_method
 
 _LOW_32_BITS = 0xFFFFFFFF
 
@@ -90,3 +92,13 @@ class RandomDrop(TokenReducer):
             keys = _hash_32(keys ^ _hash_32(self.training_draws.to(x.device)))
         kept_index = random_kept_index(keys, num_image, keep, context.position)
         return selection_reduction(x, context.num_prefix_tokens, kept_index, None)
+
+
+@dataclass(frozen=True)
+class RandomOptions:
+    """``seed``: the draw's seed (a field's metadata: the range a recipe checks, and it in words)."""
+
+    seed: int = field(default=0, metadata={"ge": 0, "lt": 2**63, "must": "an integer in [0, 2**63)"})
+
+
+register_token_method(TokenMethod("random", "random drop", RandomDrop, RandomOptions))

@@ -3,9 +3,8 @@ blocks can read without fine-tuning.
 
 Paper EViT used off the shelf hands later blocks a sequence they never saw: the
 inattentive tokens are replaced by one fused token whose raw-score weights sum to less
-than 1, and each kept token counts as one key however much it stands for. Measured on the
-Fashion-MNIST base (``docs/findings.md``), three changes close most of the gap, and each
-is a pure function here:
+than 1, and each kept token counts as one key however much it stands for. Three changes
+address that, each a pure function here (what each is worth: ``docs/findings.md``):
 
 - :func:`absorb_into_kept` (where a layer does not pool, below): keep the
   ``ceil(keep_rate * n) + 1`` most attended tokens (EViT's kept tokens plus its fused one:
@@ -17,13 +16,14 @@ is a pure function here:
   as ToMe), so a token that absorbed others counts as many;
 - pooling (prune-or-pool, as PPT chooses per layer): wherever ToMe's bipartite matching
   can merge as many tokens (keep rate >= 0.5), the layer merges close pairs of tokens
-  (cosine of the tokens themselves, not of the keys) instead of absorbing; measured on
-  held-out training images against choosing per sample by which merge is closer
-  (:func:`pools_closer`) and against never pooling (``docs/findings.md``).
+  (cosine of the tokens themselves, not of the keys) instead of absorbing; the other
+  choices, per sample by which merge is closer (:func:`pools_closer`) and never pooling,
+  stay selectable (how the default was chosen: ``docs/findings.md``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Literal, Optional, get_args
 
 import torch
@@ -31,7 +31,10 @@ from torch import Tensor
 
 from evit_patch.core.reduction import LayerContext, Reduction, TokenMap, identity_reduction, token_rows
 from evit_patch.core.scores import AttentionTensors, as_dtype, at_least_float32, without_autocast
-from evit_patch.reducers.tome import SizedTokens, bipartite_destinations, bipartite_matching, merge_by_destination, merged_token_count
+from evit_patch.reducers.bipartite import bipartite_destinations, bipartite_matching
+from evit_patch.reducers.counting import merged_token_count
+from evit_patch.reducers.merging import SizedTokens, merge_by_destination
+from evit_patch.reducers.registry import TokenMethod, register_token_method
 
 Pooling = Literal["always", "closer", "never"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
@@ -133,3 +136,14 @@ class TrainingFreeEvit(SizedTokens):
         absorbed_index, absorbed_destination, absorbed_similarity = absorb_destinations(image, scores(), keep)
         pools = pools_closer(pooled_similarity, absorbed_similarity).unsqueeze(1)
         return torch.where(pools, pooled_index, absorbed_index), torch.where(pools, pooled_destination, absorbed_destination)
+
+
+@dataclass(frozen=True)
+class TrainingFreeOptions:
+    """``proportional_attention``: later attention weights each key by the patches its token holds."""
+
+    proportional_attention: bool = True
+
+
+register_token_method(TokenMethod("evit-training-free", "training-free EViT", TrainingFreeEvit, TrainingFreeOptions,
+                                  form_of=("evit", {"variant": "training-free"})))

@@ -27,7 +27,8 @@ from evit_patch.train import distributed
 from evit_patch.train.assembly import rebuild
 from evit_patch.train.data import build_dataset
 from evit_patch.train.loaders import eval_loader
-from evit_patch.train.methods import method_label, recipe_method, reduces_tokens
+from evit_patch.train.messages import one_line
+from evit_patch.train.methods import method_label, recipe_method, runs_on_fewer_tokens
 from evit_patch.train.metrics import accuracy
 from evit_patch.train.model_source import build_model
 from evit_patch.train.recipe import Recipe, RecipeError, check_values, parse_yaml, recipe_from_dict
@@ -114,21 +115,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         recipe = read_run_recipe(args.run / "recipe.yaml")
     except RecipeError as error:
-        parser.exit(2, f"error: {str(args.run / 'recipe.yaml')!r} is not a valid run recipe: {_one_line(error)}\n")
+        parser.exit(2, f"error: {str(args.run / 'recipe.yaml')!r} is not a valid run recipe: {one_line(error)}\n")
     try:
         patched = rebuild(recipe, args.run / args.weights)
         label = method_label(recipe)
-        models = {"unpatched": detach(copy.deepcopy(patched))} if reduces_tokens(recipe) else {}
+        models = {"unpatched": detach(copy.deepcopy(patched))} if runs_on_fewer_tokens(recipe) else {}
         models[label or "unpatched"] = patched
         print(table(models, recipe, _runtime()))
     except RecipeError as error:
-        parser.exit(2, f"error: {_one_line(error)}\n")
+        parser.exit(2, f"error: {one_line(error)}\n")
     except (CheckpointError, UnsupportedModelError, FileNotFoundError) as error:
-        parser.exit(1, f"error: {_one_line(error)}\n")
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
+        parser.exit(1, f"error: {one_line(error)}\n")
 
 
 if __name__ == "__main__":

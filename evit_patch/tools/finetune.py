@@ -37,6 +37,7 @@ from evit_patch.tools.evaluate import compare_with_base
 from evit_patch.tools.file_faults import file_fault
 from evit_patch.train.dry_run import describe
 from evit_patch.train.loop import TrainingDiverged, train
+from evit_patch.train.messages import one_line
 from evit_patch.train.methods import method_label
 from evit_patch.train.recipe import RecipeError, load_recipe, recipe_to_dict
 
@@ -68,9 +69,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         recipe = load_recipe(args.recipe, args.overrides)
         output = train(recipe, args.resume, overwrite=args.overwrite)
     except RecipeError as error:
-        parser.exit(2, f"error: {_one_line(error)}\n")
+        parser.exit(2, f"error: {one_line(error)}\n")
     except (CheckpointError, TrainingDiverged, UnsupportedModelError) as error:
-        parser.exit(1, f"error: {_one_line(error)}\n")
+        parser.exit(1, f"error: {one_line(error)}\n")
     except OSError as error:  # missing data; a file of the run that cannot be written (a full disk)
         parser.exit(1, f"error: {file_fault(error)}\n")
     if not args.no_report and method_label(recipe) is not None and int(os.environ.get("RANK", "0")) == 0:
@@ -85,9 +86,9 @@ def dry_run(parser: argparse.ArgumentParser, path: str, overrides: list[str], wo
         recipe = load_recipe(path, overrides, missing=missing)
         implied, notes = describe(recipe, world_size)
     except RecipeError as error:
-        parser.exit(2, f"error: {_one_line(error)}\n")
+        parser.exit(2, f"error: {one_line(error)}\n")
     except UnsupportedModelError as error:
-        parser.exit(1, f"error: {_one_line(error)}\n")
+        parser.exit(1, f"error: {one_line(error)}\n")
     document = {"recipe": recipe_to_dict(recipe), "implied": implied, "notes": missing + notes}
     sys.stdout.write(yaml.dump(document, Dumper=_FlowListDumper, sort_keys=False, width=120))
 
@@ -101,10 +102,6 @@ class _FlowListDumper(yaml.SafeDumper):
 
 
 _FlowListDumper.add_representer(list, _FlowListDumper.represent_list)
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from evit_patch.tools.file_faults import file_fault
 from evit_patch.train.assembly import rebuild
 from evit_patch.train.checkpoint import load_weights
 from evit_patch.train.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST
+from evit_patch.train.messages import one_line
 from evit_patch.train.recipe import RecipeError
 
 FUSED_TINT = np.array([40, 90, 255], dtype=np.float32)
@@ -130,10 +131,6 @@ def _check_sources(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
-
-
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="output folder of a fine-tuning run (recipe.yaml + model.safetensors)")
@@ -165,9 +162,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
         model = _model(args)
         inputs = _inputs(args, model)
     except RecipeError as error:
-        parser.exit(2, f"error: {_one_line(error)}\n")
+        parser.exit(2, f"error: {one_line(error)}\n")
     except (CheckpointError, UnsupportedModelError, ValueError) as error:
-        parser.exit(1, f"error: {_one_line(error)}\n")
+        parser.exit(1, f"error: {one_line(error)}\n")
     except OSError as error:  # an image PIL cannot read, Fashion-MNIST files not found
         parser.exit(1, f"error: {file_fault(error)}\n")
     rows = []

@@ -18,7 +18,7 @@ def prepare_model(recipe: Recipe) -> nn.Module:
     keep-rate schedule's first rate, and an oracle defaults to these starting weights."""
     model = build_model(recipe.model)
     schedule = recipe.keep_rate_schedule
-    start = keep_rate_at(0.0, recipe.evit.keep_rate, schedule.kind, schedule.start_epoch, schedule.epochs)
+    start = keep_rate_at(0.0, recipe.reduction.keep_rate, schedule.kind, schedule.start_epoch, schedule.epochs)
     return recipe_method(recipe).apply(model, recipe, start, model)
 
 

@@ -29,7 +29,7 @@ from evit_patch.train.loaders import train_sampler
 from evit_patch.train.methods import recipe_method
 from evit_patch.train.model_source import build_model
 from evit_patch.train.optim import build_scheduler, min_lr, scaled_lr, start_epoch_lr
-from evit_patch.train.recipe import DataConfig, ModelConfig, Recipe
+from evit_patch.train.recipe import DataConfig, ModelConfig, Recipe, reduces_tokens
 
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ImageNet-1k (ILSVRC 2012) training images
 FASHION_MNIST_TRAIN_IMAGES = 60_000
@@ -141,7 +141,7 @@ def _model_facts(dry: Recipe, model: nn.Module) -> dict[str, Any]:
     each reorganization layer, and the modules that act differently in train mode."""
     unpatched = count_macs(model)
     patched = recipe_method(dry).apply(model, dry, None, model).eval()
-    layers = dry.dynamicvit.layers if dry.dynamicvit.enabled else dry.evit.layers if dry.evit.enabled else []
+    layers = dry.dynamicvit.layers if dry.dynamicvit.enabled else dry.reduction.layers if reduces_tokens(dry) else []
     return {
         "gmacs_unpatched": round(unpatched / 1e9, 3),
         "gmacs_patched": round(count_macs(patched) / 1e9, 3),

@@ -14,21 +14,16 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 import yaml
-from timm.data import Mixup
-from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3, unwrap_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from evit_patch.core.token_patch import set_keep_rate
@@ -37,95 +32,27 @@ from evit_patch.errors import CheckpointError
 from evit_patch.train import distributed
 from evit_patch.train.assembly import prepare_model
 from evit_patch.train.checkpoint import load_state_exactly, load_training_checkpoint, save_atomic, save_weights
-from evit_patch.train.criterion import Criterion, build_criterion
+from evit_patch.train.criterion import build_criterion
 from evit_patch.train.data import build_dataset
 from evit_patch.train.loaders import build_mixup, eval_loader, train_loader
-from evit_patch.train.methods import method_label
 from evit_patch.train.metrics import accuracy, autocast
 from evit_patch.train.model_source import build_model
 from evit_patch.train.optim import build_optimizer, build_scheduler, start_epoch_lr
-from evit_patch.train.recipe import Recipe, RecipeError, recipe_to_dict
+from evit_patch.train.recipe import Recipe, RecipeError, recipe_to_dict, reduces_tokens
 from evit_patch.train.reproducibility import rng_state, seed_everything, set_rng_state
 from evit_patch.train.resume import check_resume
 from evit_patch.train.run_folder import check_output_folder, claimed_output_folder, prepare_output_folder
-from evit_patch.train.schedule import keep_rate_at
+from evit_patch.train.run_state import (
+    EpochProgress,
+    Interrupt,
+    Position,
+    Run,
+    TrainingDiverged,
+    run_summary,
+    update_hook,
+    update_hooks,
+)
 from evit_patch.train.transformers_source import class_count
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss stopped being finite."""
-
-
-@dataclass
-class Position:
-    """Where a run is: finished epochs, steps into the current one, updates in all."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0
-    global_step: int = 0
-
-
-@dataclass
-class EpochProgress:
-    """The current epoch so far, on this process: kept in checkpoints so that the metrics
-    line of an epoch interrupted and resumed covers all its steps."""
-
-    loss_sum: float = 0.0
-    steps: int = 0
-    images: int = 0
-    seconds: float = 0.0
-
-
-class Interrupt:
-    """Turns Ctrl-C into a request honoured at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self) -> "Interrupt":
-        self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self._previous)
-
-
-@dataclass
-class Run:
-    """Everything a run carries from step to step."""
-
-    recipe: Recipe
-    runtime: distributed.Runtime
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Scheduler
-    scaler: torch.amp.GradScaler
-    ema: Optional[ModelEmaV3]
-    criterion: Criterion
-    mixup: Optional[Mixup]
-    train_set: Dataset
-    evaluation: DataLoader
-    steps_per_epoch: int
-    position: Position = field(default_factory=Position)
-    progress: EpochProgress = field(default_factory=EpochProgress)
-    last_checkpoint: Optional[Path] = None  # the newest checkpoint of this run: written by it, or resumed from
-
-    @property
-    def output(self) -> Path:
-        return Path(self.recipe.train.output_dir)
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.output / "checkpoint.pth"
-
-    def keep_rate(self, epoch: float) -> float:
-        """The recipe's keep rate at a (fractional) epoch."""
-        schedule = self.recipe.keep_rate_schedule
-        return keep_rate_at(epoch, self.recipe.evit.keep_rate, schedule.kind, schedule.start_epoch, schedule.epochs)
 
 
 def train(recipe: Recipe, resume: Optional[str] = None, show_progress: bool = True, overwrite: bool = False) -> Path:
@@ -280,20 +207,6 @@ def _own_rng(states: dict | list[dict], runtime: distributed.Runtime) -> dict:
     return states[runtime.rank] if len(states) == runtime.world_size else states[0]
 
 
-def _checkpoint_state(run: Run, rng: list[dict]) -> dict[str, Any]:
-    return {
-        "model": unwrap_model(run.model).state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "scaler": run.scaler.state_dict(),
-        "ema": run.ema.state_dict() if run.ema is not None else None,
-        "position": vars(run.position).copy(),
-        "epoch_progress": vars(run.progress).copy(),
-        "rng": rng,  # one entry per rank: each process draws its own augmentation
-        "recipe": recipe_to_dict(run.recipe),
-    }
-
-
 def save_checkpoint(run: Run) -> None:
     """Write ``checkpoint.pth`` atomically (rank 0), with every rank's RNG state."""
     rng = distributed.gather(rng_state(), run.runtime)
@@ -301,20 +214,8 @@ def save_checkpoint(run: Run) -> None:
         advice = "free space (or fix the folder) and start again (--overwrite replaces this run)"
     else:
         advice = f"free space (or fix the folder) and continue with --resume {run.last_checkpoint}"
-    _write_on_main(run.runtime, lambda: save_atomic(_checkpoint_state(run, rng), run.checkpoint_path), advice)
+    _write_on_main(run.runtime, lambda: save_atomic(run.checkpoint_state(rng), run.checkpoint_path), advice)
     run.last_checkpoint = run.checkpoint_path
-
-
-def run_summary(recipe: Recipe, output: Path, resuming: bool) -> str:
-    """One line, printed before anything is built: what the run trains, from what, and where it writes."""
-    model = recipe.model
-    start = model.checkpoint or model.pretrained_file or ("timm's hub weights" if model.pretrained else "random weights")
-    method = method_label(recipe) or "no token method"
-    where = f" at blocks {recipe.evit.layers}" if recipe.evit.enabled and not recipe.structural.enabled else ""
-    steps = f" (at most {recipe.train.max_steps_per_epoch} steps each)" if recipe.train.max_steps_per_epoch else ""
-    return (f"{'resuming' if resuming else 'fine-tuning'} {model.name} with {method}{where} from {start}: "
-            f"{recipe.train.epochs} epoch(s){steps} of {recipe.train.batch_size} images per step and process; "
-            f"writing {output}/ (checkpoint.pth and metrics.jsonl every epoch, model.safetensors at the end)")
 
 
 def train_one_epoch(run: Run, interrupt: Interrupt, show_progress: bool) -> EpochProgress:
@@ -322,7 +223,7 @@ def train_one_epoch(run: Run, interrupt: Interrupt, show_progress: bool) -> Epoc
     Ctrl-C saves a checkpoint and exits with 130; a non-finite loss raises
     :class:`TrainingDiverged` before the update."""
     recipe, runtime, model, position, progress = run.recipe, run.runtime, run.model, run.position, run.progress
-    reduces_tokens = recipe.evit.enabled
+    sets_keep_rate = reduces_tokens(recipe)
     loader = train_loader(run.train_set, recipe, runtime, position.epoch, skip_batches=position.step_in_epoch)
     start_epoch_lr(run.scheduler, recipe, position.epoch, position.global_step)  # per-group lr_scale included
     model.train()
@@ -336,7 +237,7 @@ def train_one_epoch(run: Run, interrupt: Interrupt, show_progress: bool) -> Epoc
                 break
             images, targets = images.to(runtime.device), targets.to(runtime.device)
             keep_rate = run.keep_rate(position.epoch + index / run.steps_per_epoch)
-            if reduces_tokens:
+            if sets_keep_rate:
                 set_keep_rate(unwrap_model(model), keep_rate)
                 if run.ema is not None:
                     set_keep_rate(run.ema.module, keep_rate)
@@ -350,6 +251,8 @@ def train_one_epoch(run: Run, interrupt: Interrupt, show_progress: bool) -> Epoc
                 value = loss.item() if not math.isfinite(loss.item()) else "not finite on another process"
                 raise TrainingDiverged(f"loss is {value} at epoch {position.epoch + 1}, step {index + 1}; nothing of "
                                        f"this step was applied; {_where_to_restart(run)}")
+            for hook in update_hooks():
+                hook(run)
             _update(run, loss)
             position.global_step += 1
             position.step_in_epoch = index + 1
@@ -361,7 +264,7 @@ def train_one_epoch(run: Run, interrupt: Interrupt, show_progress: bool) -> Epoc
             progress.images += images.shape[0]
             progress.seconds = earlier_seconds + time.perf_counter() - started
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
-                            keep=f"{keep_rate:.3f}" if reduces_tokens else "-",
+                            keep=f"{keep_rate:.3f}" if sets_keep_rate else "-",
                             img_s=f"{progress.images / progress.seconds:.0f}")
             bar.update(1)
             if interrupted:
@@ -401,9 +304,13 @@ def epoch_metrics(run: Run, progress: EpochProgress) -> dict[str, Any]:
     metrics = {"epoch": run.position.epoch + 1,
                "train_loss": progress.loss_sum / progress.steps if progress.steps else None,
                "lr": run.optimizer.param_groups[0]["lr"],
-               "keep_rate": run.keep_rate(run.position.epoch + 1) if recipe.evit.enabled else None,
+               "keep_rate": run.keep_rate(run.position.epoch + 1) if reduces_tokens(recipe) else None,
                "train_images_per_second": progress.images / progress.seconds if progress.steps else None,
                **accuracy(run.model, run.evaluation, run.runtime, amp)}
     if run.ema is not None:
         metrics.update({f"ema_{k}": v for k, v in accuracy(run.ema.module, run.evaluation, run.runtime, amp).items()})
     return metrics
+
+
+__all__ = ["train", "run_training", "start_run", "resume_run", "train_one_epoch", "save_checkpoint", "epoch_metrics",
+           "run_summary", "update_hook", "Run", "Position", "EpochProgress", "Interrupt", "TrainingDiverged"]

@@ -3,7 +3,7 @@
 A checkpoint stores the recipe it was trained with; ``--resume`` compares it with the
 recipe given now, key by key, before any data or model is built:
 
-- what the run *is* may not change: the model, the method and its settings (``evit``,
+- what the run *is* may not change: the model, the method and its settings (``reduction``,
   ``dynamicvit``, ``structural``, ``keep_rate_schedule``, the oracle), the data and its
   augmentation, the batch size and steps per epoch (which give the position its
   meaning), the seed, the EMA, the optimizer, the teacher and token labeling. Any such
@@ -28,37 +28,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from evit_patch.train.recipe import PrunedShapeConfig, Recipe, RecipeError, recipe_to_dict
+from evit_patch.train.recipe import PrunedShapeConfig, Recipe, RecipeError, recipe_to_dict, reduces_tokens, with_current_names
+from evit_patch.train.recipe_errors import unwrapped
 
-_SCHEDULE = "the lr schedule follows the new recipe: from update {update} on the lr is what a fresh run of it has there"
-_FROM_NOW = "applies from update {update} on"
-_PLACE = "taken to be the same weights, moved"
 
-MAY_CHANGE: dict[str, str] = {
-    "train.epochs": _SCHEDULE,
-    "optimizer.lr": _SCHEDULE,
-    "optimizer.min_lr": _SCHEDULE,
-    "optimizer.warmup_epochs": _SCHEDULE,
-    "optimizer.warmup_lr": _SCHEDULE,
-    "optimizer.schedule_step": _SCHEDULE,
-    "optimizer.scale_min_lr": _SCHEDULE,
-    "optimizer.warmup_prefix": _SCHEDULE,
-    "optimizer.weight_decay": _FROM_NOW,
-    "optimizer.clip_grad": _FROM_NOW,
-    "train.amp": _FROM_NOW + " (with a fresh loss scaler)",
-    "train.output_dir": "the resumed run writes there",
-    "train.eval_batch_size": "evaluation only",
-    "train.benchmark_batch_size": "evaluation only",
-    "data.workers": "loading only",
-    "data.root": "taken to hold the same images",
-    "data.download": "taken to hold the same images",
-    "data.eval_split": "evaluation only: earlier metrics lines were measured on the old split",
-    "data.eval_subset": "evaluation only: earlier metrics lines were measured on the old subset",
-    "data.crop_pct": "evaluation only: earlier metrics lines were measured with the old crop",
-    **{f"model.{key}": "starting weights only: the checkpoint's weights are used"
-       for key in ("pretrained", "pretrained_file", "checkpoint")},
-    **{f"{section}.{key}": _PLACE for section in ("teacher", "oracle") for key in ("pretrained_file", "checkpoint")},
-}
+def _may_change() -> dict[str, str]:
+    """``{key: what changing it does}`` from the schema's fields (their ``may_change``, one
+    text or one per section of the same type)."""
+    allowed: dict[str, str] = {}
+    for section, info in Recipe.model_fields.items():
+        model = unwrapped(info.annotation)
+        for name, item in getattr(model, "model_fields", {}).items():
+            text = (item.json_schema_extra or {}).get("may_change")
+            text = text.get(section) if isinstance(text, dict) else text
+            if text:
+                allowed[f"{section}.{name}"] = text
+    return allowed
+
+
+MAY_CHANGE: dict[str, str] = _may_change()
 """Recipe keys a resume may change, with what the change does."""
 
 _ABSENT = "absent"
@@ -123,9 +111,10 @@ def check_resume(state: dict, recipe: Recipe, source: Path) -> list[str]:
     saved = state.get("recipe")
     if not isinstance(saved, dict):
         return [f"--resume {str(source)!r} stores no recipe to compare with; the run continues with this one"]
+    saved = with_current_names(saved)  # a checkpoint of an earlier version: its keys as named now
     adopt_recorded_values(saved, recipe)
     changes = recipe_changes(saved, recipe)
-    oracle_is_start = recipe.evit.enabled and recipe.evit.reducer == "oracle" and recipe.oracle is None
+    oracle_is_start = reduces_tokens(recipe) and recipe.reduction.method == "oracle" and recipe.oracle is None
     refused = {key: values for key, values in changes.items()
                if key not in MAY_CHANGE or (oracle_is_start and key.startswith("model."))}  # the oracle's weights
     if refused:

@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from evit_patch.extras import require
+from evit_patch.train.messages import one_line
 
 
 def _transformers() -> Any:
@@ -27,7 +28,7 @@ def _folder(name: str) -> Path | None:
 
 
 def _one_line(error: Exception) -> str:
-    return " ".join(f"{type(error).__name__}: {error}".split())[:200]
+    return one_line(f"{type(error).__name__}: {error}")[:200]
 
 
 def transformers_config(name: str, kwargs: dict[str, Any]) -> Any:
