@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import sys
 import types
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 from unittest import mock
 
 import torch.fx as fx
@@ -195,12 +195,13 @@ class TransformersFamily(ModelFamily):
         embeddings = getattr(self._base(model), "embeddings", None)
         return embeddings if isinstance(embeddings, nn.Module) else model
 
-    def rewrite_block(self, block: nn.Module, reorganizer: nn.Module, model_name: str) -> nn.Module:
+    def rewrite_block(self, block: nn.Module, reorganizer: nn.Module, model_name: str,
+                      positions: Mapping[str, nn.Module] | None = None) -> nn.Module:
         """The layer rewritten from its own computation; it also takes (and, like the layer's
         attention, ignores) the output flags the encoder passes on (``output_hidden_states``,
         ...), which transformers' hooks read."""
         patched = reorganizing_block(computation_view(block, _LayerView), reorganizer, model_name, "attention",
-                                     scored_attention)
+                                     scored_attention, positions)
         last_input = [node for node in patched.graph.nodes if node.op == "placeholder"][-1]
         with patched.graph.inserting_after(last_input):
             patched.graph.placeholder("**kwargs")

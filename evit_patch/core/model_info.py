@@ -7,12 +7,15 @@ with :func:`register_family`. The core names no library but timm's defaults.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from functools import partial
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
 from evit_patch.core.block_rewrite import reorganizing_block
+from evit_patch.core.positions import RotaryTable, SequenceInput
+from evit_patch.core.scored_attention import scored_attention
 from evit_patch.core.scores import ScoreMode
 from evit_patch.errors import UnsupportedModelError
 
@@ -64,9 +67,20 @@ class ModelFamily:
                 return module
         return model
 
-    def rewrite_block(self, block: nn.Module, reorganizer: nn.Module, model_name: str) -> nn.Module:
-        """``block`` with ``reorganizer`` after its attention residual (see :mod:`evit_patch.core.block_rewrite`)."""
-        return reorganizing_block(block, reorganizer, model_name)
+    def sequence_inputs(self, model: nn.Module) -> dict[str, SequenceInput]:
+        """The blocks' inputs sized to the image-token sequence, by name, and how each follows a
+        reduction: later blocks get them for the tokens that remain. timm: ``rope``, the rotary
+        table ``Eva`` passes every block (``blk(x, rope=rope)``), when the model makes one."""
+        return {"rope": RotaryTable()} if isinstance(getattr(model, "rope", None), nn.Module) else {}
+
+    def rewrite_block(self, block: nn.Module, reorganizer: nn.Module, model_name: str,
+                      positions: Mapping[str, nn.Module] | None = None) -> nn.Module:
+        """``block`` with ``reorganizer`` after its attention residual (see :mod:`evit_patch.core.block_rewrite`);
+        ``positions``: a module per input of :meth:`sequence_inputs`, which makes it follow the tokens the
+        block holds before its attention takes it."""
+        names = tuple(positions or ())
+        return reorganizing_block(block, reorganizer, model_name, score=partial(scored_attention, positions=names),
+                                  positions=positions)
 
     def prepare_replacements(self, model: nn.Module, replacements: dict[int, nn.Module]) -> None:
         """Called just before ``replacements`` (block index -> rewritten block) take their

@@ -1,0 +1,149 @@
+"""Rotary positions follow the kept tokens: timm's ``Eva`` models (EVA-02, DINOv3, Perception
+Encoder, RoPE-ViT with one table or one per depth) against the independent eager reference
+of :mod:`reference_positions`, which runs the unpatched model's own blocks on each sample's
+kept tokens with their own rotary rows."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import threading
+
+import pytest
+import timm
+import torch
+from reference_positions import reference_forward, rotary_rows
+
+import evit_patch
+from evit_patch.reducers import EvitReducer, ToMeMerge, TrainingFreeEvit
+
+SMALL = {"depth": 4, "embed_dim": 64, "num_heads": 2, "img_size": 64, "num_classes": 10}
+ROTARY_MODELS = {
+    "eva02 (cat, EVA attention)": "eva02_tiny_patch14_224",
+    "dinov3 (registers, continuous coordinates)": "vit_small_patch16_dinov3",
+    "perception encoder (AttentionRope)": "vit_pe_core_tiny_patch16_384",
+    "rope-vit mixed (one table per depth)": "vit_small_patch16_rope_mixed_224",
+}
+LAYERS = [1, 2]
+KEEP_RATE = 0.5
+
+
+def _model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, **SMALL).eval()
+
+
+def _images(batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", ROTARY_MODELS.values(), ids=ROTARY_MODELS.keys())
+@pytest.mark.parametrize("reducer", [EvitReducer(), EvitReducer(fuse=False), ToMeMerge(), TrainingFreeEvit()],
+                         ids=["evit", "no-fusion", "tome", "training-free"])
+def test_keep_rate_one_is_the_unpatched_model_bitwise(name, reducer):
+    model = _model(name)
+    images = _images()
+    with torch.no_grad():
+        expected = model(images)
+        evit_patch.apply_token_reducer(model, LAYERS, 1.0, reducer)
+        assert torch.equal(model(images), expected)
+        evit_patch.set_keep_rate(model, KEEP_RATE)
+        model(images)
+        evit_patch.remove_evit(model)
+        assert torch.equal(model(images), expected)
+
+
+@pytest.mark.parametrize("name", ROTARY_MODELS.values(), ids=ROTARY_MODELS.keys())
+@pytest.mark.parametrize("fuse", [False, True], ids=["pruning", "fused token unrotated"])
+def test_positions_follow_the_kept_tokens_as_the_eager_reference(name, fuse):
+    model = _model(name)
+    images = _images()
+    with torch.no_grad():
+        expected, positions = reference_forward(model, images, LAYERS, KEEP_RATE, fuse)
+        evit_patch.apply_token_reducer(model, LAYERS, KEEP_RATE, EvitReducer(fuse=fuse))
+        logits = model(images)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    first, second = evit_patch.kept_tokens(model)
+    for sample, (after_first, after_second) in enumerate(positions):  # the same tokens kept, in the same order
+        assert first.kept_index[sample].tolist() == after_first[: len(after_first) - int(fuse)]
+        assert [after_first[j] for j in second.kept_index[sample].tolist()] == after_second[: len(after_second) - int(fuse)]
+
+
+def test_a_merged_token_takes_its_representatives_rotary_row():
+    """ToMe-style merging: an output token is rotated as the token it stands for (the map's
+    ``kept_index``), which the rows composed through two layers must give."""
+    model = _model("eva02_tiny_patch14_224")
+    evit_patch.apply_token_reducer(model, LAYERS, KEEP_RATE, ToMeMerge())
+    seen: list[torch.Tensor] = []
+    model.blocks[3].register_forward_pre_hook(lambda block, args, kwargs: seen.append(kwargs["rope"]), with_kwargs=True)
+    with torch.no_grad():
+        model(_images())
+    first, second = evit_patch.kept_tokens(model)
+    table = model.rope.get_embed()
+    for sample in range(2):
+        grid = first.kept_index[sample][second.kept_index[sample]].tolist()
+        torch.testing.assert_close(seen[0][sample, 0], rotary_rows(table, grid), rtol=0, atol=0)
+
+
+def test_concurrent_calls_keep_their_own_positions():
+    """Two threads with different images interleave block by block; each gets its own rows."""
+    model = _model("eva02_tiny_patch14_224")
+    evit_patch.apply_evit(model, LAYERS, KEEP_RATE)
+    batches = {1: _images(1), 3: torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))}
+    with torch.no_grad():
+        alone = {batch: model(images) for batch, images in batches.items()}
+    barrier = threading.Barrier(2, timeout=60)
+
+    def meet(*_) -> None:
+        barrier.wait()
+
+    hooks = [model.blocks[index].register_forward_pre_hook(meet) for index in (2, 3)]
+    together: dict[int, torch.Tensor] = {}
+
+    def run(batch: int) -> None:
+        with torch.no_grad():
+            together[batch] = model(batches[batch])
+
+    threads = [threading.Thread(target=run, args=(batch,)) for batch in batches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for hook in hooks:
+        hook.remove()
+    for batch in batches:
+        assert torch.equal(together[batch], alone[batch])
+
+
+def test_pickled_and_copied_models_follow_positions():
+    model = _model("vit_small_patch16_rope_mixed_224")
+    evit_patch.apply_evit(model, LAYERS, KEEP_RATE)
+    images = _images()
+    with torch.no_grad():
+        expected = model(images)
+        for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+            assert torch.equal(clone(images), expected)
+            evit_patch.remove_evit(clone)
+            assert not clone.blocks[3]._forward_pre_hooks
+
+
+def test_rotary_model_compiles_without_graph_break():
+    torch._dynamo.reset()
+    model = _model("eva02_tiny_patch14_224")
+    evit_patch.apply_evit(model, LAYERS, KEEP_RATE)
+    try:
+        explanation = torch._dynamo.explain(model)(_images())
+    finally:
+        torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, [str(reason.reason).splitlines()[0] for reason in explanation.break_reasons]
+
+
+def test_macs_and_kept_tokens_on_a_rotary_model():
+    model = _model("vit_small_patch16_dinov3")
+    dense = evit_patch.count_macs(model)
+    evit_patch.apply_evit(model, LAYERS, KEEP_RATE)
+    assert evit_patch.count_macs(model) < dense
+    with torch.no_grad():
+        model(_images())
+    first, second = evit_patch.kept_tokens(model)
+    assert first.kept_index.shape[1] == 8 and second.kept_index.shape[1] == 5  # 16 patches; 8 kept, fused; 9 -> 5
