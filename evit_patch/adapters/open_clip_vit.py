@@ -115,7 +115,7 @@ class OpenClipFamily(ModelFamily):
         return self._tower(model).conv1
 
     def rewrite_block(self, block: nn.Module, reorganizer: nn.Module, model_name: str,
-                      positions: Mapping[str, nn.Module] | None = None) -> nn.Module:
+                      positions: Mapping[str, Optional[nn.Module]] | None = None) -> nn.Module:
         if not isinstance(getattr(block, "attn", None), nn.MultiheadAttention):
             return super().rewrite_block(block, reorganizer, model_name, positions)  # open_clip's own Attention: as timm's
         if hasattr(block, "ln_1_kv"):

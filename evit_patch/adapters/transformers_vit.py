@@ -196,7 +196,7 @@ class TransformersFamily(ModelFamily):
         return embeddings if isinstance(embeddings, nn.Module) else model
 
     def rewrite_block(self, block: nn.Module, reorganizer: nn.Module, model_name: str,
-                      positions: Mapping[str, nn.Module] | None = None) -> nn.Module:
+                      positions: Mapping[str, Optional[nn.Module]] | None = None) -> nn.Module:
         """The layer rewritten from its own computation; it also takes (and, like the layer's
         attention, ignores) the output flags the encoder passes on (``output_hidden_states``,
         ...), which transformers' hooks read."""

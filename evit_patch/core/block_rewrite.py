@@ -10,7 +10,7 @@ whatever the block's own graph says.
 from __future__ import annotations
 
 import operator
-from typing import Callable, Collection, Mapping
+from typing import Callable, Collection, Mapping, Optional
 
 import torch
 import torch.fx as fx
@@ -75,15 +75,15 @@ def _attention_residual_add(graph: fx.Graph, block_input: fx.Node, attention_out
 
 def reorganizing_block(block: nn.Module, reorganizer: nn.Module, model_name: str, attention_name: str = "attn",
                        score: Callable[[nn.Module, str], nn.Module] = scored_attention,
-                       positions: Mapping[str, nn.Module] | None = None) -> fx.GraphModule:
+                       positions: Mapping[str, Optional[nn.Module]] | None = None) -> fx.GraphModule:
     """A GraphModule sharing ``block``'s submodules, with ``reorganizer`` after attention.
 
     ``attention_name`` is the block's attention child, called with the tokens and the block's
     inputs named in ``positions`` (sized to the token sequence: a rotary table), each first given
     to its module there (children ``follow_<name>``), which makes it follow the tokens the block
-    holds; ``score`` turns it into a module returning ``(its output,
-    AttentionTensors)`` and taking those inputs (a family whose attention torch.fx cannot trace
-    brings its own)."""
+    holds (a name mapped to None: an input the model always passes as None, checked like a mask);
+    ``score`` turns it into a module returning ``(its output, AttentionTensors)`` and taking those
+    inputs (a family whose attention torch.fx cannot trace brings its own)."""
     attention = getattr(block, attention_name, None)
     if not isinstance(attention, nn.Module):
         raise UnsupportedModelError(model_name, f"its block {type(block).__name__} has no `{attention_name}` submodule")
@@ -98,8 +98,8 @@ def reorganizing_block(block: nn.Module, reorganizer: nn.Module, model_name: str
 
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     block_input = placeholders[0]
-    position_inputs = [node for node in placeholders[1:] if node.target in positions]
-    mask_inputs = [node for node in placeholders[1:] if node.target not in positions]
+    position_inputs = [node for node in placeholders[1:] if positions.get(node.target) is not None]
+    mask_inputs = [node for node in placeholders[1:] if positions.get(node.target) is None]
     calls = [node for node in graph.nodes if node.op == "call_module" and node.target == attention_name]
     if len(calls) != 1:
         raise UnsupportedModelError(model_name, f"its block calls its attention {len(calls)} times")

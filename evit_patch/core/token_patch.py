@@ -43,11 +43,12 @@ def apply_token_reducer(model: ModelT, layers: Sequence[int] | None, keep_rate: 
     if reducer.key_weights is not None and not family.key_weighting:
         raise UnsupportedModelError(name, f"reducer {reducer.describe()} weights attention keys, which "
                                     f"{family.name} attention does not take; use it without key weights")
+    inputs = family.sequence_inputs(model)
     state = ReductionState(layers, keep_rates, reducer, prefix_token_count(model), score_mode(model),
-                           positions=family.sequence_inputs(model))
+                           positions={name: follow for name, follow in inputs.items() if follow is not None})
     state.patched_blocks = {
         index: family.rewrite_block(blocks[index], TokenReorganizer(state, position).train(blocks[index].training), name,
-                                    {follower.name: follower for follower in state.followers(position)})
+                                    {**dict.fromkeys(inputs), **{f.name: f for f in state.followers(position)}})
         for position, index in enumerate(layers)
     }
     state.original_blocks = {index: blocks[index] for index in layers}
