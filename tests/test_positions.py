@@ -1,13 +1,13 @@
 """Rotary positions follow the kept tokens: timm's ``Eva`` models (EVA-02, DINOv3, Perception
 Encoder, RoPE-ViT with one table or one per depth) against the independent eager reference
 of :mod:`reference_positions`, which runs the unpatched model's own blocks on each sample's
-kept tokens with their own rotary rows."""
+kept tokens with their own rotary rows. Concurrent calls and torch.compile on a rotary model:
+``test_concurrency.py`` and ``test_compile.py`` (``every_method.small_rotary_vit``)."""
 
 from __future__ import annotations
 
 import copy
 import pickle
-import threading
 
 import pytest
 import timm
@@ -85,36 +85,6 @@ def test_a_merged_token_takes_its_representatives_rotary_row():
         torch.testing.assert_close(seen[0][sample, 0], rotary_rows(table, grid), rtol=0, atol=0)
 
 
-def test_concurrent_calls_keep_their_own_positions():
-    """Two threads with different images interleave block by block; each gets its own rows."""
-    model = _model("eva02_tiny_patch14_224")
-    evit_patch.apply_evit(model, LAYERS, KEEP_RATE)
-    batches = {1: _images(1), 3: torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))}
-    with torch.no_grad():
-        alone = {batch: model(images) for batch, images in batches.items()}
-    barrier = threading.Barrier(2, timeout=60)
-
-    def meet(*_) -> None:
-        barrier.wait()
-
-    hooks = [model.blocks[index].register_forward_pre_hook(meet) for index in (2, 3)]
-    together: dict[int, torch.Tensor] = {}
-
-    def run(batch: int) -> None:
-        with torch.no_grad():
-            together[batch] = model(batches[batch])
-
-    threads = [threading.Thread(target=run, args=(batch,)) for batch in batches]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for hook in hooks:
-        hook.remove()
-    for batch in batches:
-        assert torch.equal(together[batch], alone[batch])
-
-
 def test_pickled_and_copied_models_follow_positions():
     model = _model("vit_small_patch16_rope_mixed_224")
     evit_patch.apply_evit(model, LAYERS, KEEP_RATE)
@@ -125,17 +95,6 @@ def test_pickled_and_copied_models_follow_positions():
             assert torch.equal(clone(images), expected)
             evit_patch.remove_evit(clone)
             assert not clone.blocks[3]._forward_pre_hooks
-
-
-def test_rotary_model_compiles_without_graph_break():
-    torch._dynamo.reset()
-    model = _model("eva02_tiny_patch14_224")
-    evit_patch.apply_evit(model, LAYERS, KEEP_RATE)
-    try:
-        explanation = torch._dynamo.explain(model)(_images())
-    finally:
-        torch._dynamo.reset()
-    assert explanation.graph_break_count == 0, [str(reason.reason).splitlines()[0] for reason in explanation.break_reasons]
 
 
 def test_macs_and_kept_tokens_on_a_rotary_model():
