@@ -106,3 +106,17 @@ def test_macs_and_kept_tokens_on_a_rotary_model():
         model(_images())
     first, second = evit_patch.kept_tokens(model)
     assert first.kept_index.shape[1] == 8 and second.kept_index.shape[1] == 5  # 16 patches; 8 kept, fused; 9 -> 5
+
+
+def test_forward_intermediates_gives_the_full_grid_on_a_rotary_model():
+    """DINOv3's dense users read ``forward_intermediates``: bitwise at keep 1.0, the full grid below."""
+    model = _model("vit_small_patch16_dinov3")
+    images = _images()
+    with torch.no_grad():
+        expected = model.forward_intermediates(images, intermediates_only=True)
+        evit_patch.apply_evit(model, LAYERS, 1.0)
+        assert all(torch.equal(a, b) for a, b in zip(model.forward_intermediates(images, intermediates_only=True), expected))
+        evit_patch.set_keep_rate(model, KEEP_RATE)
+        reduced = model.forward_intermediates(images, intermediates_only=True)
+    assert [tuple(map_.shape) for map_ in reduced] == [(2, 64, 4, 4)] * 4
+    assert torch.equal(reduced[0], expected[0]) and not torch.equal(reduced[-1], expected[-1])
