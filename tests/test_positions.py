@@ -120,3 +120,31 @@ def test_forward_intermediates_gives_the_full_grid_on_a_rotary_model():
         reduced = model.forward_intermediates(images, intermediates_only=True)
     assert [tuple(map_.shape) for map_ in reduced] == [(2, 64, 4, 4)] * 4
     assert torch.equal(reduced[0], expected[0]) and not torch.equal(reduced[-1], expected[-1])
+
+
+class _PositionalEva(torch.nn.Module):
+    """An Eva whose blocks are called with the table in its place (``blk(x, rope)``), not by keyword."""
+
+    def __init__(self, eva: torch.nn.Module) -> None:
+        super().__init__()
+        self.eva = eva
+        self.blocks, self.patch_embed, self.cls_token, self.rope = eva.blocks, eva.patch_embed, eva.cls_token, eva.rope
+        self.num_prefix_tokens = eva.num_prefix_tokens
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x, rope = self.eva._pos_embed(self.eva.patch_embed(images))
+        x = self.eva.norm_pre(x)
+        for block in self.blocks:
+            x = block(x, rope)
+        return self.eva.forward_head(self.eva.norm(x))
+
+
+def test_a_table_passed_in_its_place_follows_too(monkeypatch):
+    eva = _model("eva02_tiny_patch14_224")
+    images = _images()
+    with torch.no_grad():
+        expected, _ = reference_forward(eva, images, LAYERS, KEEP_RATE, fuse=True)
+        model = _PositionalEva(eva)
+        monkeypatch.setattr(evit_patch.core.model_info, "Eva", (type(eva), _PositionalEva))
+        evit_patch.apply_evit(model, LAYERS, KEEP_RATE)
+        torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-5)

@@ -35,7 +35,7 @@ _RELATIVE = "a relative position bias sized to the full token grid"
 REFUSED = {
     "beit": _RELATIVE,
     "data2vec-vision": _RELATIVE,
-    "dinov3_vit": "rotary position embeddings: positions would have to follow the kept tokens",
+    "dinov3_vit": "rotary position embeddings: the transformers family does not follow them yet (timm's DINOv3 does)",
     "vit_mae": "its encoder drops patches at random itself and its decoder restores them by position",
     "vitdet": "windowed attention with a relative position bias over the full token grid",
 }

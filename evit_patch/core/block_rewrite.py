@@ -27,7 +27,10 @@ from evit_patch.core.scored_attention import scored_attention
 from evit_patch.errors import UnsupportedModelError
 
 _MASK_PARAMETERS = {"attn_mask", "is_causal", "attention_mask"}
-_ROTARY = "rotary position embeddings: positions would have to follow the kept tokens"
+_ROTARY = ("rotary position embeddings in a form its family does not follow (timm's `Eva` tables do; see "
+           "docs/positions.md)")
+_RELATIVE = ("a relative position bias sized to the full token grid (built inside each attention or shared by the model): "
+             "gathering its rows and columns for the kept tokens is not implemented")
 _GRID = "its blocks take the patch grid's height and width (convolutions over the full token grid)"
 _KNOWN_POSITION_INPUTS = {
     "rope": _ROTARY,
@@ -35,9 +38,9 @@ _KNOWN_POSITION_INPUTS = {
     "rope_sin": _ROTARY,
     "H": _GRID,
     "W": _GRID,
-    "rel_pos_bias": "a relative position bias sized to the full token grid",
-    "shared_rel_pos_bias": "a relative position bias sized to the full token grid",
-    "shared_rel_pos": "a relative position bias sized to the full token grid",
+    "rel_pos_bias": _RELATIVE,
+    "shared_rel_pos_bias": _RELATIVE,
+    "shared_rel_pos": _RELATIVE,
 }
 _ADD_TARGETS = (operator.add, operator.iadd, torch.add)
 
