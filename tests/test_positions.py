@@ -148,3 +148,25 @@ def test_a_table_passed_in_its_place_follows_too(monkeypatch):
         monkeypatch.setattr(evit_patch.core.model_info, "Eva", (type(eva), _PositionalEva))
         evit_patch.apply_evit(model, LAYERS, KEEP_RATE)
         torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "vit_small_patch16_rope_mixed_224"])
+def test_training_with_patch_dropout_follows_the_batched_table(name):
+    """timm's patch dropout hands the blocks a per-sample table (``[B, 1, N, D]`` or per depth
+    ``[B, H, N, D]``) for the patches it kept; the reduction follows it from there."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, **SMALL, patch_drop_rate=0.25).train()
+    evit_patch.apply_evit(model, LAYERS, KEEP_RATE)
+    logits = model(_images())
+    logits.sum().backward()
+    first, second = evit_patch.kept_tokens(model)
+    assert first.kept_index.shape == (2, 6) and second.kept_index.shape == (2, 4)  # 16 patches, 12 after dropout
+    assert all(p.grad is not None for p in model.blocks[3].attn.parameters() if p.requires_grad)
+
+
+def test_keep_rate_for_a_budget_on_a_rotary_model():
+    model = _model("eva02_tiny_patch14_224")
+    budget = 0.7 * evit_patch.count_macs(model)
+    rate = evit_patch.keep_rate_for_budget(model, budget, LAYERS)
+    evit_patch.apply_evit(model, LAYERS, rate)
+    assert 0.9 * budget <= evit_patch.count_macs(model) <= budget
