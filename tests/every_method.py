@@ -25,8 +25,19 @@ def small_vit(seed: int = 0) -> nn.Module:
                              num_heads=3, reg_tokens=1, num_classes=10).eval()
 
 
+def small_rotary_vit(seed: int = 0) -> nn.Module:
+    """A 4-block EVA-02 (a rotary table passed to every block) over the same patches and images."""
+    torch.manual_seed(seed)
+    return timm.create_model("eva02_tiny_patch14_224", img_size=32, patch_size=4, embed_dim=48, depth=4,
+                             num_heads=3, num_classes=10).eval()
+
+
+MODELS: dict[str, Callable[[int], nn.Module]] = {"vit": small_vit, "rotary": small_rotary_vit}
+
+
 def _oracle_guided(model: nn.Module) -> nn.Module:
-    return evit_patch.apply_token_reducer(model, LAYERS, KEEP_RATE, OracleGuided(small_vit(seed=1), LAYERS))
+    oracle = MODELS["rotary" if hasattr(model, "rope") else "vit"](1)
+    return evit_patch.apply_token_reducer(model, LAYERS, KEEP_RATE, OracleGuided(oracle, LAYERS))
 
 
 PATCHES: dict[str, Callable[[nn.Module], nn.Module]] = {
@@ -45,8 +56,12 @@ PATCHES: dict[str, Callable[[nn.Module], nn.Module]] = {
 """Each method patching a model in place, at the same layers and keep rate."""
 
 
-def patched(method: str) -> nn.Module:
-    return PATCHES[method](small_vit())
+ROTARY_METHODS = [method for method in PATCHES if method != "dynamicvit"]  # DynamicViT's masks refuse rotary tables
+"""The methods that patch the rotary model."""
+
+
+def patched(method: str, model: str = "vit") -> nn.Module:
+    return PATCHES[method](MODELS[model](0))
 
 
 def images(batch: int, seed: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from every_method import PATCHES, images, patched
+from every_method import PATCHES, ROTARY_METHODS, images, patched
 
 import evit_patch
 from evit_patch.dynamicvit import is_dynamicvit
@@ -25,9 +25,10 @@ def fresh_dynamo():
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("method", list(PATCHES))
-def test_no_graph_break(method, training):
-    model = patched(method).train(training)
+@pytest.mark.parametrize(("method", "model_kind"), [(method, "vit") for method in PATCHES] +
+                         [(method, "rotary") for method in ROTARY_METHODS])
+def test_no_graph_break(method, model_kind, training):
+    model = patched(method, model_kind).train(training)
     explanation = torch._dynamo.explain(model)(images(2, seed=0))
     assert explanation.graph_break_count == 0, [str(reason.reason).splitlines()[0] for reason in explanation.break_reasons]
     assert explanation.graph_count == 1
@@ -37,9 +38,10 @@ def _token_counts(model: torch.nn.Module) -> list[int]:
     return [] if is_dynamicvit(model) else [layer.kept_index.shape[1] for layer in evit_patch.kept_tokens(model)]
 
 
-@pytest.mark.parametrize("method", list(PATCHES))
-def test_fullgraph_compile_matches_eager(method):
-    model = patched(method)
+@pytest.mark.parametrize(("method", "model_kind"), [(method, "vit") for method in PATCHES] +
+                         [(method, "rotary") for method in ("evit", "tome")])
+def test_fullgraph_compile_matches_eager(method, model_kind):
+    model = patched(method, model_kind)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         for batch in (1, 3):

@@ -28,13 +28,17 @@ OTHER_TRANSFORMERS = ["convit_tiny", "tnt_s_patch16_224", "pit_ti_224", "mvitv2_
                       "crossvit_tiny_240", "nest_tiny", "gcvit_xxtiny", "efficientformer_l1", "sequencer2d_s",
                       "hiera_tiny_224", "qwen3_vit_88m_enc", "gemma4_vit_167m_enc", "deepseek_vit_412m_enc"]
 ROTARY = "rotary position embeddings"
+ROTARY_FAMILIES = r"^(eva|vit_pe_)|_rope_|dinov3|sapiens2|lingbot"
+GRID_AFTER_BLOCKS = "reads the blocks' output as the full patch grid"
 RELATIVE = "relative position bias sized to the full token grid"
 NO_ATTENTION = "has no `attn` submodule"
 NO_BLOCKS = "no `blocks` sequence of transformer blocks"
 NO_PREFIX_COUNT = "no integer `num_prefix_tokens`"
 EXPECTED = [  # (name pattern, None when accepted else what the refusal must say); the first match decides
     (r"^eva_large_patch14_(196|336)", None),  # plain ViT blocks under an EVA name
-    (r"^(eva|vit_pe_)|_rope_|dinov3|sapiens2|lingbot|^(qwen3|gemma4|deepseek)_vit", ROTARY),
+    (r"^(qwen3|deepseek)_vit", GRID_AFTER_BLOCKS),  # vision-language towers: a patch merger reads the grid
+    (r"^gemma4_vit", ROTARY),  # its own (cos, sin) pair and a padding mask
+    (ROTARY_FAMILIES, None),  # rotary tables follow the kept tokens
     (r"^beit_|^beitv2_|relpos", RELATIVE),
     (r"^xcit_", "the patch grid's height and width"),
     (r"^(levit|volo|pit|mvitv2|nest|gcvit|efficientformer|sequencer2d)_", NO_BLOCKS),
@@ -45,12 +49,15 @@ EXPECTED = [  # (name pattern, None when accepted else what the refusal must say
     (r"^(twins|crossvit|hiera)_", NO_PREFIX_COUNT),
     (r"^(vit|deit|deit3|flexivit|cait|aimv2|naflexvit|vitamin|beit3)_|^test_vit\d*$", None),
 ]
-MUST_BE_ACCEPTED = ["deit_tiny_patch16_224", "deit_small_distilled_patch16_224", "deit3_small_patch16_224",
+MUST_BE_ACCEPTED = ["eva02_base_patch14_224", "vit_base_patch16_dinov3", "vit_pe_core_base_patch16_224",
+                    "vit_base_patch16_rope_mixed_224", "eva_giant_patch14_224",
+                    "deit_tiny_patch16_224", "deit_small_distilled_patch16_224", "deit3_small_patch16_224",
                     "vit_small_patch14_reg4_dinov2", "vit_base_patch16_reg4_gap_256", "vit_base_patch16_siglip_224",
                     "vit_base_r50_s16_224", "flexivit_small", "cait_xxs24_224", "naflexvit_base_patch16_gap"]
 SMALL_BUILDS = [
     {"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": 112},
     {"depth": 2, "embed_dim": 96, "num_heads": 3, "img_size": 112},  # SwiGLU MLPs (giant) need an even hidden width
+    {"depth": 2, "embed_dim": 64, "num_heads": 2, "num_kv_heads": 1, "img_size": 112},  # grouped-query (sapiens2)
     {"depth": 2, "img_size": 112},
     {"depth": 2},
     {},  # families whose entrypoints fix their depth (levit, xcit, volo, cait): the smallest ones
@@ -144,3 +151,31 @@ def test_registry_model_reorganizes_the_tokens_its_blocks_hold_or_is_refused(nam
     assert first.token_of_patch.shape[1] == grid  # every patch is an image token, nothing else is
     assert first.kept_index.shape[1] == math.ceil(KEEP_RATE * grid)
     assert second.kept_index.shape[1] == math.ceil(KEEP_RATE * (math.ceil(KEEP_RATE * grid) + 1))
+
+
+ROTARY_NAMES = [name for name in timm.list_models(VIT_LIKE) if re.search(ROTARY_FAMILIES, name) and
+                expected_reason(name) is None]
+
+
+@pytest.mark.parametrize("name", ROTARY_NAMES)
+def test_rotary_model_at_full_width_keeps_exact_counts_on_the_meta_device(name: str) -> None:
+    """Every rotary architecture as published (full width and depth, its own input size) is
+    patched and run on the meta device: each block after a layer holds exactly the prefix, the
+    kept tokens and the fused one, so the table each block is given matches the tokens it holds."""
+    with torch.device("meta"):
+        model = timm.create_model(name).eval()
+    depth = len(model.blocks)
+    layers = [depth // 4, depth // 2, 3 * depth // 4]
+    evit_patch.apply_evit(model, layers, KEEP_RATE)
+    lengths: list[int] = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda m, i, o: lengths.append(o.shape[1]))
+    size = input_size(model)
+    model(torch.empty(2, 3, *size, device="meta"))
+    grid = patch_grid(model, size)
+    prefix, image_tokens, expected = model.num_prefix_tokens, grid, []
+    for index in range(depth):
+        if index in layers:
+            image_tokens = math.ceil(KEEP_RATE * image_tokens) + 1
+        expected.append(prefix + image_tokens)
+    assert lengths == expected

@@ -10,7 +10,7 @@ open_clip's own ``Attention`` (q/k norm, cosine attention) is rewritten as timm'
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch.fx as fx
 import torch.nn.functional as F
@@ -114,13 +114,14 @@ class OpenClipFamily(ModelFamily):
         """The patch convolution, which ``forward`` and ``encode_image`` run first."""
         return self._tower(model).conv1
 
-    def rewrite_block(self, block: nn.Module, reorganizer: nn.Module, model_name: str) -> nn.Module:
+    def rewrite_block(self, block: nn.Module, reorganizer: nn.Module, model_name: str,
+                      positions: Mapping[str, Optional[nn.Module]] | None = None) -> nn.Module:
         if not isinstance(getattr(block, "attn", None), nn.MultiheadAttention):
-            return reorganizing_block(block, reorganizer, model_name)  # open_clip's own Attention: traced as timm's
+            return super().rewrite_block(block, reorganizer, model_name, positions)  # open_clip's own Attention: as timm's
         if hasattr(block, "ln_1_kv"):
             raise UnsupportedModelError(model_name, "its blocks are cross-attention blocks")
         patched = reorganizing_block(computation_view(block, _BlockView), reorganizer, model_name, "attn",
-                                     scored_multihead_attention)
+                                     scored_multihead_attention, positions)
         _take_key_and_value_inputs(patched)
         return patched
 

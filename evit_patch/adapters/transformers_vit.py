@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import sys
 import types
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 from unittest import mock
 
 import torch.fx as fx
@@ -35,7 +35,7 @@ _RELATIVE = "a relative position bias sized to the full token grid"
 REFUSED = {
     "beit": _RELATIVE,
     "data2vec-vision": _RELATIVE,
-    "dinov3_vit": "rotary position embeddings: positions would have to follow the kept tokens",
+    "dinov3_vit": "rotary position embeddings: the transformers family does not follow them yet (timm's DINOv3 does)",
     "vit_mae": "its encoder drops patches at random itself and its decoder restores them by position",
     "vitdet": "windowed attention with a relative position bias over the full token grid",
 }
@@ -195,12 +195,13 @@ class TransformersFamily(ModelFamily):
         embeddings = getattr(self._base(model), "embeddings", None)
         return embeddings if isinstance(embeddings, nn.Module) else model
 
-    def rewrite_block(self, block: nn.Module, reorganizer: nn.Module, model_name: str) -> nn.Module:
+    def rewrite_block(self, block: nn.Module, reorganizer: nn.Module, model_name: str,
+                      positions: Mapping[str, Optional[nn.Module]] | None = None) -> nn.Module:
         """The layer rewritten from its own computation; it also takes (and, like the layer's
         attention, ignores) the output flags the encoder passes on (``output_hidden_states``,
         ...), which transformers' hooks read."""
         patched = reorganizing_block(computation_view(block, _LayerView), reorganizer, model_name, "attention",
-                                     scored_attention)
+                                     scored_attention, positions)
         last_input = [node for node in patched.graph.nodes if node.op == "placeholder"][-1]
         with patched.graph.inserting_after(last_input):
             patched.graph.placeholder("**kwargs")

@@ -10,7 +10,7 @@ whatever the block's own graph says.
 from __future__ import annotations
 
 import operator
-from typing import Callable
+from typing import Callable, Collection, Mapping, Optional
 
 import torch
 import torch.fx as fx
@@ -27,7 +27,10 @@ from evit_patch.core.scored_attention import scored_attention
 from evit_patch.errors import UnsupportedModelError
 
 _MASK_PARAMETERS = {"attn_mask", "is_causal", "attention_mask"}
-_ROTARY = "rotary position embeddings: positions would have to follow the kept tokens"
+_ROTARY = ("rotary position embeddings in a form its family does not follow (timm's `Eva` tables do; see "
+           "docs/positions.md)")
+_RELATIVE = ("a relative position bias sized to the full token grid (built inside each attention or shared by the model): "
+             "gathering its rows and columns for the kept tokens is not implemented")
 _GRID = "its blocks take the patch grid's height and width (convolutions over the full token grid)"
 _KNOWN_POSITION_INPUTS = {
     "rope": _ROTARY,
@@ -35,16 +38,19 @@ _KNOWN_POSITION_INPUTS = {
     "rope_sin": _ROTARY,
     "H": _GRID,
     "W": _GRID,
-    "rel_pos_bias": "a relative position bias sized to the full token grid",
-    "shared_rel_pos_bias": "a relative position bias sized to the full token grid",
-    "shared_rel_pos": "a relative position bias sized to the full token grid",
+    "rel_pos_bias": _RELATIVE,
+    "shared_rel_pos_bias": _RELATIVE,
+    "shared_rel_pos": _RELATIVE,
 }
 _ADD_TARGETS = (operator.add, operator.iadd, torch.add)
 
 
-def check_block_inputs(block: nn.Module, model_name: str) -> None:
-    """Refuse blocks that take inputs sized to the full token sequence (rotary or relative positions)."""
+def check_block_inputs(block: nn.Module, model_name: str, positions: Collection[str] = ()) -> None:
+    """Refuse blocks that take inputs sized to the full token sequence (rotary or relative positions)
+    other than ``positions``, those the model's family makes follow the kept tokens."""
     for parameter in extra_forward_parameters(block):
+        if parameter.name in positions:
+            continue
         if parameter.name in _KNOWN_POSITION_INPUTS:
             raise UnsupportedModelError(model_name, _KNOWN_POSITION_INPUTS[parameter.name])
         if parameter.name not in _MASK_PARAMETERS:
@@ -71,16 +77,21 @@ def _attention_residual_add(graph: fx.Graph, block_input: fx.Node, attention_out
 
 
 def reorganizing_block(block: nn.Module, reorganizer: nn.Module, model_name: str, attention_name: str = "attn",
-                       score: Callable[[nn.Module, str], nn.Module] = scored_attention) -> fx.GraphModule:
+                       score: Callable[[nn.Module, str], nn.Module] = scored_attention,
+                       positions: Mapping[str, Optional[nn.Module]] | None = None) -> fx.GraphModule:
     """A GraphModule sharing ``block``'s submodules, with ``reorganizer`` after attention.
 
-    ``attention_name`` is the block's attention child, called with the tokens alone;
-    ``score`` turns it into a module returning ``(its output, AttentionTensors)`` (a
-    family whose attention torch.fx cannot trace brings its own)."""
+    ``attention_name`` is the block's attention child, called with the tokens and the block's
+    inputs named in ``positions`` (sized to the token sequence: a rotary table), each first given
+    to its module there (children ``follow_<name>``), which makes it follow the tokens the block
+    holds (a name mapped to None: an input the model always passes as None, checked like a mask);
+    ``score`` turns it into a module returning ``(its output, AttentionTensors)`` and taking those
+    inputs (a family whose attention torch.fx cannot trace brings its own)."""
     attention = getattr(block, attention_name, None)
     if not isinstance(attention, nn.Module):
         raise UnsupportedModelError(model_name, f"its block {type(block).__name__} has no `{attention_name}` submodule")
-    check_block_inputs(block, model_name)
+    positions = positions or {}
+    check_block_inputs(block, model_name, positions)
     try:
         graph = trace_own_forward(block)
     except Exception as error:  # torch.fx raises many kinds of errors on untraceable code
@@ -89,12 +100,17 @@ def reorganizing_block(block: nn.Module, reorganizer: nn.Module, model_name: str
         ) from error
 
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
-    block_input, mask_inputs = placeholders[0], placeholders[1:]
+    block_input = placeholders[0]
+    position_inputs = [node for node in placeholders[1:] if positions.get(node.target) is not None]
+    mask_inputs = [node for node in placeholders[1:] if positions.get(node.target) is None]
     calls = [node for node in graph.nodes if node.op == "call_module" and node.target == attention_name]
     if len(calls) != 1:
         raise UnsupportedModelError(model_name, f"its block calls its attention {len(calls)} times")
     call = calls[0]
-    call.args, call.kwargs = call.args[:1], {}
+    call.args, call.kwargs = call.args[:1], _position_arguments(call, position_inputs, model_name)
+    for node in position_inputs:
+        with graph.inserting_before(call):
+            call.update_kwarg(node.target, graph.call_module(f"follow_{node.target}", (node,)))
     if any(node.users for node in mask_inputs):  # the reorganizer rejects masks at run time
         raise UnsupportedModelError(model_name, "its block uses the attention mask outside the attention")
     with graph.inserting_after(call):
@@ -124,13 +140,26 @@ def reorganizing_block(block: nn.Module, reorganizer: nn.Module, model_name: str
         node.target: block.get_submodule(node.target) if node.op == "call_module" else _fetch(block, node.target)
         for node in graph.nodes
         if node.op in ("call_module", "get_attr") and node.target != "token_reorganizer"
+        and not node.target.startswith("follow_")
     }
     children[attention_name] = score(attention, model_name)
     children["token_reorganizer"] = reorganizer
+    children.update({f"follow_{name}": follower for name, follower in positions.items()})
     patched = fx.GraphModule(children, graph, class_name=f"Reorganizing{type(block).__name__}")
     order_children_as(patched, block)
     patched.training = block.training
     return patched
+
+
+def _position_arguments(call: fx.Node, position_inputs: list[fx.Node], model_name: str) -> dict[str, fx.Node]:
+    """The attention call's keyword arguments that pass the block's position inputs on as they are,
+    which must be the only use of them (a table used elsewhere, or changed first, would not follow the tokens)."""
+    passed = {name: value for name, value in call.kwargs.items() if value in position_inputs}
+    for node in position_inputs:
+        if set(node.users) - {call} or node in call.args or node not in passed.values():
+            raise UnsupportedModelError(model_name, f"its block uses its input {node.target!r} other than by passing "
+                                                    "it to its attention by keyword")
+    return passed
 
 
 def _fetch(module: nn.Module, qualified_name: str) -> object:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from typing import Any, Optional
+from typing import Any, Collection, Optional
 
 import torch
 import torch.fx as fx
@@ -160,10 +160,10 @@ def refuse_traced_away_inputs(names: tuple, defaults: tuple, *values: Any) -> No
                              f"{name}; call it without {name}")
 
 
-def _accept_traced_away_inputs(graph: fx.Graph, attention: nn.Module) -> None:
-    """Put back, as defaulted inputs, the mask parameters the trace fixed, so callers such
-    as timm's ``Block`` can keep passing ``attn_mask=None, is_causal=False``."""
-    parameters = extra_forward_parameters(attention)
+def _accept_traced_away_inputs(graph: fx.Graph, attention: nn.Module, positions: Collection[str]) -> None:
+    """Put back, as defaulted inputs, the mask parameters the trace fixed (all but ``positions``, which
+    stayed inputs), so callers such as timm's ``Block`` can keep passing ``attn_mask=None, is_causal=False``."""
+    parameters = [parameter for parameter in extra_forward_parameters(attention) if parameter.name not in positions]
     if not parameters:
         return
     inputs = []
@@ -177,7 +177,8 @@ def _accept_traced_away_inputs(graph: fx.Graph, attention: nn.Module) -> None:
                      (tuple(p.name for p in parameters), tuple(p.default for p in parameters), *inputs))
 
 
-def weighted_key_attention(attention: nn.Module, holder: KeyWeights, model_name: str) -> fx.GraphModule:
+def weighted_key_attention(attention: nn.Module, holder: KeyWeights, model_name: str,
+                           positions: Collection[str] = ()) -> fx.GraphModule:
     """A GraphModule sharing ``attention``'s submodules that weights its keys by ``holder``.
 
     ``attention`` is a timm-style attention module, or a GraphModule made from one (e.g.
@@ -188,8 +189,8 @@ def weighted_key_attention(attention: nn.Module, holder: KeyWeights, model_name:
         graph = copy.deepcopy(attention.graph)
         node = attention_node(graph, type(attention).__name__, model_name)
     else:
-        graph, node = attention_graph(attention, model_name)
-        _accept_traced_away_inputs(graph, attention)
+        graph, node = attention_graph(attention, model_name, positions)
+        _accept_traced_away_inputs(graph, attention, positions)
     _replace_attention(graph, node, model_name)
     graph.lint()
     children = {

@@ -7,12 +7,16 @@ with :func:`register_family`. The core names no library but timm's defaults.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from functools import partial
+from typing import Any, Callable, Mapping, Optional
 
 import torch
+from timm.models.eva import Eva
 from torch import Tensor, nn
 
 from evit_patch.core.block_rewrite import reorganizing_block
+from evit_patch.core.positions import RotaryTable, SequenceInput
+from evit_patch.core.scored_attention import scored_attention
 from evit_patch.core.scores import ScoreMode
 from evit_patch.errors import UnsupportedModelError
 
@@ -64,9 +68,25 @@ class ModelFamily:
                 return module
         return model
 
-    def rewrite_block(self, block: nn.Module, reorganizer: nn.Module, model_name: str) -> nn.Module:
-        """``block`` with ``reorganizer`` after its attention residual (see :mod:`evit_patch.core.block_rewrite`)."""
-        return reorganizing_block(block, reorganizer, model_name)
+    def sequence_inputs(self, model: nn.Module) -> dict[str, Optional[SequenceInput]]:
+        """The blocks' inputs sized to the image-token sequence, by name, and how each follows a
+        reduction: later blocks get them for the tokens that remain (None: the model always passes
+        None there, so the blocks are traced without it). timm: ``rope``, the rotary table ``Eva``
+        passes every block (``blk(x, rope=rope)``), None where the model makes no table (EVA-01)."""
+        if not isinstance(model, Eva):
+            if isinstance(getattr(model, "rope", None), nn.Module):
+                raise UnsupportedModelError(model_name(model), _GRID_AFTER_BLOCKS)
+            return {}
+        return {"rope": None if model.rope is None else RotaryTable()}
+
+    def rewrite_block(self, block: nn.Module, reorganizer: nn.Module, model_name: str,
+                      positions: Mapping[str, Optional[nn.Module]] | None = None) -> nn.Module:
+        """``block`` with ``reorganizer`` after its attention residual (see :mod:`evit_patch.core.block_rewrite`);
+        ``positions``: a module per input of :meth:`sequence_inputs`, which makes it follow the tokens the
+        block holds before its attention takes it (None: an input always None)."""
+        names = tuple(name for name, follower in (positions or {}).items() if follower is not None)
+        return reorganizing_block(block, reorganizer, model_name, score=partial(scored_attention, positions=names),
+                                  positions=positions)
 
     def replacement_hooks(self, model: nn.Module, replacements: dict[int, nn.Module]) -> dict[int, list[Callable]]:
         """Forward hooks for ``replacements`` (block index -> rewritten block), asked for just
@@ -85,6 +105,9 @@ class ModelFamily:
         """The tensor a training loss or a benchmark reads from the model's output (timm: the output)."""
         return output
 
+
+_GRID_AFTER_BLOCKS = ("its forward reads the blocks' output as the full patch grid (a vision-language tower: "
+                      "`x.reshape(B, H, W, -1)` before its patch merger or pooling), which fewer tokens cannot fill")
 
 TIMM = ModelFamily()
 _FAMILIES: list[ModelFamily] = []

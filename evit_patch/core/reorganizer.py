@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -16,6 +18,7 @@ from evit_patch.core.dense import DEFAULT_FILL, install_dense_entry_points, unin
 from evit_patch.core.lifecycle import PatchState
 from evit_patch.core.model_info import family_of, model_name, transformer_blocks
 from evit_patch.core.per_call import PerCall
+from evit_patch.core.positions import SequenceInput, composed_origin
 from evit_patch.core.reduction import LayerContext, TokenMap, TokenReducer
 from evit_patch.core.restoration import Fill
 from evit_patch.core.scores import AttentionTensors, ScoreMode
@@ -50,6 +53,8 @@ class ReductionState(PatchState):
     owner: Optional[nn.Module] = None  # the patched model, whose ``keep_rate`` attribute is read each forward
     published_keep_rate: Any = None  # what ``model.keep_rate`` held when last read or set
     restoration: Fill = DEFAULT_FILL  # how dense outputs fill patches that are not their own token (core/dense.py)
+    positions: dict[str, SequenceInput] = field(default_factory=dict)  # block inputs sized to the sequence, by name
+    position_hooks: list[RemovableHandle] = field(default_factory=list)  # pre-hooks of later blocks not rewritten
 
     def __post_init__(self) -> None:
         self.method = f"EViT's token reorganization (reducer {self.reducer.describe()})"
@@ -65,6 +70,13 @@ class ReductionState(PatchState):
             blocks[index].attn = attention
         self.input_hook = family_of(model).input_module(model).register_forward_pre_hook(
             self.start_forward, with_kwargs=True)
+        if self.positions:
+            self.position_hooks = [
+                blocks[index].register_forward_pre_hook(
+                    FollowingHook(self.followers(bisect.bisect_left(self.layers, index)), _parameter_places(blocks[index])),
+                    with_kwargs=True)
+                for index in range(self.layers[0] + 1, len(blocks)) if index not in self.patched_blocks
+            ]
         if not hasattr(model, KEEP_RATE_ATTRIBUTE):  # a model with its own ``keep_rate`` keeps it
             self.owner = model
             self.publish_keep_rate()
@@ -90,6 +102,9 @@ class ReductionState(PatchState):
             blocks[index].attn = attention
         family_of(model).restore_originals(model, self.original_blocks)
         self.input_hook.remove()
+        for hook in self.position_hooks:
+            hook.remove()
+        self.position_hooks = []
         if self.owner is not None:
             model.__dict__.pop(KEEP_RATE_ATTRIBUTE, None)
             self.owner = None
@@ -130,6 +145,27 @@ class ReductionState(PatchState):
     def clear_record(self) -> None:
         """A new forward starts in the calling thread: nothing recorded yet."""
         self.call.set("records", [None] * len(self.layers))
+        self.call.set("origins", [None])  # stage s: where the image tokens after s layers came from (None: all, in order)
+        self.call.set("followed", {})  # (stage, input name): (the table a block was given, its rows followed)
+
+    def followers(self, stage: int) -> list[FollowedInput]:
+        """One :class:`FollowedInput` per block input sized to the sequence, after ``stage`` layers."""
+        return [FollowedInput(self, stage, name) for name in self.positions]
+
+    def followed_input(self, stage: int, name: str, value: Tensor) -> Tensor:
+        """The block input ``name`` (sized to the full sequence) for the image tokens that
+        remain after ``stage`` reduction layers of this forward; gathered once per stage and table."""
+        followed = self.call.get("followed")
+        cached = followed.get((stage, name))
+        if cached is not None and cached[0] is value:
+            return cached[1]
+        origins = self.call.get("origins")
+        records = self.records
+        while len(origins) <= stage:
+            origins.append(composed_origin(origins[-1], records[len(origins) - 1]))
+        result = value if origins[stage] is None else self.positions[name].follow(value, origins[stage])
+        followed[(stage, name)] = (value, result)
+        return result
 
     def set_keep_rates(self, keep_rate: float | Sequence[float]) -> None:
         """Validate and apply ``keep_rate`` (one float or one per layer), and show it as
@@ -169,6 +205,46 @@ class ReductionState(PatchState):
     def context(self, position: int, training: bool) -> LayerContext:
         return LayerContext(position, self.layers[position], self.keep_rates[position], self.num_prefix_tokens,
                             self.score_mode, training)
+
+
+def _parameter_places(block: nn.Module) -> dict[str, int]:
+    """Where each input of ``block.forward`` comes among its positional arguments."""
+    return {name: place for place, name in enumerate(inspect.signature(block.forward).parameters)}
+
+
+class FollowedInput(nn.Module):
+    """A block input sized to the image-token sequence (``name``: a rotary table), for the tokens
+    that remain after ``stage`` reduction layers of the running forward. A rewritten block calls
+    it on its input (a child, so it pickles with the block); other blocks through :class:`FollowingHook`."""
+
+    def __init__(self, state: ReductionState, stage: int, name: str) -> None:
+        super().__init__()
+        self.state, self.stage, self.name = state, stage, name
+
+    def forward(self, value: Optional[Tensor]) -> Optional[Tensor]:
+        return value if value is None else follow_input(self.state, self.stage, self.name, value)
+
+    def extra_repr(self) -> str:
+        return f"{self.name!r} after {self.stage} reduction layers"
+
+
+class FollowingHook:
+    """The forward pre-hook of a block that is not rewritten, after the first reduction layer:
+    its inputs sized to the sequence, passed by keyword or in their place, are swapped for those
+    of the tokens that remain."""
+
+    def __init__(self, followers: list[FollowedInput], places: dict[str, int]) -> None:
+        self.followers, self.places = followers, places
+
+    def __call__(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        args, kwargs = list(args), dict(kwargs)
+        for follower in self.followers:
+            place = self.places.get(follower.name, len(args))
+            if place < len(args):
+                args[place] = follower(args[place])
+            elif follower.name in kwargs:
+                kwargs[follower.name] = follower(kwargs[follower.name])
+        return tuple(args), kwargs
 
 
 class TokenReorganizer(nn.Module):
@@ -224,6 +300,12 @@ def reorganize(reorganizer: TokenReorganizer, x: Tensor, attention: AttentionTen
     feature extractors) records as one call: the reducers' shape logic and the mask check run with the real
     tensors (a traced ``attn_mask`` input is refused only when it holds a mask)."""
     return reorganizer.reorganize(x, attention, masks)
+
+
+@torch.fx.wrap
+def follow_input(state: ReductionState, stage: int, name: str, value: Tensor) -> Tensor:
+    """:meth:`ReductionState.followed_input`, which a torch.fx trace of the model records as one call."""
+    return state.followed_input(stage, name, value)
 
 
 @torch.fx.wrap

@@ -11,6 +11,7 @@ along.
 from __future__ import annotations
 
 import operator
+from typing import Collection
 
 import torch
 import torch.fx as fx
@@ -28,15 +29,18 @@ _PRODUCT_FUNCTIONS = (operator.matmul, torch.matmul, torch.bmm)
 _PRODUCT_METHODS = ("matmul", "bmm", "__matmul__")
 
 
-def _trace_in_eval_mode(attention: nn.Module) -> fx.Graph:
+def _trace_in_eval_mode(attention: nn.Module, positions: Collection[str]) -> fx.Graph:
     """Trace with the module's own ``training`` flag off.
 
     timm writes ``dropout_p=self.attn_drop.p if self.training else 0.`` which a trace
     would freeze; tracing in eval gives the constant 0, replaced below by a live read.
     Children keep their flags, so dropout modules still follow ``train()``/``eval()``.
+    ``positions`` stay inputs; the others are fixed at their defaults.
     """
     concrete = {}
     for parameter in extra_forward_parameters(attention):
+        if parameter.name in positions:
+            continue
         if parameter.default is parameter.empty:
             raise UnsupportedModelError(
                 type(attention).__name__, f"its attention takes a required input {parameter.name!r}"
@@ -48,17 +52,17 @@ def _trace_in_eval_mode(attention: nn.Module) -> fx.Graph:
         graph = trace_own_forward(attention, concrete)
     finally:
         attention.training = was_training
-    _drop_specialized_inputs(graph)
+    _drop_specialized_inputs(graph, positions)
     return graph
 
 
-def _drop_specialized_inputs(graph: fx.Graph) -> None:
-    """Remove the mask inputs fixed at their defaults and fx's checks of them.
+def _drop_specialized_inputs(graph: fx.Graph, positions: Collection[str]) -> None:
+    """Remove the mask inputs fixed at their defaults and fx's checks of them (all but ``positions``).
 
     The block calls the scored attention with the tokens alone (it rejects masks
     itself), and a graph without these checks can be pickled and re-traced.
     """
-    extras = [node for node in graph.nodes if node.op == "placeholder"][1:]
+    extras = [node for node in graph.nodes if node.op == "placeholder" and node.target not in positions][1:]
     checks = set().union(*(descendants(node) for node in extras)) if extras else set()
     if any(node.op == "output" for node in checks):
         raise UnsupportedModelError(type(graph.owning_module).__name__, "its attention output depends on a mask input")
@@ -95,11 +99,11 @@ def attention_node(graph: fx.Graph, owner: str, model_name: str) -> fx.Node:
     return (fused + softmax)[0]
 
 
-def attention_graph(attention: nn.Module, model_name: str) -> tuple[fx.Graph, fx.Node]:
-    """The attention module's own graph (mask inputs fixed at their defaults, dropout
-    following ``train()``/``eval()``) and its one attention node, for rewrites to extend."""
+def attention_graph(attention: nn.Module, model_name: str, positions: Collection[str] = ()) -> tuple[fx.Graph, fx.Node]:
+    """The attention module's own graph (mask inputs fixed at their defaults, ``positions`` kept
+    as inputs, dropout following ``train()``/``eval()``) and its one attention node, for rewrites to extend."""
     try:
-        graph = _trace_in_eval_mode(attention)
+        graph = _trace_in_eval_mode(attention, positions)
     except UnsupportedModelError as error:
         raise UnsupportedModelError(model_name, error.reason) from None
     except Exception as error:  # torch.fx raises many kinds of errors on untraceable code
@@ -157,14 +161,15 @@ def weights_applied_to_values(softmax: fx.Node, attention: nn.Module, model_name
     return node
 
 
-def scored_attention(attention: nn.Module, model_name: str) -> fx.GraphModule:
-    """A GraphModule sharing ``attention``'s submodules that returns ``(output, tensors)``.
+def scored_attention(attention: nn.Module, model_name: str, positions: Collection[str] = ()) -> fx.GraphModule:
+    """A GraphModule sharing ``attention``'s submodules that returns ``(output, tensors)``
+    and takes the tokens and the inputs named ``positions`` (a rotary table).
 
     ``tensors`` (:data:`evit_patch.core.scores.AttentionTensors`) are what the attention
     computes anyway; no operation is added, so a layer that keeps every token costs
     nothing extra.
     """
-    graph, node = attention_graph(attention, model_name)
+    graph, node = attention_graph(attention, model_name, positions)
     if is_fused_attention(node):
         query = node.args[0] if len(node.args) > 0 else node.kwargs["query"]
         key = node.args[1] if len(node.args) > 1 else node.kwargs["key"]

@@ -43,9 +43,12 @@ def apply_token_reducer(model: ModelT, layers: Sequence[int] | None, keep_rate: 
     if reducer.key_weights is not None and not family.key_weighting:
         raise UnsupportedModelError(name, f"reducer {reducer.describe()} weights attention keys, which "
                                     f"{family.name} attention does not take; use it without key weights")
-    state = ReductionState(layers, keep_rates, reducer, prefix_token_count(model), score_mode(model))
+    inputs = family.sequence_inputs(model)
+    state = ReductionState(layers, keep_rates, reducer, prefix_token_count(model), score_mode(model),
+                           positions={name: follow for name, follow in inputs.items() if follow is not None})
     state.patched_blocks = {
-        index: family.rewrite_block(blocks[index], TokenReorganizer(state, position).train(blocks[index].training), name)
+        index: family.rewrite_block(blocks[index], TokenReorganizer(state, position).train(blocks[index].training), name,
+                                    {**dict.fromkeys(inputs), **{f.name: f for f in state.followers(position)}})
         for position, index in enumerate(layers)
     }
     state.original_blocks = {index: blocks[index] for index in layers}
@@ -61,7 +64,7 @@ def _weight_attention_keys(blocks: nn.Sequential | nn.ModuleList, state: Reducti
     patched = state.patched_blocks
     for index in range(state.layers[0], len(blocks)):
         owner = patched.get(index, blocks[index])
-        weighted = weighted_key_attention(owner.attn, state.reducer.key_weights, name)
+        weighted = weighted_key_attention(owner.attn, state.reducer.key_weights, name, tuple(state.positions))
         if index in patched:
             owner.attn = weighted
         else:

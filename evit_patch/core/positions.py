@@ -1,0 +1,60 @@
+"""Block inputs sized to the token sequence (rotary tables) made to follow the kept tokens.
+
+A model hands every block the table of its full patch grid; after a reorganizing block the
+later blocks hold fewer image tokens, in another order in each sample. Where each remaining
+token came from is the composition of the layers' token maps (:class:`TokenMap`), and the
+table's rows are gathered with it. A token that stands for several (EViT's fused token) has
+no position of its own (origin -1); a merged token has its representative's (the map's
+``kept_index``). Prefix tokens are not in the table (timm's attention rotates image tokens
+only), so they keep theirs by construction.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from timm.layers.pos_embed_sincos import apply_keep_indices_nlc
+from torch import Tensor
+
+from evit_patch.core.reduction import TokenMap
+
+NO_POSITION = -1
+"""The origin of a token that stands for several and is given no position."""
+
+
+class SequenceInput(ABC):
+    """How one block input sized to the image-token sequence follows a reduction."""
+
+    @abstractmethod
+    def follow(self, value: Tensor, origin: Tensor) -> Tensor:
+        """``value`` for the image tokens ``origin`` ``(B, m)`` names: indices into the
+        sequence ``value`` describes, or :data:`NO_POSITION`."""
+
+
+class RotaryTable(SequenceInput):
+    """timm's rotary tables: ``[sin | cos]`` on the last dim, tokens on the second last
+    (``cat`` ``[N, D]``, one depth of ``mixed`` ``[H, N, D]``, ``dinov3``, ``mrope``; a leading
+    batch dim after patch dropout). Rows are gathered by timm's own ``apply_keep_indices_nlc``,
+    as its ``PatchDropout`` does; a token with no position is not rotated (sin 0, cos 1)."""
+
+    def follow(self, value: Tensor, origin: Tensor) -> Tensor:
+        has_batch = value.ndim == 4
+        sin, cos = value[..., -2:-1, :].chunk(2, -1)
+        unrotated = torch.cat([torch.zeros_like(sin), torch.ones_like(cos)], -1)
+        extended = torch.cat([value, unrotated], -2)
+        index = torch.where(origin < 0, value.shape[-2], origin)
+        rows = apply_keep_indices_nlc(origin, extended, index, pos_embed_has_batch=has_batch)
+        return rows if has_batch or value.ndim > 2 else rows.unsqueeze(1)  # [B, N, D] -> [B, 1, N, D] over heads
+
+
+def composed_origin(origin: Optional[Tensor], token_map: TokenMap) -> Optional[Tensor]:
+    """Where each image token after ``token_map`` came from, given ``origin`` ``(B, n)`` for
+    the tokens entering it (None: the full sequence in order)."""
+    if token_map.is_identity:
+        return origin
+    kept = token_map.kept_index
+    followed = kept if origin is None else origin.gather(1, kept)
+    return F.pad(followed, (0, 1), value=NO_POSITION) if token_map.fused else followed

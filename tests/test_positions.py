@@ -1,0 +1,172 @@
+"""Rotary positions follow the kept tokens: timm's ``Eva`` models (EVA-02, DINOv3, Perception
+Encoder, RoPE-ViT with one table or one per depth) against the independent eager reference
+of :mod:`reference_positions`, which runs the unpatched model's own blocks on each sample's
+kept tokens with their own rotary rows. Concurrent calls and torch.compile on a rotary model:
+``test_concurrency.py`` and ``test_compile.py`` (``every_method.small_rotary_vit``)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import timm
+import torch
+from reference_positions import reference_forward, rotary_rows
+
+import evit_patch
+from evit_patch.reducers import EvitReducer, ToMeMerge, TrainingFreeEvit
+
+SMALL = {"depth": 4, "embed_dim": 64, "num_heads": 2, "img_size": 64, "num_classes": 10}
+ROTARY_MODELS = {
+    "eva02 (cat, EVA attention)": "eva02_tiny_patch14_224",
+    "dinov3 (registers, continuous coordinates)": "vit_small_patch16_dinov3",
+    "perception encoder (AttentionRope)": "vit_pe_core_tiny_patch16_384",
+    "rope-vit mixed (one table per depth)": "vit_small_patch16_rope_mixed_224",
+}
+LAYERS = [1, 2]
+KEEP_RATE = 0.5
+
+
+def _model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, **SMALL).eval()
+
+
+def _images(batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", ROTARY_MODELS.values(), ids=ROTARY_MODELS.keys())
+@pytest.mark.parametrize("reducer", [EvitReducer(), EvitReducer(fuse=False), ToMeMerge(), TrainingFreeEvit()],
+                         ids=["evit", "no-fusion", "tome", "training-free"])
+def test_keep_rate_one_is_the_unpatched_model_bitwise(name, reducer):
+    model = _model(name)
+    images = _images()
+    with torch.no_grad():
+        expected = model(images)
+        evit_patch.apply_token_reducer(model, LAYERS, 1.0, reducer)
+        assert torch.equal(model(images), expected)
+        evit_patch.set_keep_rate(model, KEEP_RATE)
+        model(images)
+        evit_patch.remove_evit(model)
+        assert torch.equal(model(images), expected)
+
+
+@pytest.mark.parametrize("name", ROTARY_MODELS.values(), ids=ROTARY_MODELS.keys())
+@pytest.mark.parametrize("fuse", [False, True], ids=["pruning", "fused token unrotated"])
+def test_positions_follow_the_kept_tokens_as_the_eager_reference(name, fuse):
+    model = _model(name)
+    images = _images()
+    with torch.no_grad():
+        expected, positions = reference_forward(model, images, LAYERS, KEEP_RATE, fuse)
+        evit_patch.apply_token_reducer(model, LAYERS, KEEP_RATE, EvitReducer(fuse=fuse))
+        logits = model(images)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    first, second = evit_patch.kept_tokens(model)
+    for sample, (after_first, after_second) in enumerate(positions):  # the same tokens kept, in the same order
+        assert first.kept_index[sample].tolist() == after_first[: len(after_first) - int(fuse)]
+        assert [after_first[j] for j in second.kept_index[sample].tolist()] == after_second[: len(after_second) - int(fuse)]
+
+
+def test_a_merged_token_takes_its_representatives_rotary_row():
+    """ToMe-style merging: an output token is rotated as the token it stands for (the map's
+    ``kept_index``), which the rows composed through two layers must give."""
+    model = _model("eva02_tiny_patch14_224")
+    evit_patch.apply_token_reducer(model, LAYERS, KEEP_RATE, ToMeMerge())
+    seen: list[torch.Tensor] = []
+    model.blocks[3].register_forward_pre_hook(lambda block, args, kwargs: seen.append(kwargs["rope"]), with_kwargs=True)
+    with torch.no_grad():
+        model(_images())
+    first, second = evit_patch.kept_tokens(model)
+    table = model.rope.get_embed()
+    for sample in range(2):
+        grid = first.kept_index[sample][second.kept_index[sample]].tolist()
+        torch.testing.assert_close(seen[0][sample, 0], rotary_rows(table, grid), rtol=0, atol=0)
+
+
+def test_pickled_and_copied_models_follow_positions():
+    model = _model("vit_small_patch16_rope_mixed_224")
+    evit_patch.apply_evit(model, LAYERS, KEEP_RATE)
+    images = _images()
+    with torch.no_grad():
+        expected = model(images)
+        for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+            assert torch.equal(clone(images), expected)
+            evit_patch.remove_evit(clone)
+            assert not clone.blocks[3]._forward_pre_hooks
+
+
+def test_macs_and_kept_tokens_on_a_rotary_model():
+    model = _model("vit_small_patch16_dinov3")
+    dense = evit_patch.count_macs(model)
+    evit_patch.apply_evit(model, LAYERS, KEEP_RATE)
+    assert evit_patch.count_macs(model) < dense
+    with torch.no_grad():
+        model(_images())
+    first, second = evit_patch.kept_tokens(model)
+    assert first.kept_index.shape[1] == 8 and second.kept_index.shape[1] == 5  # 16 patches; 8 kept, fused; 9 -> 5
+
+
+def test_forward_intermediates_gives_the_full_grid_on_a_rotary_model():
+    """DINOv3's dense users read ``forward_intermediates``: bitwise at keep 1.0, the full grid below."""
+    model = _model("vit_small_patch16_dinov3")
+    images = _images()
+    with torch.no_grad():
+        expected = model.forward_intermediates(images, intermediates_only=True)
+        evit_patch.apply_evit(model, LAYERS, 1.0)
+        assert all(torch.equal(a, b) for a, b in zip(model.forward_intermediates(images, intermediates_only=True), expected))
+        evit_patch.set_keep_rate(model, KEEP_RATE)
+        reduced = model.forward_intermediates(images, intermediates_only=True)
+    assert [tuple(map_.shape) for map_ in reduced] == [(2, 64, 4, 4)] * 4
+    assert torch.equal(reduced[0], expected[0]) and not torch.equal(reduced[-1], expected[-1])
+
+
+class _PositionalEva(torch.nn.Module):
+    """An Eva whose blocks are called with the table in its place (``blk(x, rope)``), not by keyword."""
+
+    def __init__(self, eva: torch.nn.Module) -> None:
+        super().__init__()
+        self.eva = eva
+        self.blocks, self.patch_embed, self.cls_token, self.rope = eva.blocks, eva.patch_embed, eva.cls_token, eva.rope
+        self.num_prefix_tokens = eva.num_prefix_tokens
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x, rope = self.eva._pos_embed(self.eva.patch_embed(images))
+        x = self.eva.norm_pre(x)
+        for block in self.blocks:
+            x = block(x, rope)
+        return self.eva.forward_head(self.eva.norm(x))
+
+
+def test_a_table_passed_in_its_place_follows_too(monkeypatch):
+    eva = _model("eva02_tiny_patch14_224")
+    images = _images()
+    with torch.no_grad():
+        expected, _ = reference_forward(eva, images, LAYERS, KEEP_RATE, fuse=True)
+        model = _PositionalEva(eva)
+        monkeypatch.setattr(evit_patch.core.model_info, "Eva", (type(eva), _PositionalEva))
+        evit_patch.apply_evit(model, LAYERS, KEEP_RATE)
+        torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "vit_small_patch16_rope_mixed_224"])
+def test_training_with_patch_dropout_follows_the_batched_table(name):
+    """timm's patch dropout hands the blocks a per-sample table (``[B, 1, N, D]`` or per depth
+    ``[B, H, N, D]``) for the patches it kept; the reduction follows it from there."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, **SMALL, patch_drop_rate=0.25).train()
+    evit_patch.apply_evit(model, LAYERS, KEEP_RATE)
+    logits = model(_images())
+    logits.sum().backward()
+    first, second = evit_patch.kept_tokens(model)
+    assert first.kept_index.shape == (2, 6) and second.kept_index.shape == (2, 4)  # 16 patches, 12 after dropout
+    assert all(p.grad is not None for p in model.blocks[3].attn.parameters() if p.requires_grad)
+
+
+def test_keep_rate_for_a_budget_on_a_rotary_model():
+    model = _model("eva02_tiny_patch14_224")
+    budget = 0.7 * evit_patch.count_macs(model)
+    rate = evit_patch.keep_rate_for_budget(model, budget, LAYERS)
+    evit_patch.apply_evit(model, LAYERS, rate)
+    assert 0.9 * budget <= evit_patch.count_macs(model) <= budget
