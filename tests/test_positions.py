@@ -170,3 +170,15 @@ def test_keep_rate_for_a_budget_on_a_rotary_model():
     rate = evit_patch.keep_rate_for_budget(model, budget, LAYERS)
     evit_patch.apply_evit(model, LAYERS, rate)
     assert 0.9 * budget <= evit_patch.count_macs(model) <= budget
+
+
+def test_a_torch_fx_trace_of_a_rotary_model_follows_each_forward():
+    """timm's feature extractors trace the whole model: the table is a constant there, and the
+    rows must still be gathered per forward (a batch of 3 after a trace run on a batch of 2)."""
+    model = _model("vit_small_patch16_rope_mixed_224")
+    evit_patch.apply_evit(model, LAYERS, KEEP_RATE)
+    small, large = _images(2), torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = [model(small), model(large)]
+        traced = torch.fx.symbolic_trace(model)
+        assert torch.equal(traced(small), expected[0]) and torch.equal(traced(large), expected[1])

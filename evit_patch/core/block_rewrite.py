@@ -110,7 +110,7 @@ def reorganizing_block(block: nn.Module, reorganizer: nn.Module, model_name: str
     call.args, call.kwargs = call.args[:1], _position_arguments(call, position_inputs, model_name)
     for node in position_inputs:
         with graph.inserting_before(call):
-            call.update_kwarg(node.target, graph.call_module(f"follow_{node.target}", (node,)))
+            call.update_kwarg(node.target, graph.call_module(f"follow_{node.target}", (node, block_input)))
     if any(node.users for node in mask_inputs):  # the reorganizer rejects masks at run time
         raise UnsupportedModelError(model_name, "its block uses the attention mask outside the attention")
     with graph.inserting_after(call):

@@ -73,7 +73,8 @@ class ReductionState(PatchState):
         if self.positions:
             self.position_hooks = [
                 blocks[index].register_forward_pre_hook(
-                    FollowingHook(self.followers(bisect.bisect_left(self.layers, index)), _parameter_places(blocks[index])),
+                    FollowingHook(self.followers(bisect.bisect_left(self.layers, index), self.reorganizers()[0]),
+                                  _parameter_places(blocks[index])),
                     with_kwargs=True)
                 for index in range(self.layers[0] + 1, len(blocks)) if index not in self.patched_blocks
             ]
@@ -148,9 +149,9 @@ class ReductionState(PatchState):
         self.call.set("origins", [None])  # stage s: where the image tokens after s layers came from (None: all, in order)
         self.call.set("followed", {})  # (stage, input name): (the table a block was given, its rows followed)
 
-    def followers(self, stage: int) -> list[FollowedInput]:
+    def followers(self, stage: int, reorganizer: "TokenReorganizer") -> list[FollowedInput]:
         """One :class:`FollowedInput` per block input sized to the sequence, after ``stage`` layers."""
-        return [FollowedInput(self, stage, name) for name in self.positions]
+        return [FollowedInput(reorganizer, stage, name) for name in self.positions]
 
     def followed_input(self, stage: int, name: str, value: Tensor) -> Tensor:
         """The block input ``name`` (sized to the full sequence) for the image tokens that
@@ -215,14 +216,20 @@ def _parameter_places(block: nn.Module) -> dict[str, int]:
 class FollowedInput(nn.Module):
     """A block input sized to the image-token sequence (``name``: a rotary table), for the tokens
     that remain after ``stage`` reduction layers of the running forward. A rewritten block calls
-    it on its input (a child, so it pickles with the block); other blocks through :class:`FollowingHook`."""
+    it on its input (a child, so it pickles with the block); other blocks through :class:`FollowingHook`.
+    ``reorganizer``, one installed in the model, holds the state; a torch.fx trace of the model names it."""
 
-    def __init__(self, state: ReductionState, stage: int, name: str) -> None:
+    def __init__(self, reorganizer: "TokenReorganizer", stage: int, name: str) -> None:
         super().__init__()
-        self.state, self.stage, self.name = state, stage, name
+        self.reorganizer, self.stage, self.name = reorganizer, stage, name
 
-    def forward(self, value: Optional[Tensor]) -> Optional[Tensor]:
-        return value if value is None else follow_input(self.state, self.stage, self.name, value)
+    def forward(self, value: Optional[Tensor], tokens: Tensor) -> Optional[Tensor]:
+        return self.follow(value, tokens)
+
+    def follow(self, value: Optional[Tensor], tokens: Tensor) -> Optional[Tensor]:
+        """What ``forward`` gives for ``value`` and the block's ``tokens``, also where the module is not
+        installed in the model (in a hook, whose module calls a torch.fx trace of the model could not name)."""
+        return value if value is None else follow_input(self.reorganizer, self.stage, self.name, value, tokens)
 
     def extra_repr(self) -> str:
         return f"{self.name!r} after {self.stage} reduction layers"
@@ -238,12 +245,13 @@ class FollowingHook:
 
     def __call__(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict]:
         args, kwargs = list(args), dict(kwargs)
+        tokens = args[0] if args else next(iter(kwargs.values()))
         for follower in self.followers:
             place = self.places.get(follower.name, len(args))
             if place < len(args):
-                args[place] = follower(args[place])
+                args[place] = follower.follow(args[place], tokens)
             elif follower.name in kwargs:
-                kwargs[follower.name] = follower(kwargs[follower.name])
+                kwargs[follower.name] = follower.follow(kwargs[follower.name], tokens)
         return tuple(args), kwargs
 
 
@@ -303,9 +311,11 @@ def reorganize(reorganizer: TokenReorganizer, x: Tensor, attention: AttentionTen
 
 
 @torch.fx.wrap
-def follow_input(state: ReductionState, stage: int, name: str, value: Tensor) -> Tensor:
-    """:meth:`ReductionState.followed_input`, which a torch.fx trace of the model records as one call."""
-    return state.followed_input(stage, name, value)
+def follow_input(reorganizer: TokenReorganizer, stage: int, name: str, value: Tensor, tokens: Tensor) -> Tensor:
+    """:meth:`ReductionState.followed_input`, which a torch.fx trace of the model records as one call.
+    ``tokens`` (the sequence the block holds) ties it to the forward: in a trace the table is often a
+    constant (a buffer), and torch.fx records a wrapped call only when one of its arguments is traced."""
+    return reorganizer.state.followed_input(stage, name, value)
 
 
 @torch.fx.wrap

@@ -46,11 +46,11 @@ def apply_token_reducer(model: ModelT, layers: Sequence[int] | None, keep_rate: 
     inputs = family.sequence_inputs(model)
     state = ReductionState(layers, keep_rates, reducer, prefix_token_count(model), score_mode(model),
                            positions={name: follow for name, follow in inputs.items() if follow is not None})
-    state.patched_blocks = {
-        index: family.rewrite_block(blocks[index], TokenReorganizer(state, position).train(blocks[index].training), name,
-                                    {**dict.fromkeys(inputs), **{f.name: f for f in state.followers(position)}})
-        for position, index in enumerate(layers)
-    }
+    for position, index in enumerate(layers):
+        reorganizer = TokenReorganizer(state, position).train(blocks[index].training)
+        followers = {follower.name: follower for follower in state.followers(position, reorganizer)}
+        state.patched_blocks[index] = family.rewrite_block(blocks[index], reorganizer, name,
+                                                           {**dict.fromkeys(inputs), **followers})
     state.original_blocks = {index: blocks[index] for index in layers}
     if reducer.key_weights is not None:
         _weight_attention_keys(blocks, state, name)
