@@ -294,3 +294,5 @@ def test_the_former_keep_ratio_keyword_warns_and_still_works() -> None:
     with pytest.warns(DeprecationWarning, match="keep_rate"):
         model = apply_dynamicvit(small_vit(), layers=[1, 3], keep_ratio=0.5)
     assert dynamicvit_state(model).keep_rate == 0.5
+    with pytest.warns(DeprecationWarning, match="keep_rate"):
+        assert dynamicvit_state(model).keep_ratio == 0.5

@@ -82,7 +82,7 @@ class AttentionFunction(nn.Module):
         return function(self, query, key, value, None, **kwargs)
 
 
-def scored_attention(attention: nn.Module, model_name: str) -> fx.GraphModule:
+def scored_transformers_attention(attention: nn.Module, model_name: str) -> fx.GraphModule:
     """``attention`` returning ``(its output, (q, k, scaling, None))``.
 
     Traced in training mode with the config's implementation set to ``eager``, so that
@@ -201,7 +201,7 @@ class TransformersFamily(ModelFamily):
         attention, ignores) the output flags the encoder passes on (``output_hidden_states``,
         ...), which transformers' hooks read."""
         patched = reorganizing_block(computation_view(block, _LayerView), reorganizer, model_name, "attention",
-                                     scored_attention, positions)
+                                     scored_transformers_attention, positions)
         last_input = [node for node in patched.graph.nodes if node.op == "placeholder"][-1]
         with patched.graph.inserting_after(last_input):
             patched.graph.placeholder("**kwargs")
@@ -285,4 +285,4 @@ def _is_recording_hook(hook: Callable[..., Any]) -> bool:
 
 TRANSFORMERS = TransformersFamily()
 
-__all__ = ["TRANSFORMERS", "TransformersFamily", "AttentionFunction", "scored_attention"]
+__all__ = ["TRANSFORMERS", "TransformersFamily", "AttentionFunction", "scored_transformers_attention"]

@@ -3,6 +3,7 @@ and how its predictors, hooks and weighted attentions go in and out."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -75,6 +76,13 @@ class DynamicViTState(PatchState):
     @record.setter
     def record(self, record: ForwardRecord) -> None:
         self.call.set("record", record)
+
+    @property
+    def keep_ratio(self) -> float:
+        """The former name of :attr:`keep_rate` (deprecated; warns)."""
+        warnings.warn("DynamicViTState.keep_ratio is now keep_rate; keep_ratio goes in the next release",
+                      DeprecationWarning, stacklevel=2)
+        return self.keep_rate
 
     def keep_fractions(self) -> list[float]:
         """Fraction of the original image tokens each stage keeps: rho, rho^2, rho^3, ..."""

@@ -13,7 +13,7 @@ from evit_patch.core.reduction import LayerContext, Reduction, TokenReducer, ide
 from evit_patch.core.scores import AttentionTensors
 from evit_patch.core.token_patch import apply_token_reducer
 from evit_patch.reducers.counting import kept_token_count
-from evit_patch.reducers.registry import TokenMethod, register_token_method, token_method
+from evit_patch.reducers.registry import TokenMethod, register_token_method, selected_method
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -104,8 +104,8 @@ def apply_evit(model: ModelT, layers: Sequence[int] | None = None, keep_rate: fl
         EvitOptions(fuse, variant)
     except ValueError as error:
         raise ValueError(f"variant {error}: drop fuse=False, or use variant='paper'") from None
-    method = "evit" if variant == "paper" else "evit-training-free"
-    return apply_token_reducer(model, layers, keep_rate, token_method(method).build({"fuse": fuse}))
+    options = {"fuse": fuse, "variant": variant}  # the registry's forms of evit: no fusion, training-free
+    return apply_token_reducer(model, layers, keep_rate, selected_method("evit", options).build(options))
 
 
 @dataclass(frozen=True)

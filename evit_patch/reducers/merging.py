@@ -91,7 +91,7 @@ class SizedTokens(TokenReducer):
             return None
         return sizes
 
-    def merge(self, x: Tensor, image_destination: Tensor, image_count: int, prefix_count: int) -> Tensor:
+    def merge_image_tokens(self, x: Tensor, image_destination: Tensor, image_count: int, prefix_count: int) -> Tensor:
         """``x`` ``(B, P + n, C)`` with its image tokens merged into ``image_count`` by
         ``image_destination`` ``(B, n)``, the prefix tokens unchanged in front; the new
         sizes are kept for the next layer and later attention of the same forward."""

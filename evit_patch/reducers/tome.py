@@ -60,7 +60,7 @@ class ToMeMerge(SizedTokens):
         keys = AttentionTensors(*attention).keys  # a plain 4-tuple, as callers gave before, reads the same
         metric = keys.mean(dim=1)[:, prefix_count:] if keys is not None else x[:, prefix_count:]
         kept_index, destination = bipartite_destinations(metric, num_merged)
-        out = self.merge(x, destination, num_image - num_merged, prefix_count)
+        out = self.merge_image_tokens(x, destination, num_image - num_merged, prefix_count)
         return Reduction(out, TokenMap.merge(kept_index, destination))
 
 

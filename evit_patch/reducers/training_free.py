@@ -119,7 +119,7 @@ class TrainingFreeEvit(SizedTokens):
             return identity_reduction(x, prefix_count)
         image = x[:, prefix_count:]
         kept_index, destination = self.destinations(image, lambda: context.scores(attention), keep)
-        return Reduction(self.merge(x, destination, keep, prefix_count), TokenMap.merge(kept_index, destination))
+        return Reduction(self.merge_image_tokens(x, destination, keep, prefix_count), TokenMap.merge(kept_index, destination))
 
     def destinations(self, image: Tensor, scores: Callable[[], Tensor], keep: int) -> tuple[Tensor, Tensor]:
         """``(kept_index, destination)`` of the image tokens ``(B, n, C)``, each sample pooled
