@@ -137,3 +137,14 @@ def test_on_a_model_each_layer_keeps_its_count_and_the_draw_follows_the_image():
     assert torch.equal(other_layers[0].kept_index[0], first_layers[0].kept_index[1])  # the image, not its place
     assert not torch.equal(other_layers[0].kept_index[1], first_layers[0].kept_index[0])  # one pixel moved
     assert not torch.allclose(trained[0], trained[1])  # each training step draws afresh
+
+
+def test_each_layer_draws_its_own_tokens():
+    """The layer is part of the draw: with one image's keys, two layers over the same tokens keep
+    different sets (a draw that ignored the layer would keep nested, correlated sets)."""
+    from evit_patch.reducers.random import image_keys, random_kept_index
+
+    keys = image_keys(torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0)), seed=0)
+    first, second = (random_kept_index(keys, 16, 8, layer) for layer in (0, 1))
+    same = sum(set(a.tolist()) == set(b.tolist()) for a, b in zip(first, second))
+    assert same <= 2  # 64 samples, C(16, 8) = 12870 sets: equal by chance almost never
