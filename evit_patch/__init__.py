@@ -17,7 +17,7 @@ from evit_patch.core.dense import dense_outputs, restore_tokens, set_restoration
 from evit_patch.core.lifecycle import is_patched
 from evit_patch.core.provenance import DROPPED, FUSED, KEPT, LayerTokens, kept_tokens
 from evit_patch.core.restoration import FILLS
-from evit_patch.core.token_patch import apply_token_reducer, remove_evit, set_keep_rate
+from evit_patch.core.token_patch import apply_token_reducer, remove_evit, set_keep_rate, set_position_rule
 from evit_patch.cost import count_macs, keep_rate_for_budget, keep_rate_for_resolution
 from evit_patch.errors import UnsupportedModelError
 from evit_patch.reducers.evit import apply_evit
@@ -27,6 +27,7 @@ __all__ = [
     "apply_token_reducer",
     "remove_evit",
     "set_keep_rate",
+    "set_position_rule",
     "is_patched",
     "count_macs",
     "keep_rate_for_budget",

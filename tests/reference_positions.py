@@ -5,28 +5,41 @@ Sample by sample, every block is the model's own modules (norms, attention, MLP,
 ``gamma``) called with the rotary rows of the image tokens the sample still holds, picked
 from the model's full table by a plain list of grid positions. The attention matrix the
 scores come from is read off the attention's own non-fused path (the input of its
-``attn_drop``). A fused token gets no rotation (sin 0, cos 1); prefix tokens are never in
-the table, as timm's attention rotates image tokens only.
+``attn_drop``). A fused token gets no rotation (sin 0, cos 1), or by the position rule
+``members`` the mean of its grid tokens' rows; prefix tokens are never in the table, as
+timm's attention rotates image tokens only.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from tests.reference_evit import kept_count, scores_and_order
 
-Position = Optional[int]  # a grid index, or None for a token with no position of its own
+Position = Union[int, None, tuple[int, ...]]  # a grid index, None (no position), or the grid tokens a token holds
 
 
 def rotary_rows(table: Tensor, positions: list[Position]) -> Tensor:
-    """The rows of ``table`` (``[N, D]`` or ``[H, N, D]``, ``[sin | cos]`` last) for ``positions``."""
+    """The rows of ``table`` (``[N, D]`` or ``[H, N, D]``, ``[sin | cos]`` last) for ``positions``
+    (a tuple of grid tokens: the mean of their rows)."""
     half = table.shape[-1] // 2
     unrotated = torch.cat([table.new_zeros(*table.shape[:-2], 1, half), table.new_ones(*table.shape[:-2], 1, half)], -1)
-    return torch.cat([unrotated if p is None else table[..., p:p + 1, :] for p in positions], -2)
+
+    def row(position: Position) -> Tensor:
+        if position is None:
+            return unrotated
+        if isinstance(position, tuple):
+            return sum(table[..., p:p + 1, :] for p in position) / len(position)
+        return table[..., position:position + 1, :]
+    return torch.cat([row(p) for p in positions], -2)
+
+
+def _members(position: Position) -> tuple[int, ...]:
+    return position if isinstance(position, tuple) else (position,)
 
 
 def _attention_and_matrix(block: nn.Module, x: Tensor, rope: Tensor) -> tuple[Tensor, Tensor]:
@@ -44,9 +57,10 @@ def _scaled(gamma: Optional[Tensor], x: Tensor) -> Tensor:
 
 
 def reorganize(x: Tensor, positions: list[Position], matrix: Tensor, num_prefix: int, keep_rate: float,
-               fuse: bool) -> tuple[Tensor, list[Position]]:
+               fuse: bool, members: bool = False) -> tuple[Tensor, list[Position]]:
     """One sample ``(1, N, C)``: its top-k image tokens by class attention, then the fused rest;
-    and the positions of the tokens it keeps."""
+    and the positions of the tokens it keeps (the fused token's: none, or with ``members`` the
+    grid tokens of all it fused)."""
     scores, order = scores_and_order(matrix, num_prefix, class_token=True)
     keep = kept_count(len(positions), keep_rate)
     if keep == len(positions):
@@ -56,12 +70,12 @@ def reorganize(x: Tensor, positions: list[Position], matrix: Tensor, num_prefix:
     kept_positions = [positions[j] for j in order[:keep]]
     if fuse:
         parts.append(sum(scores[j] * image[j] for j in order[keep:]).unsqueeze(0))
-        kept_positions.append(None)
+        kept_positions.append(tuple(g for j in order[keep:] for g in _members(positions[j])) if members else None)
     return torch.cat(parts).unsqueeze(0), kept_positions
 
 
 def reference_forward(model: nn.Module, images: Tensor, layers: list[int], keep_rate: float,
-                      fuse: bool) -> tuple[Tensor, list[list[list[Position]]]]:
+                      fuse: bool, members: bool = False) -> tuple[Tensor, list[list[list[Position]]]]:
     """Logits of the unpatched ``model`` (an ``Eva`` with a class token) with EViT at ``layers``,
     and each sample's grid positions after every reorganizing layer."""
     model = copy.deepcopy(model)
@@ -78,7 +92,7 @@ def reference_forward(model: nn.Module, images: Tensor, layers: list[int], keep_
             out, matrix = _attention_and_matrix(block, x, rotary_rows(block_table, positions))
             x = x + _scaled(block.gamma_1, out)
             if index in layers:
-                x, positions = reorganize(x, positions, matrix, num_prefix, keep_rate, fuse)
+                x, positions = reorganize(x, positions, matrix, num_prefix, keep_rate, fuse, members)
                 history.append(positions)
             x = x + _scaled(block.gamma_2, block.mlp(block.norm2(x)))
         logits.append(model.forward_head(model.norm(x)))

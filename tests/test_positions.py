@@ -29,8 +29,12 @@ KEEP_RATE = 0.5
 
 
 def _model(name: str) -> torch.nn.Module:
+    """Random weights, with a head of unit scale (timm's initial head gives logits near 1e-4,
+    under the comparisons' tolerance)."""
     torch.manual_seed(0)
-    return timm.create_model(name, **SMALL).eval()
+    model = timm.create_model(name, **SMALL).eval()
+    torch.nn.init.normal_(model.head.weight)
+    return model
 
 
 def _images(batch: int = 2) -> torch.Tensor:
@@ -67,6 +71,47 @@ def test_positions_follow_the_kept_tokens_as_the_eager_reference(name, fuse):
     for sample, (after_first, after_second) in enumerate(positions):  # the same tokens kept, in the same order
         assert first.kept_index[sample].tolist() == after_first[: len(after_first) - int(fuse)]
         assert [after_first[j] for j in second.kept_index[sample].tolist()] == after_second[: len(after_second) - int(fuse)]
+
+
+@pytest.mark.parametrize("name", ROTARY_MODELS.values(), ids=ROTARY_MODELS.keys())
+def test_the_members_rule_rotates_a_fused_token_by_its_members_mean_row(name):
+    model = _model(name)
+    images = _images()
+    with torch.no_grad():
+        expected, _ = reference_forward(model, images, LAYERS, KEEP_RATE, fuse=True, members=True)
+        unrotated, _ = reference_forward(model, images, LAYERS, KEEP_RATE, fuse=True)
+        evit_patch.apply_token_reducer(model, LAYERS, KEEP_RATE, EvitReducer())
+        evit_patch.set_position_rule(model, "members")
+        logits = model(images)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    if "mixed" not in name:  # random per-depth frequencies rotate so little that the two rules agree to 1e-6
+        assert not torch.allclose(logits, unrotated, rtol=1e-5, atol=1e-5)  # the rule changed something
+
+
+def test_the_members_rule_places_a_merged_token_at_the_mean_of_its_grid_tokens():
+    """ToMe-style merging by the rule ``members``: the rows a later block is given are the mean
+    rows of the grid tokens each token holds (composed through two layers), each weighing one."""
+    model = _model("eva02_tiny_patch14_224")
+    evit_patch.apply_token_reducer(model, LAYERS, KEEP_RATE, ToMeMerge())
+    evit_patch.set_position_rule(model, "members")
+    seen: list[torch.Tensor] = []
+    model.blocks[3].register_forward_pre_hook(lambda block, args, kwargs: seen.append(kwargs["rope"]), with_kwargs=True)
+    with torch.no_grad():
+        model(_images())
+    last = evit_patch.kept_tokens(model)[-1]
+    table = model.rope.get_embed()
+    for sample in range(2):
+        holder = last.token_of_patch[sample].tolist()
+        groups = [tuple(g for g, token in enumerate(holder) if token == j) for j in range(max(holder) + 1)]
+        assert sum(len(group) > 1 for group in groups) > 0  # some tokens were merged
+        torch.testing.assert_close(seen[0][sample, 0], rotary_rows(table, groups), rtol=1e-6, atol=1e-6)
+
+
+def test_a_position_rule_that_does_not_exist_is_refused_in_one_line():
+    model = _model("eva02_tiny_patch14_224")
+    evit_patch.apply_evit(model, LAYERS, KEEP_RATE)
+    with pytest.raises(ValueError, match="position rule 'centre' is not one of representative, members"):
+        evit_patch.set_position_rule(model, "centre")
 
 
 def test_a_merged_token_takes_its_representatives_rotary_row():

@@ -12,7 +12,7 @@ only), so they keep theirs by construction.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,12 @@ from evit_patch.core.reduction import TokenMap
 NO_POSITION = -1
 """The origin of a token that stands for several and is given no position."""
 
+PositionRule = Literal["representative", "members"]
+"""Where a token that stands for several sits: ``representative`` (the default: EViT's fused
+token unrotated, a merged token at its representative's row) or ``members`` (the mean of its
+members' rows, each grid token weighing one). Measured in docs/positions.md."""
+POSITION_RULES: tuple[str, ...] = get_args(PositionRule)
+
 
 class SequenceInput(ABC):
     """How one block input sized to the image-token sequence follows a reduction."""
@@ -32,6 +38,12 @@ class SequenceInput(ABC):
     def follow(self, value: Tensor, origin: Tensor) -> Tensor:
         """``value`` for the image tokens ``origin`` ``(B, m)`` names: indices into the
         sequence ``value`` describes, or :data:`NO_POSITION`."""
+
+    def mix(self, value: Tensor, members: Tensor) -> Tensor:
+        """``value`` for image tokens that each stand for the grid tokens ``members``
+        ``(B, m, N)`` weighs (rows summing to one): the :data:`PositionRule` ``members``."""
+        raise NotImplementedError(f"{type(self).__name__} has no position for a token that stands for several; "
+                                  "use the position rule 'representative'")
 
 
 class RotaryTable(SequenceInput):
@@ -49,6 +61,16 @@ class RotaryTable(SequenceInput):
         rows = apply_keep_indices_nlc(origin, extended, index, pos_embed_has_batch=has_batch)
         return rows if has_batch or value.ndim > 2 else rows.unsqueeze(1)  # [B, N, D] -> [B, 1, N, D] over heads
 
+    def mix(self, value: Tensor, members: Tensor) -> Tensor:
+        """The weighted mean of the members' ``[sin | cos]`` rows. A rotation is linear in its
+        sin and cos, so a key rotated by the mean is the mean of the key placed at each member."""
+        members = members.to(value.dtype)
+        if value.ndim == 4:  # [B, H, N, D]: a table per sample already
+            return torch.einsum("bmn,bhnd->bhmd", members, value)
+        if value.ndim == 3:  # [H, N, D], one depth of a ``mixed`` table
+            return torch.einsum("bmn,hnd->bhmd", members, value)
+        return torch.einsum("bmn,nd->bmd", members, value).unsqueeze(1)
+
 
 def composed_origin(origin: Optional[Tensor], token_map: TokenMap) -> Optional[Tensor]:
     """Where each image token after ``token_map`` came from, given ``origin`` ``(B, n)`` for
@@ -58,3 +80,21 @@ def composed_origin(origin: Optional[Tensor], token_map: TokenMap) -> Optional[T
     kept = token_map.kept_index
     followed = kept if origin is None else origin.gather(1, kept)
     return F.pad(followed, (0, 1), value=NO_POSITION) if token_map.fused else followed
+
+
+def composed_membership(membership: Optional[Tensor], token_map: TokenMap) -> Optional[Tensor]:
+    """For each grid image token ``(B, N)``, the image token holding it after ``token_map``
+    (-1: discarded), given ``membership`` for the tokens entering it (None: each in its place)."""
+    if token_map.is_identity:
+        return membership
+    destination = token_map.destination
+    if membership is None:
+        return destination
+    held = destination.gather(1, membership.clamp(min=0))
+    return torch.where(membership < 0, membership, held)
+
+
+def member_weights(membership: Tensor, tokens: int) -> Tensor:
+    """``(B, tokens, N)``: each image token's members weighing one each, rows summing to one."""
+    one_hot = F.one_hot(membership + 1, tokens + 1)[..., 1:].transpose(1, 2).float()
+    return one_hot / one_hot.sum(-1, keepdim=True).clamp(min=1)

@@ -18,7 +18,7 @@ from evit_patch.core.dense import DEFAULT_FILL, install_dense_entry_points, unin
 from evit_patch.core.lifecycle import PatchState
 from evit_patch.core.model_info import family_of, model_name, transformer_blocks
 from evit_patch.core.per_call import PerCall
-from evit_patch.core.positions import SequenceInput, composed_origin
+from evit_patch.core.positions import PositionRule, SequenceInput, composed_membership, composed_origin, member_weights
 from evit_patch.core.reduction import LayerContext, TokenMap, TokenReducer
 from evit_patch.core.restoration import Fill
 from evit_patch.core.scores import AttentionTensors, ScoreMode
@@ -55,6 +55,7 @@ class ReductionState(PatchState):
     restoration: Fill = DEFAULT_FILL  # how dense outputs fill patches that are not their own token (core/dense.py)
     positions: dict[str, SequenceInput] = field(default_factory=dict)  # block inputs sized to the sequence, by name
     position_hooks: list[RemovableHandle] = field(default_factory=list)  # pre-hooks of later blocks not rewritten
+    position_rule: PositionRule = "representative"  # where a token that stands for several sits (core/positions.py)
 
     def __post_init__(self) -> None:
         self.method = f"EViT's token reorganization (reducer {self.reducer.describe()})"
@@ -147,6 +148,7 @@ class ReductionState(PatchState):
         """A new forward starts in the calling thread: nothing recorded yet."""
         self.call.set("records", [None] * len(self.layers))
         self.call.set("origins", [None])  # stage s: where the image tokens after s layers came from (None: all, in order)
+        self.call.set("memberships", [None])  # stage s: the token holding each grid token (None: each in its place)
         self.call.set("followed", {})  # (stage, input name): (the table a block was given, its rows followed)
 
     def followers(self, stage: int, reorganizer: "TokenReorganizer") -> list[FollowedInput]:
@@ -160,13 +162,28 @@ class ReductionState(PatchState):
         cached = followed.get((stage, name))
         if cached is not None and cached[0] is value:
             return cached[1]
-        origins = self.call.get("origins")
-        records = self.records
-        while len(origins) <= stage:
-            origins.append(composed_origin(origins[-1], records[len(origins) - 1]))
-        result = value if origins[stage] is None else self.positions[name].follow(value, origins[stage])
+        if self.position_rule == "members":
+            result = self._mixed_input(stage, name, value)
+        else:
+            origins = self.call.get("origins")
+            records = self.records
+            while len(origins) <= stage:
+                origins.append(composed_origin(origins[-1], records[len(origins) - 1]))
+            result = value if origins[stage] is None else self.positions[name].follow(value, origins[stage])
         followed[(stage, name)] = (value, result)
         return result
+
+    def _mixed_input(self, stage: int, name: str, value: Tensor) -> Tensor:
+        """``value`` for the tokens after ``stage`` layers by the position rule ``members``."""
+        memberships = self.call.get("memberships")
+        records = self.records
+        while len(memberships) <= stage:
+            memberships.append(composed_membership(memberships[-1], records[len(memberships) - 1]))
+        if memberships[stage] is None:
+            return value
+        record = records[stage - 1]
+        tokens = record.kept_index.shape[1] + int(record.fused)
+        return self.positions[name].mix(value, member_weights(memberships[stage], tokens))
 
     def set_keep_rates(self, keep_rate: float | Sequence[float]) -> None:
         """Validate and apply ``keep_rate`` (one float or one per layer), and show it as

@@ -10,6 +10,7 @@ from evit_patch.core.arguments import validated_placement
 from evit_patch.core.key_weighting import weighted_key_attention
 from evit_patch.core.lifecycle import attach, check_unpatched, detach, patch_state
 from evit_patch.core.model_info import family_of, model_name, prefix_token_count, score_mode, transformer_blocks
+from evit_patch.core.positions import POSITION_RULES, PositionRule
 from evit_patch.core.reduction import TokenReducer
 from evit_patch.core.reorganizer import ReductionState, TokenReorganizer
 from evit_patch.errors import UnsupportedModelError
@@ -83,3 +84,11 @@ def remove_evit(model: ModelT) -> ModelT:
 def set_keep_rate(model: nn.Module, keep_rate: float | Sequence[float]) -> None:
     """Change the keep rate of a patched model at run time (cheap: no re-patching)."""
     reduction_state(model).set_keep_rates(keep_rate)
+
+
+def set_position_rule(model: nn.Module, rule: PositionRule) -> None:
+    """Where a token that stands for several sits in a model whose positions follow the kept
+    tokens: ``representative`` (the default) or ``members`` (see docs/positions.md)."""
+    if rule not in POSITION_RULES:
+        raise ValueError(f"position rule {rule!r} is not one of {', '.join(POSITION_RULES)}; pass one of those")
+    reduction_state(model).position_rule = rule
