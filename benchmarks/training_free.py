@@ -4,11 +4,16 @@ Every method runs at EViT's layers and token counts from the recipe's model, wit
 fine-tuning: the registry's unpatched model, paper EViT, training-free EViT, ToMe-style
 merging and random drop, and three ablations of training-free EViT (never pooling, pooling
 only the samples it merges closer, no proportional attention). For the per-sample choice the
-share of images that each layer pooled rather than absorbed is recorded too.
+share of images that each layer pooled rather than absorbed is recorded too. On a model whose
+positions follow the kept tokens (rotary), ``--position-rules representative members`` adds
+the methods that make tokens stand for several under each further rule
+(:func:`evit_patch.set_position_rule`).
 
     python benchmarks/training_free.py --out benchmarks/results/training_free_fashion_mnist
     python benchmarks/training_free.py --recipe recipes/lvvit_fashion_mnist.yaml \\
         --out benchmarks/results/training_free_lvvit_fashion_mnist
+    python benchmarks/training_free.py --recipe recipes/fashion_mnist_rotary.yaml \\
+        --position-rules representative members --out benchmarks/results/training_free_fashion_mnist_rotary
 
 Writes ``<out>.json``, ``<out>.md`` (top-1 per method and keep rate) and ``<out>.png``.
 ``--set data.eval_subset=2000`` evaluates the first 2000 test images only.
@@ -25,7 +30,8 @@ from unittest import mock
 import torch
 from torch import nn
 
-from evit_patch.core.token_patch import apply_token_reducer
+from evit_patch.core.positions import POSITION_RULES
+from evit_patch.core.token_patch import apply_token_reducer, set_position_rule
 from evit_patch.reducers import TrainingFreeEvit, training_free
 from evit_patch.tools.results import write_results
 from evit_patch.train import distributed
@@ -44,6 +50,7 @@ ABLATIONS: dict[str, Callable[[], TrainingFreeEvit]] = {
     "training-free EViT pooling the samples it merges closer": lambda: TrainingFreeEvit(pooling="closer"),
     "training-free EViT without proportional attention": lambda: TrainingFreeEvit(proportional_attention=False),
 }
+MIXING_METHODS = ["evit", "evit-training-free", "tome"]  # those whose tokens can stand for several
 
 
 @contextlib.contextmanager
@@ -84,13 +91,21 @@ def measure(model: nn.Module, loader, runtime: distributed.Runtime) -> dict:
 
 
 def method_rows(recipe_path: Path, overrides: list[str], keep_rate: float, loader,
-                runtime: distributed.Runtime) -> list[dict]:
-    """Every registry method but the unpatched model, and the ablations, at one keep rate."""
+                runtime: distributed.Runtime, position_rules: list[str]) -> list[dict]:
+    """Every registry method but the unpatched model, and the ablations, at one keep rate;
+    the methods whose tokens stand for several again under each position rule after the first."""
     rows = []
     for name in REGISTRY_METHODS[1:]:
         recipe = load_recipe(recipe_path, [*overrides, *METHODS[name].selection, f"reduction.keep_rate={keep_rate}"])
         rows.append({"method": name, "label": METHODS[name].label, "keep_rate": keep_rate,
                      **measure(prepare_model(recipe), loader, runtime)})
+    for rule in position_rules[1:]:
+        for name in MIXING_METHODS:
+            recipe = load_recipe(recipe_path, [*overrides, *METHODS[name].selection, f"reduction.keep_rate={keep_rate}"])
+            model = prepare_model(recipe)
+            set_position_rule(model, rule)
+            rows.append({"method": name, "label": f"{METHODS[name].label}, position rule {rule}",
+                         "keep_rate": keep_rate, **measure(model, loader, runtime)})
     recipe = load_recipe(recipe_path, [*overrides, f"reduction.keep_rate={keep_rate}"])
     for label, make in ABLATIONS.items():
         model = apply_token_reducer(build_model(recipe.model), recipe.reduction.layers, keep_rate, make())
@@ -145,6 +160,8 @@ def main() -> None:
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "fashion_mnist.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE")
     parser.add_argument("--keep-rates", type=float, nargs="+", default=[0.7, 0.5])
+    parser.add_argument("--position-rules", nargs="+", choices=POSITION_RULES, default=[POSITION_RULES[0]],
+                        help="the first is the methods' own; each further one adds their rows under it")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -156,9 +173,10 @@ def main() -> None:
                         loader, runtime)
     rows = [row for keep in args.keep_rates for row in [
         {"method": "unpatched", "label": METHODS["unpatched"].label, "keep_rate": keep, **unpatched},
-        *method_rows(args.recipe, args.overrides, keep, loader, runtime)]]
+        *method_rows(args.recipe, args.overrides, keep, loader, runtime, args.position_rules)]]
     setup = {"recipe": str(args.recipe.relative_to(ROOT) if args.recipe.is_relative_to(ROOT) else args.recipe),
-             "overrides": args.overrides, "keep_rates": args.keep_rates, "layers": recipe.reduction.layers,
+             "overrides": args.overrides, "keep_rates": args.keep_rates, "position_rules": args.position_rules,
+             "layers": recipe.reduction.layers,
              "eval_images": len(dataset), "torch": torch.__version__}
     table = markdown(rows, setup)
     print(table)

@@ -29,6 +29,10 @@ def test_device_script_quick_writes_every_table(tmp_path: Path) -> None:
     compiled = [line.split(" | ") for line in (tmp_path / "compiled_b1_bf16.md").read_text().splitlines()
                 if line.startswith("| deit_tiny")]
     assert [row[-1] for row in compiled] == ["n/a |", "n/a |", "0 |", "0 |"]  # dynamo's graph breaks
+    rotary = [line.split(" | ")[:2] for line in (tmp_path / "rotary_b1_b4_bf16.md").read_text().splitlines()
+              if line.startswith("| ") and "---" not in line][1:]
+    models = ["| deit_small_patch16_224", "| eva02_small_patch14_224", "| vit_small_patch16_dinov3"]
+    assert rotary == [[model, batch] for batch in ("1", "4") for model in models]
 
 
 def test_device_script_refuses_an_unknown_argument(tmp_path: Path) -> None:
