@@ -88,7 +88,8 @@ def measure(name: str, batch: int, args: argparse.Namespace) -> dict:
 
 def markdown(rows: list[dict], setup: dict) -> str:
     lines = [f"EViT at blocks {setup['layers']}, keep {setup['keep_rate']}, random weights, {setup['dtype']} on "
-             f"{setup['device']}, {setup['threads']} CPU threads, medians of {setup['repeats']} paired repeats (torch {setup['torch']}).", "",
+             f"{setup['device']}, {setup['threads']} CPU threads, medians of {setup['repeats']} paired repeats "
+             f"(torch {setup['torch']}).", "",
              "| model | batch | MAC ratio | speed-up | efficiency (speed-up / MAC ratio) | vs DeiT-S's efficiency | "
              "speed-up, positions free | cost of following positions |",
              "|---|---|---|---|---|---|---|---|"]
