@@ -14,8 +14,14 @@ class OwnForwardTracer(fx.Tracer):
 
     Keeping children opaque preserves their names (so ``state_dict`` keys do not
     change), their parameters, and any train/eval behaviour inside them (dropout,
-    drop-path), which a deeper trace would freeze at trace time.
+    drop-path), which a deeper trace would freeze at trace time. ``proxy_buffers``: buffers are
+    read at run time (``get_attr``) even where the forward computes with them first (BEiT's
+    ``relative_position_index.view(-1)``), which torch.fx would otherwise store as a new constant.
     """
+
+    def __init__(self, proxy_buffers: bool = False) -> None:
+        super().__init__()
+        self.proxy_buffer_attributes = proxy_buffers
 
     def trace(self, root: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self._root = root
@@ -25,9 +31,10 @@ class OwnForwardTracer(fx.Tracer):
         return module is not self._root
 
 
-def trace_own_forward(module: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
-    """Graph of ``module.forward`` with its children as leaves."""
-    return OwnForwardTracer().trace(module, concrete_args=concrete_args)
+def trace_own_forward(module: nn.Module, concrete_args: dict[str, Any] | None = None,
+                      proxy_buffers: bool = False) -> fx.Graph:
+    """Graph of ``module.forward`` with its children as leaves (see :class:`OwnForwardTracer`)."""
+    return OwnForwardTracer(proxy_buffers).trace(module, concrete_args=concrete_args)
 
 
 def call_as_leaf(graph: fx.Graph, function: Callable[..., Any], args: tuple, kwargs: dict | None = None) -> fx.Node:
