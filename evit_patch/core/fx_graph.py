@@ -83,3 +83,14 @@ def order_children_as(graph_module: fx.GraphModule, module: nn.Module) -> None:
     call order), so that the ``state_dict`` keys of a rewrite come in the original's order."""
     order = {name: index for index, name in enumerate(module._modules)}
     graph_module._modules = dict(sorted(graph_module._modules.items(), key=lambda item: order.get(item[0], len(order))))
+
+
+def keep_unsaved_buffers_unsaved(module: nn.Module, source: nn.Module) -> None:
+    """Buffers ``source`` leaves out of its ``state_dict`` (timm's ``k_bias``, BEiT's
+    ``relative_position_index``) stay out of ``module``'s, a GraphModule built from a dict of
+    ``source``'s attributes, where torch.fx registers every tensor as a saved buffer."""
+    for name, _ in module.named_buffers():
+        owner, _, field = name.rpartition(".")
+        origin = source.get_submodule(owner)
+        if field in origin._non_persistent_buffers_set:
+            module.get_submodule(owner)._non_persistent_buffers_set.add(field)

@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evit_patch.core.fx_graph import call_as_leaf, extra_forward_parameters
+from evit_patch.core.fx_graph import call_as_leaf, extra_forward_parameters, keep_unsaved_buffers_unsaved
 from evit_patch.core.per_call import PerCall
 from evit_patch.core.scored_attention import attention_graph, attention_node, is_fused_attention
 from evit_patch.core.scores import at_least_float32
@@ -203,6 +203,7 @@ def weighted_key_attention(attention: nn.Module, holder: KeyWeights, model_name:
     }
     children[HOLDER_NAME] = holder
     weighted = fx.GraphModule(children, graph, class_name=f"KeyWeighted{type(attention).__name__}")
+    keep_unsaved_buffers_unsaved(weighted, attention)
     weighted.training = attention.training
     return weighted
 

@@ -32,6 +32,9 @@ table) and hands ``scaled_dot_product_attention`` as ``attn_mask``; the other na
 class SequenceInput(ABC):
     """How one block input sized to the image-token sequence follows a reduction."""
 
+    kind = "positions"
+    """What it is, for messages."""
+
     @abstractmethod
     def follow(self, value: Tensor, origin: Tensor) -> Tensor:
         """``value`` for the image tokens ``origin`` ``(B, m)`` names: indices into the
@@ -44,6 +47,8 @@ class RotaryTable(SequenceInput):
     batch dim after patch dropout). Rows are gathered by timm's own ``apply_keep_indices_nlc``,
     as its ``PatchDropout`` does; a token with no position is not rotated (sin 0, cos 1)."""
 
+    kind = "rotary position embeddings"
+
     def follow(self, value: Tensor, origin: Tensor) -> Tensor:
         has_batch = value.ndim == 4
         sin, cos = value[..., -2:-1, :].chunk(2, -1)
@@ -55,16 +60,18 @@ class RotaryTable(SequenceInput):
 
 
 class RelativeBias(SequenceInput):
-    """An additive attention bias ``(1 or B, H, P + N, P + N)`` over the whole sequence, its
+    """An additive attention bias ``([1 or B,] H, P + N, P + N)`` over the whole sequence, its
     ``prefix_tokens`` (P) rows and columns first (timm's BEiT and ViT-RelPos): the rows and columns
     of the tokens held are gathered, the prefix ones kept; a token with no position gets a zero row
     and column (no bias to or from it)."""
+
+    kind = "a relative position bias"
 
     def __init__(self, prefix_tokens: int) -> None:
         self.prefix_tokens = prefix_tokens
 
     def follow(self, value: Tensor, origin: Tensor) -> Tensor:
-        batch, heads, size = origin.shape[0], value.shape[1], value.shape[-1] + 1
+        batch, heads, size = origin.shape[0], value.shape[-3], value.shape[-1] + 1
         extended = F.pad(value, (0, 1, 0, 1)).expand(batch, heads, size, size)
         prefix = torch.arange(self.prefix_tokens, device=origin.device).expand(batch, -1)
         image = torch.where(origin < 0, size - 1, origin + self.prefix_tokens)
