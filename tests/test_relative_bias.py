@@ -35,13 +35,18 @@ KEEP_RATE = 0.5
 
 
 def _model(name: str, options: dict | None = None) -> torch.nn.Module:
-    """A small build whose bias is not 0 (timm starts BEiT's tables at 0)."""
+    """A small build whose bias is not 0 (timm starts BEiT's tables at 0) and whose logits are not
+    close to 0 (timm starts the heads at 0 or 1e-3 of a normal draw and some LayerScales at 1e-5,
+    which would hide any error at 1e-5)."""
     torch.manual_seed(0)
     model = timm.create_model(name, **SMALL, **(options or {})).eval()
     with torch.no_grad():
+        model.head.weight.normal_()
         for parameter_name, parameter in model.named_parameters():
             if "relative_position_bias_table" in parameter_name or "rel_pos" in parameter_name:
                 parameter.normal_(0, 0.5)
+            elif "gamma" in parameter_name:
+                parameter.fill_(1.0)
     return model
 
 
