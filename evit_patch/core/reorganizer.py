@@ -220,9 +220,10 @@ def _parameter_places(block: nn.Module) -> dict[str, int]:
 
 
 class FollowedInput(nn.Module):
-    """A block input sized to the image-token sequence (``name``: a rotary table), for the tokens
-    that remain after ``stage`` reduction layers of the running forward. A rewritten block calls
-    it on its input (a child, so it pickles with the block); other blocks through :class:`FollowingHook`.
+    """An input sized to the image-token sequence (``name``: a rotary table, a relative position bias),
+    for the tokens that remain after ``stage`` reduction layers of the running forward. A rewritten block
+    calls it on its input (a child, so it pickles with the block); other blocks through :class:`FollowingHook`;
+    an attention on the bias it computes (its child ``follow_attention_bias``).
     ``reorganizer``, one installed in the model, holds the state; a torch.fx trace of the model names it."""
 
     def __init__(self, reorganizer: "TokenReorganizer", stage: int, name: str) -> None:
