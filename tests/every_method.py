@@ -32,11 +32,24 @@ def small_rotary_vit(seed: int = 0) -> nn.Module:
                              num_heads=3, num_classes=10).eval()
 
 
-MODELS: dict[str, Callable[[int], nn.Module]] = {"vit": small_vit, "rotary": small_rotary_vit}
+def small_bias_vit(seed: int = 0) -> nn.Module:
+    """A 4-block BEiT (each attention adds its own relative position bias, drawn at random here
+    as timm initializes it to 0) over the same patches and images."""
+    torch.manual_seed(seed)
+    model = timm.create_model("beit_base_patch16_224", img_size=32, patch_size=4, embed_dim=48, depth=4,
+                              num_heads=3, num_classes=10).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.relative_position_bias_table.normal_()
+    return model
+
+
+MODELS: dict[str, Callable[[int], nn.Module]] = {"vit": small_vit, "rotary": small_rotary_vit, "bias": small_bias_vit}
 
 
 def _oracle_guided(model: nn.Module) -> nn.Module:
-    oracle = MODELS["rotary" if hasattr(model, "rope") else "vit"](1)
+    kind = "rotary" if hasattr(model, "rope") else "bias" if hasattr(model, "rel_pos_bias") else "vit"
+    oracle = MODELS[kind](1)
     return evit_patch.apply_token_reducer(model, LAYERS, KEEP_RATE, OracleGuided(oracle, LAYERS))
 
 
@@ -57,7 +70,7 @@ PATCHES: dict[str, Callable[[nn.Module], nn.Module]] = {
 
 
 ROTARY_METHODS = [method for method in PATCHES if method != "dynamicvit"]  # DynamicViT's masks refuse rotary tables
-"""The methods that patch the rotary model."""
+"""The methods that patch the rotary model, and the relative-position-bias one."""
 
 
 def patched(method: str, model: str = "vit") -> nn.Module:

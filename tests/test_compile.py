@@ -26,7 +26,7 @@ def fresh_dynamo():
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize(("method", "model_kind"), [(method, "vit") for method in PATCHES] +
-                         [(method, "rotary") for method in ROTARY_METHODS])
+                         [(method, "rotary") for method in ROTARY_METHODS] + [("evit", "bias"), ("tome", "bias")])
 def test_no_graph_break(method, model_kind, training):
     model = patched(method, model_kind).train(training)
     explanation = torch._dynamo.explain(model)(images(2, seed=0))
@@ -39,7 +39,7 @@ def _token_counts(model: torch.nn.Module) -> list[int]:
 
 
 @pytest.mark.parametrize(("method", "model_kind"), [(method, "vit") for method in PATCHES] +
-                         [(method, "rotary") for method in ("evit", "tome")])
+                         [(method, kind) for method in ("evit", "tome") for kind in ("rotary", "bias")])
 def test_fullgraph_compile_matches_eager(method, model_kind):
     model = patched(method, model_kind)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")

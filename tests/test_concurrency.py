@@ -48,7 +48,7 @@ def one_intra_op_thread():
 
 
 @pytest.mark.parametrize(("method", "model_kind"), [(method, "vit") for method in PATCHES] +
-                         [(method, "rotary") for method in ROTARY_METHODS])
+                         [(method, kind) for method in ROTARY_METHODS for kind in ("rotary", "bias")])
 def test_concurrent_calls_equal_calls_one_after_another(method, model_kind, one_intra_op_thread):
     model = patched(method, model_kind)
     alone = {batch: [] for batch in BATCHES}

@@ -128,7 +128,7 @@ def test_rewrite_of_the_scored_attention_keeps_its_output_structure() -> None:
         output, tensors = weighted(x)
         torch.testing.assert_close(output, eager_weighted_attention(attention, x, holder.weights, True),
                                    rtol=1e-10, atol=1e-10)
-        assert len(tensors) == 4
+        assert len(tensors) == len(expected_tensors) == (5 if fused else 4)  # fused: its attn_mask last
 
 
 def test_state_dict_keys_stay_and_the_holder_adds_none() -> None:

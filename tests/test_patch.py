@@ -194,8 +194,9 @@ def test_non_vit_models_are_refused() -> None:
         evit_patch.apply_evit(timm.create_model("resnet10t"), [1], 0.5)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         evit_patch.apply_evit("deit_small_patch16_224", [1], 0.5)
-    with pytest.raises(UnsupportedModelError, match="relative position"):
-        evit_patch.apply_evit(timm.create_model("beit_base_patch16_224", depth=2, embed_dim=64, num_heads=2), [1], 0.5)
+    with pytest.raises(UnsupportedModelError, match="relative position bias shared"):
+        evit_patch.apply_evit(timm.create_model("beit_base_patch16_224", depth=2, embed_dim=64, num_heads=2,
+                                                use_shared_rel_pos_bias=True), [1], 0.5)
 
 
 def test_set_keep_rate_and_remove_need_a_patched_model() -> None:

@@ -15,7 +15,7 @@ import pickle
 
 import pytest
 import torch
-from every_method import KEEP_RATE, LAYERS, PATCHES, images, patched, small_vit
+from every_method import KEEP_RATE, LAYERS, PATCHES, images, patched, small_bias_vit, small_vit
 
 import evit_patch
 from evit_patch.reducers import OracleGuided
@@ -77,6 +77,14 @@ def _check_round_trip(model: torch.nn.Module, base: torch.nn.Module, round_trip)
 def test_every_method_survives_a_round_trip(method, round_trip):
     model = patched(method)
     _check_round_trip(model, small_vit(), ROUND_TRIPS[round_trip])
+
+
+@pytest.mark.parametrize("round_trip", list(ROUND_TRIPS))
+@pytest.mark.parametrize("method", ["evit", "tome"])
+def test_a_relative_bias_model_survives_a_round_trip(method, round_trip):
+    """Each attention after the first layer follows its own bias (BEiT): through the rewritten
+    blocks' scored attentions and the swapped attentions of the others."""
+    _check_round_trip(patched(method, "bias"), small_bias_vit(), ROUND_TRIPS[round_trip])
 
 
 @pytest.mark.parametrize("round_trip", list(ROUND_TRIPS))

@@ -29,8 +29,8 @@ OTHER_TRANSFORMERS = ["convit_tiny", "tnt_s_patch16_224", "pit_ti_224", "mvitv2_
                       "hiera_tiny_224", "qwen3_vit_88m_enc", "gemma4_vit_167m_enc", "deepseek_vit_412m_enc"]
 ROTARY = "rotary position embeddings"
 ROTARY_FAMILIES = r"^(eva|vit_pe_)|_rope_|dinov3|sapiens2|lingbot"
+BIAS_FAMILIES = r"^beit_|^beitv2_|relpos"
 GRID_AFTER_BLOCKS = "reads the blocks' output as the full patch grid"
-RELATIVE = "relative position bias sized to the full token grid"
 NO_ATTENTION = "has no `attn` submodule"
 NO_BLOCKS = "no `blocks` sequence of transformer blocks"
 NO_PREFIX_COUNT = "no integer `num_prefix_tokens`"
@@ -39,7 +39,7 @@ EXPECTED = [  # (name pattern, None when accepted else what the refusal must say
     (r"^(qwen3|deepseek)_vit", GRID_AFTER_BLOCKS),  # vision-language towers: a patch merger reads the grid
     (r"^gemma4_vit", ROTARY),  # its own (cos, sin) pair and a padding mask
     (ROTARY_FAMILIES, None),  # rotary tables follow the kept tokens
-    (r"^beit_|^beitv2_|relpos", RELATIVE),
+    (BIAS_FAMILIES, None),  # a relative position bias follows the kept tokens
     (r"^xcit_", "the patch grid's height and width"),
     (r"^(levit|volo|pit|mvitv2|nest|gcvit|efficientformer|sequencer2d)_", NO_BLOCKS),
     (r"_xp_|_18x2_|^vit_d?pwee_", NO_ATTENTION),  # parallel attention/MLP blocks
@@ -153,15 +153,16 @@ def test_registry_model_reorganizes_the_tokens_its_blocks_hold_or_is_refused(nam
     assert second.kept_index.shape[1] == math.ceil(KEEP_RATE * (math.ceil(KEEP_RATE * grid) + 1))
 
 
-ROTARY_NAMES = [name for name in timm.list_models(VIT_LIKE) if re.search(ROTARY_FAMILIES, name) and
-                expected_reason(name) is None]
+POSITION_NAMES = [name for name in timm.list_models(VIT_LIKE) if re.search(f"{ROTARY_FAMILIES}|{BIAS_FAMILIES}", name)
+                  and expected_reason(name) is None]
 
 
-@pytest.mark.parametrize("name", ROTARY_NAMES)
-def test_rotary_model_at_full_width_keeps_exact_counts_on_the_meta_device(name: str) -> None:
-    """Every rotary architecture as published (full width and depth, its own input size) is
-    patched and run on the meta device: each block after a layer holds exactly the prefix, the
-    kept tokens and the fused one, so the table each block is given matches the tokens it holds."""
+@pytest.mark.parametrize("name", POSITION_NAMES)
+def test_position_model_at_full_width_keeps_exact_counts_on_the_meta_device(name: str) -> None:
+    """Every rotary or relative-position-bias architecture as published (full width and depth, its
+    own input size) is patched and run on the meta device: each block after a layer holds exactly
+    the prefix, the kept tokens and the fused one, so the table or bias each block is given matches
+    the tokens it holds (a bias of another size would not broadcast against the attention logits)."""
     with torch.device("meta"):
         model = timm.create_model(name).eval()
     depth = len(model.blocks)

@@ -31,7 +31,9 @@ from evit_patch.errors import UnsupportedModelError
 SUPPORTED = {"vit": "ViT", "deit": "DeiT", "dinov2": "DINOv2", "dinov2_with_registers": "DINOv2 with registers"}
 """``config.model_type`` of the families patched, and how the README names them."""
 
-_RELATIVE = "a relative position bias sized to the full token grid"
+_RELATIVE = ("a relative position bias sized to the full token grid, which each layer builds from the image "
+             "resolution and hands its attention as attention_mask: not followed for transformers' layers yet "
+             "(timm's BEiT is followed; see docs/positions.md)")
 REFUSED = {
     "beit": _RELATIVE,
     "data2vec-vision": _RELATIVE,

@@ -29,8 +29,8 @@ from evit_patch.errors import UnsupportedModelError
 _MASK_PARAMETERS = {"attn_mask", "is_causal", "attention_mask"}
 _ROTARY = ("rotary position embeddings in a form its family does not follow (timm's `Eva` tables do; see "
            "docs/positions.md)")
-_RELATIVE = ("a relative position bias sized to the full token grid (built inside each attention or shared by the model): "
-             "gathering its rows and columns for the kept tokens is not implemented")
+_RELATIVE = ("a relative position bias sized to the full token grid in a form its family does not follow (timm's BEiT "
+             "and ViT-RelPos biases are; see docs/positions.md)")
 _GRID = "its blocks take the patch grid's height and width (convolutions over the full token grid)"
 _KNOWN_POSITION_INPUTS = {
     "rope": _ROTARY,

@@ -14,8 +14,14 @@ class OwnForwardTracer(fx.Tracer):
 
     Keeping children opaque preserves their names (so ``state_dict`` keys do not
     change), their parameters, and any train/eval behaviour inside them (dropout,
-    drop-path), which a deeper trace would freeze at trace time.
+    drop-path), which a deeper trace would freeze at trace time. ``proxy_buffers``: buffers are
+    read at run time (``get_attr``) even where the forward computes with them first (BEiT's
+    ``relative_position_index.view(-1)``), which torch.fx would otherwise store as a new constant.
     """
+
+    def __init__(self, proxy_buffers: bool = False) -> None:
+        super().__init__()
+        self.proxy_buffer_attributes = proxy_buffers
 
     def trace(self, root: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self._root = root
@@ -25,9 +31,10 @@ class OwnForwardTracer(fx.Tracer):
         return module is not self._root
 
 
-def trace_own_forward(module: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
-    """Graph of ``module.forward`` with its children as leaves."""
-    return OwnForwardTracer().trace(module, concrete_args=concrete_args)
+def trace_own_forward(module: nn.Module, concrete_args: dict[str, Any] | None = None,
+                      proxy_buffers: bool = False) -> fx.Graph:
+    """Graph of ``module.forward`` with its children as leaves (see :class:`OwnForwardTracer`)."""
+    return OwnForwardTracer(proxy_buffers).trace(module, concrete_args=concrete_args)
 
 
 def call_as_leaf(graph: fx.Graph, function: Callable[..., Any], args: tuple, kwargs: dict | None = None) -> fx.Node:
@@ -76,3 +83,14 @@ def order_children_as(graph_module: fx.GraphModule, module: nn.Module) -> None:
     call order), so that the ``state_dict`` keys of a rewrite come in the original's order."""
     order = {name: index for index, name in enumerate(module._modules)}
     graph_module._modules = dict(sorted(graph_module._modules.items(), key=lambda item: order.get(item[0], len(order))))
+
+
+def keep_unsaved_buffers_unsaved(module: nn.Module, source: nn.Module) -> None:
+    """Buffers ``source`` leaves out of its ``state_dict`` (timm's ``k_bias``, BEiT's
+    ``relative_position_index``) stay out of ``module``'s, a GraphModule built from a dict of
+    ``source``'s attributes, where torch.fx registers every tensor as a saved buffer."""
+    for name, _ in module.named_buffers():
+        owner, _, field = name.rpartition(".")
+        origin = source.get_submodule(owner)
+        if field in origin._non_persistent_buffers_set:
+            module.get_submodule(owner)._non_persistent_buffers_set.add(field)

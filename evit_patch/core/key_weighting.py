@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evit_patch.core.fx_graph import call_as_leaf, extra_forward_parameters
+from evit_patch.core.fx_graph import call_as_leaf, extra_forward_parameters, keep_unsaved_buffers_unsaved
 from evit_patch.core.per_call import PerCall
 from evit_patch.core.scored_attention import attention_graph, attention_node, is_fused_attention
 from evit_patch.core.scores import at_least_float32
@@ -104,21 +104,24 @@ def key_weighted_sdpa(holder: KeyWeights, query: Tensor, key: Tensor, value: Ten
                       scale: Optional[float] = None, **options: Any) -> Tensor:
     """``F.scaled_dot_product_attention`` itself without weights; with weights that need
     gradients or a self-loop, the weighted attention computed explicitly; with constant
-    weights, the same attention with ``log w`` added to the logits (``eps`` unused)."""
+    weights, the same attention with ``log w`` added to the logits (``eps`` unused). An additive
+    ``attn_mask`` (a relative position bias) is added to the logits in both."""
     if holder.weights is None:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, **options)
-    if attn_mask is not None or is_causal or any(options.values()):
-        raise ValueError("key-weighted attention takes no attn_mask, is_causal or other attention options; "
+    if (attn_mask is not None and attn_mask.dtype == torch.bool) or is_causal or any(options.values()):
+        raise ValueError("key-weighted attention takes no boolean attn_mask, is_causal or other attention options; "
                          "set KeyWeights.weights = None to call the attention with them")
     weights = holder.weights
     if not (weights.requires_grad or holder.self_loop):  # e.g. token sizes: log-weights as a mask, fused kernel kept
         _check_weights_shape(weights, query.shape[0], key.shape[-2])
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=holder.log_mask(query.dtype),
+        mask = holder.log_mask(query.dtype)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask if attn_mask is None else attn_mask + mask,
                                               dropout_p=dropout_p, scale=scale)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    probabilities = weighted_softmax((query @ key.transpose(-2, -1)) * scale, holder.weights, holder.self_loop,
-                                     holder.eps)
+    logits = (query @ key.transpose(-2, -1)) * scale
+    probabilities = weighted_softmax(logits if attn_mask is None else logits + attn_mask, holder.weights,
+                                     holder.self_loop, holder.eps)
     probabilities = F.dropout(probabilities, dropout_p) if dropout_p > 0 else probabilities
     return probabilities.to(value.dtype) @ value
 
@@ -160,7 +163,7 @@ def refuse_traced_away_inputs(names: tuple, defaults: tuple, *values: Any) -> No
                              f"{name}; call it without {name}")
 
 
-def _accept_traced_away_inputs(graph: fx.Graph, attention: nn.Module, positions: Collection[str]) -> None:
+def accept_traced_away_inputs(graph: fx.Graph, attention: nn.Module, positions: Collection[str]) -> None:
     """Put back, as defaulted inputs, the mask parameters the trace fixed (all but ``positions``, which
     stayed inputs), so callers such as timm's ``Block`` can keep passing ``attn_mask=None, is_causal=False``."""
     parameters = [parameter for parameter in extra_forward_parameters(attention) if parameter.name not in positions]
@@ -190,7 +193,7 @@ def weighted_key_attention(attention: nn.Module, holder: KeyWeights, model_name:
         node = attention_node(graph, type(attention).__name__, model_name)
     else:
         graph, node = attention_graph(attention, model_name, positions)
-        _accept_traced_away_inputs(graph, attention, positions)
+        accept_traced_away_inputs(graph, attention, positions)
     _replace_attention(graph, node, model_name)
     graph.lint()
     children = {
@@ -200,6 +203,7 @@ def weighted_key_attention(attention: nn.Module, holder: KeyWeights, model_name:
     }
     children[HOLDER_NAME] = holder
     weighted = fx.GraphModule(children, graph, class_name=f"KeyWeighted{type(attention).__name__}")
+    keep_unsaved_buffers_unsaved(weighted, attention)
     weighted.training = attention.training
     return weighted
 

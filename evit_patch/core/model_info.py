@@ -11,11 +11,13 @@ from functools import partial
 from typing import Any, Callable, Mapping, Optional
 
 import torch
+from timm.models.beit import Beit
 from timm.models.eva import Eva
+from timm.models.vision_transformer_relpos import VisionTransformerRelPos
 from torch import Tensor, nn
 
 from evit_patch.core.block_rewrite import reorganizing_block
-from evit_patch.core.positions import RotaryTable, SequenceInput
+from evit_patch.core.positions import ATTENTION_BIAS, RelativeBias, RotaryTable, SequenceInput
 from evit_patch.core.scored_attention import scored_attention
 from evit_patch.core.scores import ScoreMode
 from evit_patch.errors import UnsupportedModelError
@@ -71,22 +73,29 @@ class ModelFamily:
     def sequence_inputs(self, model: nn.Module) -> dict[str, Optional[SequenceInput]]:
         """The blocks' inputs sized to the image-token sequence, by name, and how each follows a
         reduction: later blocks get them for the tokens that remain (None: the model always passes
-        None there, so the blocks are traced without it). timm: ``rope``, the rotary table ``Eva``
-        passes every block (``blk(x, rope=rope)``), None where the model makes no table (EVA-01)."""
-        if not isinstance(model, Eva):
-            if isinstance(getattr(model, "rope", None), nn.Module):
-                raise UnsupportedModelError(model_name(model), _GRID_AFTER_BLOCKS)
-            return {}
-        return {"rope": None if model.rope is None else RotaryTable()}
+        None there, so the blocks are traced without it). :data:`ATTENTION_BIAS` names the bias each
+        attention computes itself. timm: ``rope``, the rotary table ``Eva`` passes every block
+        (``blk(x, rope=rope)``), None where the model makes no table (EVA-01); BEiT's and ViT-RelPos's
+        relative position bias, shared by the model (a block input) or each attention's own."""
+        if isinstance(model, Eva):
+            return {"rope": None if model.rope is None else RotaryTable()}
+        if isinstance(model, (Beit, VisionTransformerRelPos)):
+            return _timm_relative_bias_inputs(model)
+        if isinstance(getattr(model, "rope", None), nn.Module):
+            raise UnsupportedModelError(model_name(model), _GRID_AFTER_BLOCKS)
+        return {}
 
     def rewrite_block(self, block: nn.Module, reorganizer: nn.Module, model_name: str,
                       positions: Mapping[str, Optional[nn.Module]] | None = None) -> nn.Module:
         """``block`` with ``reorganizer`` after its attention residual (see :mod:`evit_patch.core.block_rewrite`);
         ``positions``: a module per input of :meth:`sequence_inputs`, which makes it follow the tokens the
-        block holds before its attention takes it (None: an input always None)."""
-        names = tuple(name for name, follower in (positions or {}).items() if follower is not None)
-        return reorganizing_block(block, reorganizer, model_name, score=partial(scored_attention, positions=names),
-                                  positions=positions)
+        block holds before its attention takes it (None: an input always None); the one for
+        :data:`ATTENTION_BIAS` goes into the attention, on the bias it computes."""
+        positions = dict(positions or {})
+        bias = positions.pop(ATTENTION_BIAS, None)
+        names = tuple(name for name, follower in positions.items() if follower is not None)
+        return reorganizing_block(block, reorganizer, model_name,
+                                  score=partial(scored_attention, positions=names, bias=bias), positions=positions)
 
     def replacement_hooks(self, model: nn.Module, replacements: dict[int, nn.Module]) -> dict[int, list[Callable]]:
         """Forward hooks for ``replacements`` (block index -> rewritten block), asked for just
@@ -108,6 +117,25 @@ class ModelFamily:
 
 _GRID_AFTER_BLOCKS = ("its forward reads the blocks' output as the full patch grid (a vision-language tower: "
                       "`x.reshape(B, H, W, -1)` before its patch merger or pooling), which fewer tokens cannot fill")
+
+_BOTH_BIASES = ("it adds a relative position bias shared by the model to each attention's own; following the sum is "
+                "not implemented (build it with use_shared_rel_pos_bias or use_rel_pos_bias, not both)")
+
+
+def _timm_relative_bias_inputs(model: Beit | VisionTransformerRelPos) -> dict[str, Optional[SequenceInput]]:
+    """BEiT (``shared_rel_pos_bias``, per-attention ``relative_position_bias_table``) and ViT-RelPos
+    (``shared_rel_pos``, per-attention ``rel_pos``): each bias covers the prefix tokens too."""
+    beit = isinstance(model, Beit)
+    shared = model.rel_pos_bias if beit else model.shared_rel_pos
+    own = any((block.attn.relative_position_bias_table if beit else block.attn.rel_pos) is not None
+              for block in model.blocks)
+    if shared is not None and own:
+        raise UnsupportedModelError(model_name(model), _BOTH_BIASES)
+    follow = RelativeBias(model.num_prefix_tokens)
+    inputs: dict[str, Optional[SequenceInput]] = {
+        "shared_rel_pos_bias" if beit else "shared_rel_pos": None if shared is None else follow}
+    return {**inputs, ATTENTION_BIAS: follow} if own else inputs
+
 
 TIMM = ModelFamily()
 _FAMILIES: list[ModelFamily] = []

@@ -1,4 +1,4 @@
-"""Block inputs sized to the token sequence (rotary tables) made to follow the kept tokens.
+"""Inputs sized to the token sequence (rotary tables, relative position bias) made to follow the kept tokens.
 
 A model hands every block the table of its full patch grid; after a reorganizing block the
 later blocks hold fewer image tokens, in another order in each sample. Where each remaining
@@ -30,9 +30,16 @@ token unrotated, a merged token at its representative's row) or ``members`` (the
 members' rows, each grid token weighing one). Measured in docs/positions.md."""
 POSITION_RULES: tuple[str, ...] = get_args(PositionRule)
 
+ATTENTION_BIAS = "attention_bias"
+"""The name under which a family declares the bias each attention computes itself (from its own
+table) and hands ``scaled_dot_product_attention`` as ``attn_mask``; the other names are block inputs."""
+
 
 class SequenceInput(ABC):
     """How one block input sized to the image-token sequence follows a reduction."""
+
+    kind = "positions"
+    """What it is, for messages."""
 
     @abstractmethod
     def follow(self, value: Tensor, origin: Tensor) -> Tensor:
@@ -52,6 +59,8 @@ class RotaryTable(SequenceInput):
     batch dim after patch dropout). Rows are gathered by timm's own ``apply_keep_indices_nlc``,
     as its ``PatchDropout`` does; a token with no position is not rotated (sin 0, cos 1)."""
 
+    kind = "rotary position embeddings"
+
     def follow(self, value: Tensor, origin: Tensor) -> Tensor:
         has_batch = value.ndim == 4
         sin, cos = value[..., -2:-1, :].chunk(2, -1)
@@ -70,6 +79,31 @@ class RotaryTable(SequenceInput):
         if value.ndim == 3:  # [H, N, D], one depth of a ``mixed`` table
             return torch.einsum("bmn,hnd->bhmd", members, value)
         return torch.einsum("bmn,nd->bmd", members, value).unsqueeze(1)
+
+
+class RelativeBias(SequenceInput):
+    """An additive attention bias ``([1 or B,] H, P + N, P + N)`` over the whole sequence, its
+    ``prefix_tokens`` (P) rows and columns first (timm's BEiT and ViT-RelPos): the rows and columns
+    of the tokens held are gathered, the prefix ones kept; a token with no position gets a zero row
+    and column (no bias to or from it)."""
+
+    kind = "a relative position bias"
+
+    def __init__(self, prefix_tokens: int) -> None:
+        self.prefix_tokens = prefix_tokens
+
+    def follow(self, value: Tensor, origin: Tensor) -> Tensor:
+        batch, heads, size = origin.shape[0], value.shape[-3], value.shape[-1] + 1
+        extended = F.pad(value, (0, 1, 0, 1)).expand(batch, heads, size, size)
+        prefix = torch.arange(self.prefix_tokens, device=origin.device).expand(batch, -1)
+        image = torch.where(origin < 0, size - 1, origin + self.prefix_tokens)
+        index = torch.cat([prefix, image], 1)  # (B, P + m) into the extended bias
+        count = index.shape[1]
+        rows = extended.gather(2, index[:, None, :, None].expand(batch, heads, count, size))
+        return rows.gather(3, index[:, None, None, :].expand(batch, heads, count, count))
+
+    def __repr__(self) -> str:
+        return f"RelativeBias(prefix_tokens={self.prefix_tokens})"
 
 
 def composed_origin(origin: Optional[Tensor], token_map: TokenMap) -> Optional[Tensor]:

@@ -18,7 +18,8 @@ from evit_patch.core.dense import DEFAULT_FILL, install_dense_entry_points, unin
 from evit_patch.core.lifecycle import PatchState
 from evit_patch.core.model_info import family_of, model_name, transformer_blocks
 from evit_patch.core.per_call import PerCall
-from evit_patch.core.positions import PositionRule, SequenceInput, composed_membership, composed_origin, member_weights
+from evit_patch.core.positions import (ATTENTION_BIAS, PositionRule, SequenceInput, composed_membership, composed_origin,
+                                       member_weights)
 from evit_patch.core.reduction import LayerContext, TokenMap, TokenReducer
 from evit_patch.core.restoration import Fill
 from evit_patch.core.scores import AttentionTensors, ScoreMode
@@ -45,8 +46,8 @@ class ReductionState(PatchState):
     score_mode: ScoreMode
     patched_blocks: dict[int, nn.Module] = field(default_factory=dict)
     original_blocks: dict[int, nn.Module] = field(default_factory=dict)
-    original_attentions: dict[int, nn.Module] = field(default_factory=dict)  # of blocks that only weight keys
-    weighted_attentions: dict[int, nn.Module] = field(default_factory=dict)
+    original_attentions: dict[int, nn.Module] = field(default_factory=dict)  # of blocks not rewritten whose attention is
+    weighted_attentions: dict[int, nn.Module] = field(default_factory=dict)  # swapped (key weights, a followed bias)
     call: PerCall = field(default_factory=PerCall)  # what the forward running in each thread recorded
     replacement_hooks: dict[int, list[Callable]] = field(default_factory=dict)  # the family's, on the rewritten blocks
     input_hook: Optional[RemovableHandle] = None  # the input module's pre-hook calling start_forward
@@ -71,10 +72,10 @@ class ReductionState(PatchState):
             blocks[index].attn = attention
         self.input_hook = family_of(model).input_module(model).register_forward_pre_hook(
             self.start_forward, with_kwargs=True)
-        if self.positions:
+        if set(self.positions) - {ATTENTION_BIAS}:
             self.position_hooks = [
                 blocks[index].register_forward_pre_hook(
-                    FollowingHook(self.followers(bisect.bisect_left(self.layers, index), self.reorganizers()[0]),
+                    FollowingHook(self.followers(self.stage_of(index), self.reorganizers()[0], block_inputs=True),
                                   _parameter_places(blocks[index])),
                     with_kwargs=True)
                 for index in range(self.layers[0] + 1, len(blocks)) if index not in self.patched_blocks
@@ -151,9 +152,15 @@ class ReductionState(PatchState):
         self.call.set("memberships", [None])  # stage s: the token holding each grid token (None: each in its place)
         self.call.set("followed", {})  # (stage, input name): (the table a block was given, its rows followed)
 
-    def followers(self, stage: int, reorganizer: "TokenReorganizer") -> list[FollowedInput]:
-        """One :class:`FollowedInput` per block input sized to the sequence, after ``stage`` layers."""
-        return [FollowedInput(reorganizer, stage, name) for name in self.positions]
+    def followers(self, stage: int, reorganizer: "TokenReorganizer", block_inputs: bool = False) -> list[FollowedInput]:
+        """One :class:`FollowedInput` per input sized to the sequence, after ``stage`` layers (``block_inputs``:
+        those the blocks take only, not the bias the attentions compute)."""
+        return [FollowedInput(reorganizer, stage, name) for name in self.positions
+                if not (block_inputs and name == ATTENTION_BIAS)]
+
+    def stage_of(self, index: int) -> int:
+        """How many reduction layers run before block ``index``."""
+        return bisect.bisect_left(self.layers, index)
 
     def followed_input(self, stage: int, name: str, value: Tensor) -> Tensor:
         """The block input ``name`` (sized to the full sequence) for the image tokens that
@@ -231,9 +238,10 @@ def _parameter_places(block: nn.Module) -> dict[str, int]:
 
 
 class FollowedInput(nn.Module):
-    """A block input sized to the image-token sequence (``name``: a rotary table), for the tokens
-    that remain after ``stage`` reduction layers of the running forward. A rewritten block calls
-    it on its input (a child, so it pickles with the block); other blocks through :class:`FollowingHook`.
+    """An input sized to the image-token sequence (``name``: a rotary table, a relative position bias),
+    for the tokens that remain after ``stage`` reduction layers of the running forward. A rewritten block
+    calls it on its input (a child, so it pickles with the block); other blocks through :class:`FollowingHook`;
+    an attention on the bias it computes (its child ``follow_attention_bias``).
     ``reorganizer``, one installed in the model, holds the state; a torch.fx trace of the model names it."""
 
     def __init__(self, reorganizer: "TokenReorganizer", stage: int, name: str) -> None:

@@ -11,7 +11,7 @@ along.
 from __future__ import annotations
 
 import operator
-from typing import Collection
+from typing import Collection, Optional
 
 import torch
 import torch.fx as fx
@@ -29,7 +29,7 @@ _PRODUCT_FUNCTIONS = (operator.matmul, torch.matmul, torch.bmm)
 _PRODUCT_METHODS = ("matmul", "bmm", "__matmul__")
 
 
-def _trace_in_eval_mode(attention: nn.Module, positions: Collection[str]) -> fx.Graph:
+def _trace_in_eval_mode(attention: nn.Module, positions: Collection[str], proxy_buffers: bool) -> fx.Graph:
     """Trace with the module's own ``training`` flag off.
 
     timm writes ``dropout_p=self.attn_drop.p if self.training else 0.`` which a trace
@@ -49,7 +49,7 @@ def _trace_in_eval_mode(attention: nn.Module, positions: Collection[str]) -> fx.
     was_training = attention.training
     attention.training = False
     try:
-        graph = trace_own_forward(attention, concrete)
+        graph = trace_own_forward(attention, concrete, proxy_buffers)
     finally:
         attention.training = was_training
     _drop_specialized_inputs(graph, positions)
@@ -99,11 +99,13 @@ def attention_node(graph: fx.Graph, owner: str, model_name: str) -> fx.Node:
     return (fused + softmax)[0]
 
 
-def attention_graph(attention: nn.Module, model_name: str, positions: Collection[str] = ()) -> tuple[fx.Graph, fx.Node]:
+def attention_graph(attention: nn.Module, model_name: str, positions: Collection[str] = (),
+                    proxy_buffers: bool = False) -> tuple[fx.Graph, fx.Node]:
     """The attention module's own graph (mask inputs fixed at their defaults, ``positions`` kept
-    as inputs, dropout following ``train()``/``eval()``) and its one attention node, for rewrites to extend."""
+    as inputs, dropout following ``train()``/``eval()``) and its one attention node, for rewrites to extend;
+    ``proxy_buffers``: see :class:`~evit_patch.core.fx_graph.OwnForwardTracer` (for a bias built from an index buffer)."""
     try:
-        graph = _trace_in_eval_mode(attention, positions)
+        graph = _trace_in_eval_mode(attention, positions, proxy_buffers)
     except UnsupportedModelError as error:
         raise UnsupportedModelError(model_name, error.reason) from None
     except Exception as error:  # torch.fx raises many kinds of errors on untraceable code
@@ -161,23 +163,56 @@ def weights_applied_to_values(softmax: fx.Node, attention: nn.Module, model_name
     return node
 
 
-def scored_attention(attention: nn.Module, model_name: str, positions: Collection[str] = ()) -> fx.GraphModule:
+BIAS_FOLLOWER = "follow_attention_bias"
+"""The child of a rewritten attention that makes the bias it computes follow the tokens it holds."""
+
+
+def attention_mask(node: fx.Node) -> object:
+    """The ``attn_mask`` argument of a fused attention call."""
+    return node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+
+
+def follow_attention_bias(module: fx.GraphModule, node: fx.Node, follower: nn.Module, model_name: str) -> None:
+    """Hand the ``attn_mask`` the attention computes itself (a relative position bias over the
+    full sequence) through ``follower`` (the child :data:`BIAS_FOLLOWER`) with the tokens, in
+    ``module``'s graph (recompiled by the caller)."""
+    mask = attention_mask(node) if is_fused_attention(node) else None
+    if not isinstance(mask, fx.Node) or len(node.args) > 3:
+        raise UnsupportedModelError(
+            model_name, "its attention adds its relative position bias outside scaled_dot_product_attention's "
+            "attn_mask (non-fused attention), where it cannot be made to follow the kept tokens; build it with "
+            "fused attention (timm's default: unset TIMM_FUSED_ATTN)")
+    module.add_submodule(BIAS_FOLLOWER, follower)
+    tokens = next(node for node in module.graph.nodes if node.op == "placeholder")
+    with module.graph.inserting_before(node):
+        node.update_kwarg("attn_mask", module.graph.call_module(BIAS_FOLLOWER, (mask, tokens)))
+
+
+def scored_attention(attention: nn.Module, model_name: str, positions: Collection[str] = (),
+                     bias: Optional[nn.Module] = None) -> fx.GraphModule:
     """A GraphModule sharing ``attention``'s submodules that returns ``(output, tensors)``
-    and takes the tokens and the inputs named ``positions`` (a rotary table).
+    and takes the tokens and the inputs named ``positions`` (a rotary table). ``bias``: a module
+    that makes the bias the attention computes itself follow the tokens it holds (its child
+    :data:`BIAS_FOLLOWER`).
 
     ``tensors`` (:data:`evit_patch.core.scores.AttentionTensors`) are what the attention
-    computes anyway; no operation is added, so a layer that keeps every token costs
-    nothing extra.
+    computes anyway (a fused call's ``attn_mask`` among them, which the scores add); no operation
+    is added, so a layer that keeps every token costs nothing extra.
     """
-    graph, node = attention_graph(attention, model_name, positions)
+    graph, node = attention_graph(attention, model_name, positions, proxy_buffers=bias is not None)
+    scored = fx.GraphModule(attention, graph, class_name=f"Scored{type(attention).__name__}")
+    if bias is not None:
+        follow_attention_bias(scored, node, bias, model_name)
     if is_fused_attention(node):
         query = node.args[0] if len(node.args) > 0 else node.kwargs["query"]
         key = node.args[1] if len(node.args) > 1 else node.kwargs["key"]
-        tensors = (query, key, node.kwargs.get("scale"), None)
+        mask = attention_mask(node)
+        tensors = (query, key, node.kwargs.get("scale"), None, mask if isinstance(mask, fx.Node) else None)
     else:
         tensors = (None, _explicit_key(node), None, weights_applied_to_values(node, attention, model_name))
 
     output = next(node for node in graph.nodes if node.op == "output")
     output.args = ((output.args[0], tensors),)
     graph.lint()
-    return fx.GraphModule(attention, graph, class_name=f"Scored{type(attention).__name__}")
+    scored.recompile()
+    return scored

@@ -22,21 +22,23 @@ i.e. its weight in the average of the attention outputs that global pooling read
 
 
 class AttentionTensors(NamedTuple):
-    """What an attention layer hands a reducer beside its output: ``(query, keys, scale, None)``
+    """What an attention layer hands a reducer beside its output: ``(query, keys, scale, None, bias)``
     from fused attention, ``(None, keys, None, weights)`` from attention that materializes its
-    post-softmax matrix. A tuple still, so ``q, k, scale, weights = tensors`` reads it too.
+    post-softmax matrix. A tuple still; a 4-tuple ``(q, k, scale, weights)`` reads as one without bias.
 
     Attributes:
         query: ``(B, H, N, d)`` (or the class token's alone, ``(B, H, 1, d)``); None with ``weights``.
         keys: ``(B, H, N, d)``; None where the graph does not show them.
         scale: the softmax scale the fused call was given (None: ``d ** -0.5``).
         weights: ``(B, H, N, N)`` post-softmax attention; None with fused attention.
+        bias: the ``attn_mask`` the fused call was given (a relative position bias), added to the logits.
     """
 
     query: Optional[Tensor]
     keys: Optional[Tensor]
     scale: Optional[float]
     weights: Optional[Tensor]
+    bias: Optional[Tensor] = None
 
 
 def token_scores(tensors: AttentionTensors, mode: ScoreMode, num_prefix_tokens: int) -> Tensor:
@@ -49,7 +51,7 @@ def token_scores(tensors: AttentionTensors, mode: ScoreMode, num_prefix_tokens: 
     tensors = AttentionTensors(*tensors)  # a plain 4-tuple, as callers of a reducer gave before, reads the same
     if tensors.weights is not None:
         return scores_from_attention(tensors.weights, mode, num_prefix_tokens)
-    return scores_from_qk(tensors.query, tensors.keys, tensors.scale, mode, num_prefix_tokens)
+    return scores_from_qk(tensors.query, tensors.keys, tensors.scale, mode, num_prefix_tokens, tensors.bias)
 
 
 def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -82,10 +84,12 @@ def _head_mean(attention: Tensor, mode: ScoreMode, num_prefix_tokens: int) -> Te
 
 
 def scores_from_qk(
-    q: Tensor, k: Tensor, scale: Optional[float], mode: ScoreMode, num_prefix_tokens: int
+    q: Tensor, k: Tensor, scale: Optional[float], mode: ScoreMode, num_prefix_tokens: int,
+    bias: Optional[Tensor] = None,
 ) -> Tensor:
     """Scores from queries and keys ``(B, H, N, d)``: logits, softmax and scores in at
-    least float32, whatever the dtype of ``q`` and ``k``."""
+    least float32, whatever the dtype of ``q`` and ``k``. ``bias``: what the attention adds to its
+    logits (``(1 or B, H, N, N)``, float; a boolean one masks the keys it marks False)."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
     queries = q[:, :, :1] if mode == "class" else q
@@ -95,6 +99,9 @@ def scores_from_qk(
     keys = k.to(precision).contiguous()
     with without_autocast(q.device):
         logits = (queries.to(precision) * scale) @ keys.transpose(-2, -1)  # scaled on the smaller side
+        if bias is not None:
+            rows = bias[..., :1, :] if mode == "class" else bias
+            logits = logits.masked_fill(~rows, float("-inf")) if rows.dtype == torch.bool else logits + rows.to(precision)
         return _head_mean(logits.softmax(dim=-1), mode, num_prefix_tokens)
 
 

@@ -7,12 +7,13 @@ from typing import Sequence, TypeVar
 from torch import nn
 
 from evit_patch.core.arguments import validated_placement
+from evit_patch.core.attention_bias import bias_following_attention
 from evit_patch.core.key_weighting import weighted_key_attention
 from evit_patch.core.lifecycle import attach, check_unpatched, detach, patch_state
 from evit_patch.core.model_info import family_of, model_name, prefix_token_count, score_mode, transformer_blocks
-from evit_patch.core.positions import POSITION_RULES, PositionRule
+from evit_patch.core.positions import ATTENTION_BIAS, POSITION_RULES, PositionRule, SequenceInput
 from evit_patch.core.reduction import TokenReducer
-from evit_patch.core.reorganizer import ReductionState, TokenReorganizer
+from evit_patch.core.reorganizer import FollowedInput, ReductionState, TokenReorganizer
 from evit_patch.errors import UnsupportedModelError
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -53,9 +54,24 @@ def apply_token_reducer(model: ModelT, layers: Sequence[int] | None, keep_rate: 
         state.patched_blocks[index] = family.rewrite_block(blocks[index], reorganizer, name,
                                                            {**dict.fromkeys(inputs), **followers})
     state.original_blocks = {index: blocks[index] for index in layers}
+    if ATTENTION_BIAS in state.positions:
+        _follow_attention_bias(blocks, state, name)
     if reducer.key_weights is not None:
         _weight_attention_keys(blocks, state, name)
     return attach(model, state)
+
+
+def _follow_attention_bias(blocks: nn.Sequential | nn.ModuleList, state: ReductionState, name: str) -> None:
+    """The attentions after the first reduction layer compute the bias of the full sequence: those
+    of blocks not rewritten are swapped for copies whose bias follows the tokens their block holds
+    (the rewritten blocks' scored attentions have their own follower)."""
+    reorganizer = state.reorganizers()[0]
+    live = tuple(input_name for input_name in state.positions if input_name != ATTENTION_BIAS)
+    for index in range(state.layers[0] + 1, len(blocks)):
+        if index not in state.patched_blocks:
+            follower = FollowedInput(reorganizer, state.stage_of(index), ATTENTION_BIAS)
+            state.original_attentions[index] = blocks[index].attn
+            state.weighted_attentions[index] = bias_following_attention(blocks[index].attn, follower, name, live)
 
 
 def _weight_attention_keys(blocks: nn.Sequential | nn.ModuleList, state: ReductionState, name: str) -> None:
@@ -65,11 +81,12 @@ def _weight_attention_keys(blocks: nn.Sequential | nn.ModuleList, state: Reducti
     patched = state.patched_blocks
     for index in range(state.layers[0], len(blocks)):
         owner = patched.get(index, blocks[index])
-        weighted = weighted_key_attention(owner.attn, state.reducer.key_weights, name, tuple(state.positions))
+        attention = owner.attn if index in patched else state.weighted_attentions.get(index, owner.attn)
+        weighted = weighted_key_attention(attention, state.reducer.key_weights, name, tuple(state.positions))
         if index in patched:
             owner.attn = weighted
         else:
-            state.original_attentions[index] = owner.attn
+            state.original_attentions.setdefault(index, owner.attn)
             state.weighted_attentions[index] = weighted
 
 
@@ -91,4 +108,9 @@ def set_position_rule(model: nn.Module, rule: PositionRule) -> None:
     tokens: ``representative`` (the default) or ``members`` (see docs/positions.md)."""
     if rule not in POSITION_RULES:
         raise ValueError(f"position rule {rule!r} is not one of {', '.join(POSITION_RULES)}; pass one of those")
-    reduction_state(model).position_rule = rule
+    state = reduction_state(model)
+    unmixed = [position.kind for position in state.positions.values() if type(position).mix is SequenceInput.mix]
+    if rule == "members" and unmixed:
+        raise ValueError(f"{model_name(model)}'s {unmixed[0]} has no mean of several positions; "
+                         "keep the position rule 'representative'")
+    state.position_rule = rule

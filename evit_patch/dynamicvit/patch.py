@@ -22,6 +22,7 @@ from evit_patch.core.key_weighting import KeyWeights, weighted_key_attention
 from evit_patch.core.lifecycle import attach, attached_state, check_unpatched, detach, patch_state
 from evit_patch.core.model_info import (
     class_token_joins_after_blocks,
+    family_of,
     model_name,
     prefix_token_count,
     score_mode,
@@ -92,6 +93,15 @@ def _embedding_width(model: nn.Module, name: str) -> int:
     return width
 
 
+def _refuse_followed_positions(model: nn.Module, name: str) -> None:
+    """Positions sized to the sequence (rotary tables, a relative position bias) follow the tokens of
+    the token reducers only: DynamicViT keeps the full sequence in training and drops tokens in eval."""
+    kinds = sorted({follow.kind for follow in family_of(model).sequence_inputs(model).values() if follow is not None})
+    if kinds:
+        raise UnsupportedModelError(name, f"DynamicViT does not make its {' and '.join(kinds)} follow the tokens it "
+                                          "drops; use apply_evit or another token reducer on it")
+
+
 def apply_dynamicvit(model: ModelT, layers: Sequence[int] = (3, 6, 9), keep_rate: float = 0.7, *,
                      keep_ratio: Optional[float] = None) -> ModelT:
     """Patch ``model`` in place with DynamicViT token pruning and return it.
@@ -121,6 +131,7 @@ def apply_dynamicvit(model: ModelT, layers: Sequence[int] = (3, 6, 9), keep_rate
     norm = _required_module(model, "norm", name, "the final norm whose tokens token distillation reads")
     width = _embedding_width(model, name)
     holder = KeyWeights(self_loop=True)
+    _refuse_followed_positions(model, name)
     for block in blocks:
         check_block_inputs(block, name)
     originals = {index: _required_module(blocks[index], "attn", name, "its attention")
