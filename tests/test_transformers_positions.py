@@ -117,6 +117,19 @@ def test_a_merged_token_takes_its_representatives_rows():
             assert torch.equal(got[sample, 0], want)
 
 
+def test_training_with_augmented_coordinates_and_drop_path():
+    """In training DINOv3 shifts its patch coordinates (a new table each forward); the rows follow
+    it, and every later layer gets gradient."""
+    torch.manual_seed(0)
+    config = _config()
+    config.pos_embed_shift, config.drop_path_rate = 0.1, 0.1
+    model = evit_patch.apply_evit(transformers.DINOv3ViTModel(config).train(), LAYERS, KEEP_RATE)
+    output = model(_images())
+    output.pooler_output.square().sum().backward()
+    assert output.last_hidden_state.shape == (2, 1 + REGISTERS + 6, 64)  # 16 -> 8 + fused; 9 -> 5 + fused
+    assert all(p.grad is not None for p in model.model.layer[3].parameters())
+
+
 def test_pickled_and_copied_models_follow_positions():
     model = evit_patch.apply_evit(_model(), LAYERS, KEEP_RATE)
     images = _images()
