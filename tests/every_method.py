@@ -26,10 +26,11 @@ def small_vit(seed: int = 0) -> nn.Module:
 
 
 def small_rotary_vit(seed: int = 0) -> nn.Module:
-    """A 4-block EVA-02 (a rotary table passed to every block) over the same patches and images."""
+    """A 4-block EVA-02 (a rotary table passed to every block) over the same patches and images,
+    with a class-token head (DynamicViT's)."""
     torch.manual_seed(seed)
     return timm.create_model("eva02_tiny_patch14_224", img_size=32, patch_size=4, embed_dim=48, depth=4,
-                             num_heads=3, num_classes=10).eval()
+                             num_heads=3, num_classes=10, global_pool="token").eval()
 
 
 MODELS: dict[str, Callable[[int], nn.Module]] = {"vit": small_vit, "rotary": small_rotary_vit}
@@ -54,10 +55,6 @@ PATCHES: dict[str, Callable[[nn.Module], nn.Module]] = {
     "dynamicvit": lambda model: apply_dynamicvit(model, LAYERS, KEEP_RATE),
 }
 """Each method patching a model in place, at the same layers and keep rate."""
-
-
-ROTARY_METHODS = [method for method in PATCHES if method != "dynamicvit"]  # DynamicViT's masks refuse rotary tables
-"""The methods that patch the rotary model."""
 
 
 def patched(method: str, model: str = "vit") -> nn.Module:

@@ -22,6 +22,7 @@ from evit_patch.core.key_weighting import KeyWeights, weighted_key_attention
 from evit_patch.core.lifecycle import attach, attached_state, check_unpatched, detach, patch_state
 from evit_patch.core.model_info import (
     class_token_joins_after_blocks,
+    family_of,
     model_name,
     prefix_token_count,
     score_mode,
@@ -104,7 +105,8 @@ def apply_dynamicvit(model: ModelT, layers: Sequence[int] = (3, 6, 9), keep_rate
         keep_ratio: the former name of ``keep_rate`` (deprecated; warns).
 
     In ``train()`` mode tokens are masked out of attention (hard Gumbel-softmax
-    decisions); in ``eval()`` mode they are removed. Class, distillation and register
+    decisions); in ``eval()`` mode they are removed, and a rotary table the blocks take
+    (timm's ``Eva``) is given as the rows of the tokens kept. Class, distillation and register
     tokens are never pruned. On any error the model is left exactly as it was.
     """
     if keep_ratio is not None:
@@ -121,15 +123,19 @@ def apply_dynamicvit(model: ModelT, layers: Sequence[int] = (3, 6, 9), keep_rate
     norm = _required_module(model, "norm", name, "the final norm whose tokens token distillation reads")
     width = _embedding_width(model, name)
     holder = KeyWeights(self_loop=True)
+    inputs = family_of(model).sequence_inputs(model)
+    positions = {input_name: follow for input_name, follow in inputs.items() if follow is not None}
     for block in blocks:
-        check_block_inputs(block, name)
+        check_block_inputs(block, name, inputs)
     originals = {index: _required_module(blocks[index], "attn", name, "its attention")
                  for index in range(layers[0], len(blocks))}
-    weighted = {index: weighted_key_attention(attention, holder, name) for index, attention in originals.items()}
+    weighted = {index: weighted_key_attention(attention, holder, name, tuple(positions))
+                for index, attention in originals.items()}
     parameter = next(model.parameters())
     stage_predictors = nn.ModuleList(KeepPredictor(width) for _ in layers).to(parameter.device, parameter.dtype)
     stage_predictors.train(model.training)
-    state = DynamicViTState(layers, keep_rate, num_prefix_tokens, holder, originals, weighted, stage_predictors, norm)
+    state = DynamicViTState(layers, keep_rate, num_prefix_tokens, holder, originals, weighted, stage_predictors, norm,
+                            positions)
     return attach(model, state)
 
 
