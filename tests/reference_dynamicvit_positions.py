@@ -34,14 +34,14 @@ def keep_scores(predictor: nn.Module, tokens: Tensor) -> list[float]:
 
 def dynamicvit_reference(model: nn.Module, predictors: nn.ModuleList, images: Tensor, layers: list[int],
                          keep_rate: float) -> tuple[Tensor, list[list[list[int]]]]:
-    """Logits of the unpatched ``model`` (an ``Eva`` with a class-token head) pruned by
-    ``predictors`` before ``layers``, and each sample's grid positions after every stage."""
+    """The final norm's tokens of the unpatched ``model`` (an ``Eva``) pruned by ``predictors``
+    before ``layers``, and each sample's grid positions after every stage."""
     model = copy.deepcopy(model)
     num_prefix = model.num_prefix_tokens
     tokens, table = model._pos_embed(model.patch_embed(images))
     tokens = model.norm_pre(tokens)
     count = tokens.shape[1] - num_prefix
-    logits, kept = [], []
+    outputs, kept = [], []
     for sample in range(images.shape[0]):
         x, positions, history = tokens[sample:sample + 1], list(range(count)), []
         for index, block in enumerate(model.blocks):
@@ -53,6 +53,6 @@ def dynamicvit_reference(model: nn.Module, predictors: nn.ModuleList, images: Te
                 positions = [positions[j] for j in order]
                 history.append(positions)
             x = block(x, rope=rotary_rows(table[index] if model.rope_mixed else table, positions))
-        logits.append(model.forward_head(model.norm(x)))
+        outputs.append(model.norm(x))
         kept.append(history)
-    return torch.cat(logits), kept
+    return torch.cat(outputs), kept
