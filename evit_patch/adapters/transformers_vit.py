@@ -3,11 +3,11 @@ DINOv2 with registers and DINOv3 (rotary positions), as classifiers or bare enco
 
 Only what differs from timm is here: the blocks are the base model's ``layers`` (or
 ``encoder.layer``, ``model.layer``); DINOv3's layers take ``position_embeddings``, a
-``(cos, sin)`` pair for the patch grid, made to follow the kept tokens; the prefix tokens are the embeddings' class, distillation and
-register tokens; a layer's attention child is ``attention``, and its attention function
-(SDPA, eager, flash... whatever ``config._attn_implementation`` names) stays one call,
-looked up at run time as the model itself does, whose query and key tensors feed the
-scores; the output tensor is ``.logits`` (or the pooled / last hidden state).
+``(cos, sin)`` pair for the patch grid, made to follow the kept tokens; the prefix tokens
+are the embeddings' class, distillation and register tokens; a layer's attention child is
+``attention``, and its attention function (SDPA, eager, flash... whatever
+``config._attn_implementation`` names) stays one call, looked up at run time as the model
+itself does, whose query and key tensors feed the scores; the output tensor is ``.logits`` (or the pooled / last hidden state).
 ``transformers`` is imported only once a model of it is given.
 """
 
@@ -328,6 +328,7 @@ class RecordsAsItsLayer:
 
 
 def _layer_parameters(layer: nn.Module) -> Collection[str]:
+    """The inputs of the layer's own forward (under transformers' wrappers)."""
     return inspect.signature(inspect.unwrap(type(layer).forward)).parameters
 
 
