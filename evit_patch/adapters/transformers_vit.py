@@ -7,8 +7,9 @@ Only what differs from timm is here: the blocks are the base model's ``layers`` 
 are the embeddings' class, distillation and register tokens; a layer's attention child is
 ``attention``, and its attention function (SDPA, eager, flash... whatever
 ``config._attn_implementation`` names) stays one call, looked up at run time as the model
-itself does, whose query and key tensors feed the scores; the output tensor is ``.logits`` (or the pooled / last hidden state).
-``transformers`` is imported only once a model of it is given.
+itself does, whose query and key tensors feed the scores; the output tensor is ``.logits``
+(or the pooled / last hidden state). ``transformers`` is imported only once a model of it
+is given.
 """
 
 from __future__ import annotations
