@@ -158,6 +158,14 @@ def test_dense_outputs_give_the_full_grid():
     assert all(state.shape[1] == 1 + REGISTERS + PATCHES for state in dense.hidden_states)
 
 
+def test_macs_and_a_keep_rate_for_a_budget():
+    model = _model()
+    dense = evit_patch.count_macs(model)
+    rate = evit_patch.keep_rate_for_budget(model, 0.7 * dense, LAYERS)
+    evit_patch.apply_evit(model, LAYERS, rate)
+    assert 0.6 * dense <= evit_patch.count_macs(model) <= 0.7 * dense
+
+
 def test_the_backbone_is_refused_with_the_way_to_the_grid():
     model = transformers.DINOv3ViTBackbone(_config()).eval()
     with pytest.raises(evit_patch.UnsupportedModelError, match="dense_outputs"):
