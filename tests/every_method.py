@@ -26,10 +26,11 @@ def small_vit(seed: int = 0) -> nn.Module:
 
 
 def small_rotary_vit(seed: int = 0) -> nn.Module:
-    """A 4-block EVA-02 (a rotary table passed to every block) over the same patches and images."""
+    """A 4-block EVA-02 (a rotary table passed to every block) over the same patches and images,
+    with a class-token head (DynamicViT's)."""
     torch.manual_seed(seed)
     return timm.create_model("eva02_tiny_patch14_224", img_size=32, patch_size=4, embed_dim=48, depth=4,
-                             num_heads=3, num_classes=10).eval()
+                             num_heads=3, num_classes=10, global_pool="token").eval()
 
 
 def small_bias_vit(seed: int = 0) -> nn.Module:
@@ -69,8 +70,8 @@ PATCHES: dict[str, Callable[[nn.Module], nn.Module]] = {
 """Each method patching a model in place, at the same layers and keep rate."""
 
 
-ROTARY_METHODS = [method for method in PATCHES if method != "dynamicvit"]  # DynamicViT's masks refuse rotary tables
-"""The methods that patch the rotary model, and the relative-position-bias one."""
+BIAS_METHODS = [method for method in PATCHES if method != "dynamicvit"]  # DynamicViT refuses an attention's own bias
+"""The methods that patch the relative-position-bias model."""
 
 
 def patched(method: str, model: str = "vit") -> nn.Module:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from every_method import PATCHES, ROTARY_METHODS, images, patched
+from every_method import PATCHES, images, patched
 
 import evit_patch
 from evit_patch.dynamicvit import is_dynamicvit
@@ -25,8 +25,8 @@ def fresh_dynamo():
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize(("method", "model_kind"), [(method, "vit") for method in PATCHES] +
-                         [(method, "rotary") for method in ROTARY_METHODS] + [("evit", "bias"), ("tome", "bias")])
+@pytest.mark.parametrize(("method", "model_kind"), [(method, kind) for kind in ("vit", "rotary") for method in PATCHES] +
+                         [("evit", "bias"), ("tome", "bias")])
 def test_no_graph_break(method, model_kind, training):
     model = patched(method, model_kind).train(training)
     explanation = torch._dynamo.explain(model)(images(2, seed=0))
@@ -39,7 +39,8 @@ def _token_counts(model: torch.nn.Module) -> list[int]:
 
 
 @pytest.mark.parametrize(("method", "model_kind"), [(method, "vit") for method in PATCHES] +
-                         [(method, kind) for method in ("evit", "tome") for kind in ("rotary", "bias")])
+                         [(method, "rotary") for method in ("evit", "tome", "dynamicvit")] +
+                         [(method, "bias") for method in ("evit", "tome")])
 def test_fullgraph_compile_matches_eager(method, model_kind):
     model = patched(method, model_kind)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")

@@ -14,7 +14,7 @@ import threading
 
 import pytest
 import torch
-from every_method import LAYERS, PATCHES, ROTARY_METHODS, images, patched
+from every_method import BIAS_METHODS, LAYERS, PATCHES, images, patched
 
 import evit_patch
 from evit_patch.dynamicvit import dynamicvit_state, is_dynamicvit
@@ -47,8 +47,8 @@ def one_intra_op_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize(("method", "model_kind"), [(method, "vit") for method in PATCHES] +
-                         [(method, kind) for method in ROTARY_METHODS for kind in ("rotary", "bias")])
+@pytest.mark.parametrize(("method", "model_kind"), [(method, kind) for kind in ("vit", "rotary") for method in PATCHES] +
+                         [(method, "bias") for method in BIAS_METHODS])
 def test_concurrent_calls_equal_calls_one_after_another(method, model_kind, one_intra_op_thread):
     model = patched(method, model_kind)
     alone = {batch: [] for batch in BATCHES}

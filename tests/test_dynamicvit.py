@@ -265,7 +265,8 @@ def test_bad_arguments_name_the_problem_and_leave_the_model_as_it_was(layers, ke
 @pytest.mark.parametrize("build, message", [
     (lambda: small_vit("vit_tiny_patch16_224", global_pool="avg", class_token=False), "class-token head"),
     (lambda: small_vit("vit_tiny_patch16_224", global_pool="avg"), "global_pool='avg'"),
-    (lambda: timm.create_model("eva02_tiny_patch14_224", img_size=56, depth=4, global_pool="token"), "rotary position"),
+    (lambda: timm.create_model("vit_relpos_small_patch16_224", img_size=64, depth=4, class_token=True,
+                               global_pool="token"), "relative position bias"),
     (lambda: nn.Sequential(nn.Linear(2, 2)), "no `blocks`"),
 ])
 def test_unsupported_models_are_refused_unchanged(build, message) -> None:

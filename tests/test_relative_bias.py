@@ -14,7 +14,7 @@ import pickle
 import pytest
 import timm
 import torch
-from every_method import PATCHES, ROTARY_METHODS, small_bias_vit
+from every_method import BIAS_METHODS, PATCHES, small_bias_vit
 from reference_bias import bias_rows, reference_forward
 
 import evit_patch
@@ -105,7 +105,7 @@ def test_a_merged_token_takes_its_representatives_row_and_column(reducer):
         torch.testing.assert_close(seen[0][sample:sample + 1], bias_rows(full, 1, grid), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("method", ROTARY_METHODS)
+@pytest.mark.parametrize("method", BIAS_METHODS)
 def test_every_token_method_runs_on_a_bias_model_and_comes_off_exactly(method):
     model = small_bias_vit()
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -1,13 +1,15 @@
-"""Hugging Face transformers ViTs: ViT, DeiT (with its distillation token), DINOv2 and
-DINOv2 with registers, as classifiers or bare encoders.
+"""Hugging Face transformers ViTs: ViT, DeiT (with its distillation token), DINOv2,
+DINOv2 with registers and DINOv3 (rotary positions), as classifiers or bare encoders.
 
 Only what differs from timm is here: the blocks are the base model's ``layers`` (or
-``encoder.layer``); the prefix tokens are the embeddings' class, distillation and
-register tokens; a layer's attention child is ``attention``, and its attention function
-(SDPA, eager, flash... whatever ``config._attn_implementation`` names) stays one call,
-looked up at run time as the model itself does, whose query and key tensors feed the
-scores; the output tensor is ``.logits`` (or the pooled / last hidden state).
-``transformers`` is imported only once a model of it is given.
+``encoder.layer``, ``model.layer``); DINOv3's layers take ``position_embeddings``, a
+``(cos, sin)`` pair for the patch grid, made to follow the kept tokens; the prefix tokens
+are the embeddings' class, distillation and register tokens; a layer's attention child is
+``attention``, and its attention function (SDPA, eager, flash... whatever
+``config._attn_implementation`` names) stays one call, looked up at run time as the model
+itself does, whose query and key tensors feed the scores; the output tensor is ``.logits``
+(or the pooled / last hidden state). ``transformers`` is imported only once a model of it
+is given.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from __future__ import annotations
 import inspect
 import sys
 import types
-from typing import Any, Callable, Mapping, Optional
+from functools import partial
+from typing import Any, Callable, Collection, Mapping, Optional
 from unittest import mock
 
+import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
@@ -25,10 +29,12 @@ from evit_patch.adapters.views import TokenTracer, computation_view
 from evit_patch.core.block_rewrite import reorganizing_block
 from evit_patch.core.fx_graph import order_children_as
 from evit_patch.core.model_info import ModelFamily
+from evit_patch.core.positions import RotaryTable, SequenceInput
 from evit_patch.core.scores import ScoreMode
 from evit_patch.errors import UnsupportedModelError
 
-SUPPORTED = {"vit": "ViT", "deit": "DeiT", "dinov2": "DINOv2", "dinov2_with_registers": "DINOv2 with registers"}
+SUPPORTED = {"vit": "ViT", "deit": "DeiT", "dinov2": "DINOv2", "dinov2_with_registers": "DINOv2 with registers",
+             "dinov3_vit": "DINOv3"}
 """``config.model_type`` of the families patched, and how the README names them."""
 
 _RELATIVE = ("a relative position bias sized to the full token grid, which each layer builds from the image "
@@ -37,13 +43,29 @@ _RELATIVE = ("a relative position bias sized to the full token grid, which each 
 REFUSED = {
     "beit": _RELATIVE,
     "data2vec-vision": _RELATIVE,
-    "dinov3_vit": "rotary position embeddings: the transformers family does not follow them yet (timm's DINOv3 does)",
     "vit_mae": "its encoder drops patches at random itself and its decoder restores them by position",
     "vitdet": "windowed attention with a relative position bias over the full token grid",
 }
 """Families refused, with the reason."""
 
+_BACKBONE = ("a backbone reshapes every stage's hidden states to the full patch grid, which fewer tokens "
+             "cannot fill; patch its base model and read the grid inside `evit_patch.dense_outputs(model)`")
 _LEAF = "attention_function"
+_ROTARY_INPUT = "position_embeddings"
+"""The layer and attention input of the rotary families: ``(cos, sin)`` for the patch tokens."""
+_BLOCK_PATHS = ("layers", "encoder.layer", "model.layer")
+"""Where a base model holds its list of layers (ViT; DeiT, DINOv2; DINOv3)."""
+
+
+class RotaryPair(SequenceInput):
+    """transformers' ``position_embeddings``: ``(cos, sin)``, each ``[N, D]`` for the N patch tokens
+    (``apply_rotary_pos_emb`` rotates the last N tokens, so prefix tokens keep theirs). Rows are
+    gathered as timm's ``[sin | cos]`` tables are; a token with no position gets cos 1, sin 0."""
+
+    def follow(self, value: tuple[Tensor, Tensor], origin: Tensor) -> tuple[Tensor, Tensor]:
+        cos, sin = value
+        sin_rows, cos_rows = RotaryTable().follow(torch.cat([sin, cos], -1), origin).chunk(2, -1)
+        return cos_rows, sin_rows
 
 
 class _LayerView(nn.Module):
@@ -54,11 +76,26 @@ class _LayerView(nn.Module):
         return self.computation(self, hidden_states)
 
 
+class _RotaryLayerView(nn.Module):
+    """A rotary transformers layer called as its encoder calls it: the tokens, a mask and ``(cos, sin)``."""
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
+                position_embeddings: Optional[tuple[Tensor, Tensor]] = None) -> Any:
+        return self.computation(self, hidden_states, position_embeddings=position_embeddings)
+
+
 class _AttentionView(nn.Module):
     """A transformers attention called with the tokens alone."""
 
     def forward(self, hidden_states: Tensor) -> Any:
         return self.computation(self, hidden_states)
+
+
+class _RotaryAttentionView(nn.Module):
+    """A rotary transformers attention called with the tokens and ``(cos, sin)``."""
+
+    def forward(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Any:
+        return self.computation(self, hidden_states, position_embeddings=position_embeddings)
 
 
 class AttentionFunction(nn.Module):
@@ -84,8 +121,10 @@ class AttentionFunction(nn.Module):
         return function(self, query, key, value, None, **kwargs)
 
 
-def scored_transformers_attention(attention: nn.Module, model_name: str) -> fx.GraphModule:
-    """``attention`` returning ``(its output, (q, k, scaling, None))``.
+def scored_transformers_attention(attention: nn.Module, model_name: str,
+                                  positions: Collection[str] = ()) -> fx.GraphModule:
+    """``attention`` returning ``(its output, (q, k, scaling, None))``, taking the tokens and
+    ``position_embeddings`` where ``positions`` names it (q and k are then the rotated ones).
 
     Traced in training mode with the config's implementation set to ``eager``, so that
     the modeling module's ``eager_attention_forward`` is what transformers' dispatcher
@@ -106,7 +145,7 @@ def scored_transformers_attention(attention: nn.Module, model_name: str) -> fx.G
         result = query.tracer.create_proxy("call_module", _LEAF, (query, key, value), kwargs)
         return result[0], result[1]  # (output, weights), as every attention function returns
 
-    view = computation_view(attention, _AttentionView)
+    view = computation_view(attention, _RotaryAttentionView if _ROTARY_INPUT in positions else _AttentionView)
     view.config = types.SimpleNamespace(_attn_implementation="eager")
     view.training = True
     try:
@@ -149,26 +188,34 @@ class TransformersFamily(ModelFamily):
         return f"{kind} ({type(model).__name__})" if kind else type(model).__name__
 
     def _base(self, model: nn.Module) -> nn.Module:
-        """The encoder model inside a task model (``model.vit``, ``model.dinov2``, ...), after
-        refusing the families that cannot be patched."""
+        """The encoder model inside a task model (``model.vit``, ``model.dinov2``, ...), or the
+        model itself where it holds the embeddings (DINOv3's ``base_model`` is its encoder),
+        after refusing the families that cannot be patched."""
         kind = self._model_type(model)
         if kind in REFUSED:
             raise UnsupportedModelError(self.model_name(model), REFUSED[kind])
+        if getattr(model.config, "reshape_hidden_states", False) and hasattr(model, "out_features"):
+            raise UnsupportedModelError(self.model_name(model), _BACKBONE)
         if kind not in SUPPORTED:
             raise UnsupportedModelError(
                 self.model_name(model), f"transformers model type {kind!r} is not a family evit_patch knows "
                 f"(supported: {', '.join(SUPPORTED)})")
-        return getattr(model, "base_model", model)
+        return model if isinstance(getattr(model, "embeddings", None), nn.Module) else getattr(model, "base_model", model)
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         base = self._base(model)
-        blocks = getattr(base, "layers", None)
-        if blocks is None:
-            blocks = getattr(getattr(base, "encoder", None), "layer", None)
-        if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
-            raise UnsupportedModelError(self.model_name(model), f"{type(base).__name__} has no `layers` or "
-                                        "`encoder.layer` list of transformer layers")
-        return blocks
+        for path in _BLOCK_PATHS:
+            blocks = base
+            for name in path.split("."):
+                blocks = getattr(blocks, name, None)
+            if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+                return blocks
+        raise UnsupportedModelError(self.model_name(model), f"{type(base).__name__} has no "
+                                    f"{' / '.join(f'`{path}`' for path in _BLOCK_PATHS)} list of transformer layers")
+
+    def sequence_inputs(self, model: nn.Module) -> dict[str, Optional[SequenceInput]]:
+        """DINOv3's ``position_embeddings``, the ``(cos, sin)`` pair its model passes every layer."""
+        return {_ROTARY_INPUT: RotaryPair()} if _ROTARY_INPUT in _layer_parameters(self.blocks(model)[0]) else {}
 
     def prefix_token_count(self, model: nn.Module) -> int:
         """The class token, DeiT's distillation token and DINOv2's registers, as the
@@ -202,8 +249,10 @@ class TransformersFamily(ModelFamily):
         """The layer rewritten from its own computation; it also takes (and, like the layer's
         attention, ignores) the output flags the encoder passes on (``output_hidden_states``,
         ...), which transformers' hooks read."""
-        patched = reorganizing_block(computation_view(block, _LayerView), reorganizer, model_name, "attention",
-                                     scored_transformers_attention, positions)
+        names = tuple(name for name, follower in (positions or {}).items() if follower is not None)
+        view = computation_view(block, _RotaryLayerView if _ROTARY_INPUT in names else _LayerView)
+        patched = reorganizing_block(view, reorganizer, model_name, "attention",
+                                     partial(scored_transformers_attention, positions=names), positions)
         last_input = [node for node in patched.graph.nodes if node.op == "placeholder"][-1]
         with patched.graph.inserting_after(last_input):
             patched.graph.placeholder("**kwargs")
@@ -279,6 +328,11 @@ class RecordsAsItsLayer:
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "hook": None}
+
+
+def _layer_parameters(layer: nn.Module) -> Collection[str]:
+    """The inputs of the layer's own forward (under transformers' wrappers)."""
+    return inspect.signature(inspect.unwrap(type(layer).forward)).parameters
 
 
 def _is_recording_hook(hook: Callable[..., Any]) -> bool:

@@ -52,12 +52,6 @@ class _SizedProxy(fx.Proxy):
             return super().__len__()
         return length
 
-    def __iter__(self) -> Iterator[Any]:
-        length = _shape_length(self.node)
-        if length is None:
-            return self.tracer.iter(self)
-        return iter([self[index] for index in range(length)])
-
 
 def _shape_length(node: fx.Node) -> int | None:
     """The number of entries of the token input's shape (``x.shape``, ``x.size()``) or of a
@@ -87,3 +81,11 @@ class TokenTracer(OwnForwardTracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _SizedProxy(node, self)
+
+    def iter(self, obj: fx.Proxy) -> Iterator[Any]:
+        """What torch.fx asks for an iteration other than tuple unpacking (which it serves itself,
+        as for ``cos, sin = position_embeddings``): the entries of a token input's shape."""
+        length = _shape_length(obj.node)
+        if length is None:
+            return super().iter(obj)
+        return iter([obj[index] for index in range(length)])

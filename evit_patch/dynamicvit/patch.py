@@ -28,6 +28,7 @@ from evit_patch.core.model_info import (
     score_mode,
     transformer_blocks,
 )
+from evit_patch.core.positions import ATTENTION_BIAS, SequenceInput
 from evit_patch.dynamicvit.predictor import KeepPredictor
 from evit_patch.dynamicvit.state import DynamicViTState
 from evit_patch.errors import UnsupportedModelError
@@ -93,12 +94,12 @@ def _embedding_width(model: nn.Module, name: str) -> int:
     return width
 
 
-def _refuse_followed_positions(model: nn.Module, name: str) -> None:
-    """Positions sized to the sequence (rotary tables, a relative position bias) follow the tokens of
-    the token reducers only: DynamicViT keeps the full sequence in training and drops tokens in eval."""
-    kinds = sorted({follow.kind for follow in family_of(model).sequence_inputs(model).values() if follow is not None})
-    if kinds:
-        raise UnsupportedModelError(name, f"DynamicViT does not make its {' and '.join(kinds)} follow the tokens it "
+def _refuse_attention_bias(inputs: dict[str, Optional[SequenceInput]], name: str) -> None:
+    """A bias each attention computes itself follows the tokens of the token reducers only:
+    DynamicViT's pruned blocks get their block inputs' rows, not a bias inside their attention."""
+    bias = inputs.get(ATTENTION_BIAS)
+    if bias is not None:
+        raise UnsupportedModelError(name, f"DynamicViT does not make its {bias.kind} follow the tokens it "
                                           "drops; use apply_evit or another token reducer on it")
 
 
@@ -114,7 +115,8 @@ def apply_dynamicvit(model: ModelT, layers: Sequence[int] = (3, 6, 9), keep_rate
         keep_ratio: the former name of ``keep_rate`` (deprecated; warns).
 
     In ``train()`` mode tokens are masked out of attention (hard Gumbel-softmax
-    decisions); in ``eval()`` mode they are removed. Class, distillation and register
+    decisions); in ``eval()`` mode they are removed, and a rotary table the blocks take
+    (timm's ``Eva``) is given as the rows of the tokens kept. Class, distillation and register
     tokens are never pruned. On any error the model is left exactly as it was.
     """
     if keep_ratio is not None:
@@ -131,16 +133,20 @@ def apply_dynamicvit(model: ModelT, layers: Sequence[int] = (3, 6, 9), keep_rate
     norm = _required_module(model, "norm", name, "the final norm whose tokens token distillation reads")
     width = _embedding_width(model, name)
     holder = KeyWeights(self_loop=True)
-    _refuse_followed_positions(model, name)
+    inputs = family_of(model).sequence_inputs(model)
+    positions = {input_name: follow for input_name, follow in inputs.items() if follow is not None}
+    _refuse_attention_bias(inputs, name)
     for block in blocks:
-        check_block_inputs(block, name)
+        check_block_inputs(block, name, inputs)
     originals = {index: _required_module(blocks[index], "attn", name, "its attention")
                  for index in range(layers[0], len(blocks))}
-    weighted = {index: weighted_key_attention(attention, holder, name) for index, attention in originals.items()}
+    weighted = {index: weighted_key_attention(attention, holder, name, tuple(positions))
+                for index, attention in originals.items()}
     parameter = next(model.parameters())
     stage_predictors = nn.ModuleList(KeepPredictor(width) for _ in layers).to(parameter.device, parameter.dtype)
     stage_predictors.train(model.training)
-    state = DynamicViTState(layers, keep_rate, num_prefix_tokens, holder, originals, weighted, stage_predictors, norm)
+    state = DynamicViTState(layers, keep_rate, num_prefix_tokens, holder, originals, weighted, stage_predictors, norm,
+                            positions)
     return attach(model, state)
 
 

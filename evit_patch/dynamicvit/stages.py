@@ -28,13 +28,15 @@ class ForwardRecord:
     original image tokens (a stage's decisions times the previous stage's, so a dropped
     token never comes back) and ``final_tokens`` the output of the final norm.
     Inference: ``kept_indices`` holds each stage's kept tokens ``(B, k)`` as indices of
-    the ``num_image_tokens`` original image tokens, highest keep score first.
+    the ``num_image_tokens`` original image tokens, highest keep score first, and
+    ``followed`` the rows of a rotary table gathered for them (by stage count and input name).
     """
 
     policies: list[Tensor] = field(default_factory=list)
     kept_indices: list[Tensor] = field(default_factory=list)
     num_image_tokens: Optional[int] = None
     final_tokens: Optional[Tensor] = None
+    followed: dict[tuple[int, str], tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def __deepcopy__(self, memo: dict) -> "ForwardRecord":
         """An empty record: these tensors belong to one forward of the original model

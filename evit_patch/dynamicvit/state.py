@@ -3,6 +3,7 @@ and how its predictors, hooks and weighted attentions go in and out."""
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass, field
 
@@ -14,6 +15,8 @@ from evit_patch.core.key_weighting import KeyWeights
 from evit_patch.core.lifecycle import PatchState
 from evit_patch.core.model_info import transformer_blocks
 from evit_patch.core.per_call import PerCall
+from evit_patch.core.positions import SequenceInput
+from evit_patch.dynamicvit.positions import FollowingPositions
 from evit_patch.dynamicvit.stages import FinalTokens, ForwardRecord, StagePruner
 
 PREDICTORS_ATTRIBUTE = "dynamicvit_predictors"
@@ -35,6 +38,7 @@ class DynamicViTState(PatchState):
     weighted_attentions: dict[int, nn.Module]
     predictors: nn.ModuleList
     final_norm: nn.Module
+    positions: dict[str, SequenceInput] = field(default_factory=dict)  # block inputs sized to the sequence
     handles: list[RemovableHandle] = field(default_factory=list)
     call: PerCall = field(default_factory=PerCall)  # what the forward running in each thread left
 
@@ -50,6 +54,12 @@ class DynamicViTState(PatchState):
             blocks[index].register_forward_pre_hook(StagePruner(self, self.predictors[stage], stage))
             for stage, index in enumerate(self.layers)
         ]
+        if self.positions:  # after the stage pruners, which they read
+            self.handles += [
+                block.register_forward_pre_hook(FollowingPositions(self, self.positions, _parameter_places(block)),
+                                                with_kwargs=True)
+                for block in list(blocks)[self.layers[0]:]
+            ]
         self.handles.append(self.final_norm.register_forward_hook(FinalTokens(self)))
         install_dense_refusal(model)
 
@@ -92,3 +102,8 @@ class DynamicViTState(PatchState):
         """``int(N * rho^(stage+1))`` of the float product, as the official DynamicViT code
         counts (so ``0.7**2 * 100 = 48.99999999999999`` keeps 48, as there), and at least 1."""
         return max(1, int(num_image_tokens * self.keep_fractions()[stage]))
+
+
+def _parameter_places(block: nn.Module) -> dict[str, int]:
+    """Where each input of ``block.forward`` comes among its positional arguments."""
+    return {name: place for place, name in enumerate(inspect.signature(block.forward).parameters)}
