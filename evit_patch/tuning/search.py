@@ -90,14 +90,12 @@ class TuneResult:
         return tuple(trial for trial in self.trials if trial.speed is not None)
 
 
-def check_request(images: Tensor, labels: Optional[Tensor], target_speedup: Optional[float],
-                  max_agreement_loss: Optional[float], batch_size: int, time_budget_s: float,
-                  calibration: float) -> None:
-    """A ValueError naming the first argument that makes no sense, before any work."""
-    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] < 2:
-        raise ValueError("images must be a (N, C, H, W) tensor of at least 2 images: some to choose on, some to report on")
-    if labels is not None and (labels.dim() != 1 or labels.shape[0] != images.shape[0]):
-        raise ValueError(f"labels must hold one class per image ({images.shape[0]}), got shape {tuple(labels.shape)}")
+def check_numbers(count: int, target_speedup: Optional[float], max_agreement_loss: Optional[float], batch_size: int,
+                  time_budget_s: float, calibration: float) -> None:
+    """A ValueError naming the first number of a tune request that makes no sense (``count``:
+    how many images), before any work."""
+    if count < 2:
+        raise ValueError(f"tuning needs at least 2 images, some to choose on and some to report on; got {count}")
     if target_speedup is not None and not (math.isfinite(target_speedup) and target_speedup > 0):
         raise ValueError(f"the target speed-up must be a positive number, got {target_speedup}")
     if max_agreement_loss is not None and not 0 <= max_agreement_loss <= 1:
@@ -106,9 +104,17 @@ def check_request(images: Tensor, labels: Optional[Tensor], target_speedup: Opti
         raise ValueError(f"the batch size must be a whole number of at least 1, got {batch_size}")
     if not (math.isfinite(time_budget_s) and time_budget_s > 0):
         raise ValueError(f"the time budget must be a positive number of seconds, got {time_budget_s}")
-    count = round(calibration * images.shape[0]) if 0 < calibration < 1 else 0
-    if not 0 < count < images.shape[0]:
-        raise ValueError(f"the calibration fraction must leave images on both sides: {calibration} of {images.shape[0]}")
+    chosen = round(calibration * count) if 0 < calibration < 1 else 0
+    if not 0 < chosen < count:
+        raise ValueError(f"the calibration fraction must leave images on both sides: {calibration} of {count}")
+
+
+def check_images(images: Tensor, labels: Optional[Tensor]) -> None:
+    """A ValueError when ``images`` is not a batch of images or ``labels`` not one class each."""
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be a (N, C, H, W) tensor, got {getattr(images, 'shape', type(images).__name__)}")
+    if labels is not None and (labels.dim() != 1 or labels.shape[0] != images.shape[0]):
+        raise ValueError(f"labels must hold one class per image ({images.shape[0]}), got shape {tuple(labels.shape)}")
 
 
 def could_reach_front(candidate: TokenConfig, mac_ratio: float, calibration: Quality, measured: Sequence[Measured]) -> bool:
@@ -164,7 +170,7 @@ class Search:
     def calibrate(self, candidates: Sequence[TokenConfig]) -> dict[TokenConfig, Quality]:
         """Each candidate's quality on the calibration images, until the budget ends."""
         found: dict[TokenConfig, Quality] = {}
-        for config in tqdm(candidates, desc="quality", disable=not self.progress):
+        for config in tqdm(candidates, desc="quality", disable=None if self.progress else True):
             if self.out_of_time():
                 self.stopped = True
                 break
@@ -180,7 +186,7 @@ class Search:
         measured: list[Measured] = [Measured(None, 1.0, 1.0)]
         timed: dict[TokenConfig, tuple[Quality, PairedSpeed]] = {}
         order = sorted(calibrated, key=lambda config: (-calibrated[config].agreement, calibrated[config].mean_kl))
-        for config in tqdm(order, desc="speed", disable=not self.progress):
+        for config in tqdm(order, desc="speed", disable=None if self.progress else True):
             if not could_reach_front(config, ratios[config], calibrated[config], measured):
                 continue
             if self.out_of_time():
@@ -221,7 +227,7 @@ def mac_ratios(patched: PatchedCopies, candidates: Sequence[TokenConfig], progre
     """Each candidate's MAC ratio: the unpatched model's MACs over the candidate's."""
     base = count_macs(patched.model)
     return {config: base / count_macs(patched(config))
-            for config in tqdm(candidates, desc="MACs", disable=not progress)}
+            for config in tqdm(candidates, desc="MACs", disable=None if progress else True)}
 
 
 def check_reachable(target_speedup: Optional[float], ratios: dict[TokenConfig, float]) -> None:
@@ -255,13 +261,14 @@ def tune(model: nn.Module, images: Tensor, labels: Optional[Tensor] = None, *, t
         candidates: the settings to try (default :func:`~evit_patch.tuning.space.candidate_configs`).
         clock: the seconds that timing and the budget read (``time.perf_counter``); nothing
             reads it before the arguments, the model and the target have been checked.
-        progress: show progress bars.
+        progress: show progress bars (where stderr is a terminal).
 
     Raises ValueError for arguments that make no sense, ``UnsupportedModelError`` for a model
     that cannot be patched, and :class:`~evit_patch.tuning.front.UnreachableTarget` for a target
     no candidate's MACs allow (before any timing) or no measured setting meets.
     """
-    check_request(images, labels, target_speedup, max_agreement_loss, batch_size, time_budget_s, calibration)
+    check_images(images, labels)
+    check_numbers(images.shape[0], target_speedup, max_agreement_loss, batch_size, time_budget_s, calibration)
     device = torch.device(device)
     unpatched = copy.deepcopy(model).eval().to(device)
     candidates = list(candidates) if candidates is not None else candidate_configs(len(transformer_blocks(model)))
