@@ -21,8 +21,10 @@ from evit_patch.core.token_patch import apply_token_reducer
 from evit_patch.reducers import EvitReducer, ToMeMerge, TrainingFreeEvit
 from evit_patch.tools.tune import main as tune_main
 from evit_patch.tools.tune_report import result_json
+from evit_patch.train.assembly import prepare_model
 from evit_patch.train.methods import recipe_reducer
-from evit_patch.train.recipe import recipe_from_dict
+from evit_patch.train.recipe import RecipeError, recipe_from_dict
+from evit_patch.train.schedule import keep_rate_at
 from evit_patch.tuning.config import TokenConfig, apply_config, recipe_fragment
 from evit_patch.tuning.front import UnreachableTarget
 
@@ -234,14 +236,23 @@ def test_the_whole_result_is_json() -> None:
 
 
 @pytest.mark.parametrize("chosen", [config("evit-training-free", 0.7, 0.7, pooling=("always", "never")),
-                                    config("tome", 0.7, 0.7), None])
-def test_the_recipe_fragment_loads_through_the_recipe_schema(chosen) -> None:
+                                    config("tome", 0.7, 0.7), config("evit", 0.8, 0.6), None])
+def test_the_recipe_fragment_loads_through_the_recipe_schema_and_fine_tunes_that_setting(chosen) -> None:
     fragment = yaml.safe_load(yaml.safe_dump(recipe_fragment(chosen)))
     recipe = recipe_from_dict({**yaml.safe_load(yaml.safe_dump(TINY)), **fragment})
     assert recipe.reduction.enabled == (chosen is not None)
     if chosen is not None:
-        assert recipe.reduction.layers == list(chosen.layers) and recipe.reduction.keep_rate == 0.7
+        rates = list(chosen.keep_rates)
+        assert recipe.reduction.layers == list(chosen.layers)
+        assert recipe.reduction.keep_rate == (rates[0] if len(set(rates)) == 1 else rates)
         assert recipe_reducer(recipe).describe() == token_reducer_of(chosen).describe()
+        assert prepare_model(recipe).evit_state.keep_rates == rates
+
+
+def test_a_recipe_with_a_keep_rate_per_layer_needs_one_for_each() -> None:
+    with pytest.raises(RecipeError, match="reduction.keep_rate: got 3 rates for 2 layers"):
+        recipe_from_dict({**TINY, "reduction": {"layers": [1, 2], "keep_rate": [0.9, 0.8, 0.7]}})
+    assert keep_rate_at(0.5, [0.5, 0.7], "cosine", 0.0, 1.0) == [0.75, 0.85]
 
 
 def token_reducer_of(item: TokenConfig):
