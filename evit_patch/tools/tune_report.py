@@ -11,7 +11,7 @@ import yaml
 
 from evit_patch.extras import require
 from evit_patch.tuning.config import recipe_fragment
-from evit_patch.tuning.search import Quality, Trial, TuneResult
+from evit_patch.tuning.result import Quality, Trial, TuneResult
 
 
 def _quality(quality: Optional[Quality]) -> Optional[dict[str, Any]]:

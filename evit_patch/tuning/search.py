@@ -22,7 +22,6 @@ import copy
 import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -35,6 +34,7 @@ from evit_patch.cost import count_macs
 from evit_patch.tuning.config import TokenConfig, apply_config
 from evit_patch.tuning.front import Measured, UnreachableTarget, choose, dominates, pareto_front
 from evit_patch.tuning.quality import agreement, calibration_split, mean_kl, top1
+from evit_patch.tuning.result import Quality, Trial, TuneResult
 from evit_patch.tuning.space import candidate_configs
 from evit_patch.tuning.timing import Clock, PairedSpeed, paired_speeds, spread_warning
 
@@ -43,51 +43,6 @@ MAC_SLACK = 1.25
 considering it: fewer tokens rarely run faster than their MACs say (every reduction adds its
 own small operations), but a shorter sequence can fit a cache the full one does not, so the
 bound is loose by a quarter."""
-
-
-@dataclass(frozen=True)
-class Quality:
-    """How far a setting's answers are from the unpatched model's on a set of images."""
-
-    agreement: float  # share of images with the unpatched model's top-1 class
-    mean_kl: float  # KL(unpatched || patched) of the softmax outputs, averaged over images
-    top1: Optional[float] = None  # accuracy, when labels were given
-
-
-@dataclass(frozen=True)
-class Trial:
-    """One setting (None: the unpatched model) and what was measured of it."""
-
-    config: Optional[TokenConfig]
-    mac_ratio: float  # the unpatched model's MACs over this setting's
-    calibration: Optional[Quality] = None  # None: the time budget ran out before its pass
-    held_out: Optional[Quality] = None  # measured for timed settings only
-    speed: Optional[PairedSpeed] = None  # None: not timed (it could not reach the front, or no time was left)
-
-    @property
-    def label(self) -> str:
-        return "unpatched" if self.config is None else self.config.describe()
-
-
-@dataclass(frozen=True)
-class TuneResult:
-    """Every setting tried, the front of the timed ones (fastest first), and the chosen one."""
-
-    trials: tuple[Trial, ...]
-    front: tuple[Trial, ...]
-    chosen: Trial
-    device: str
-    batch_size: int
-    compiled: bool
-    calibration_images: tuple[int, ...]
-    held_out_images: tuple[int, ...]
-    out_of_time: bool  # the time budget ended the search before every candidate was settled
-    warning: Optional[str] = None  # the speed-ups scatter too much to be trusted
-
-    @property
-    def measured(self) -> tuple[Trial, ...]:
-        """The settings that were timed (the unpatched model first)."""
-        return tuple(trial for trial in self.trials if trial.speed is not None)
 
 
 def check_numbers(count: int, target_speedup: Optional[float], max_agreement_loss: Optional[float], batch_size: int,
