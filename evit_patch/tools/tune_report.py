@@ -26,7 +26,7 @@ def result_json(result: TuneResult) -> dict[str, Any]:
                 "mac_ratio": item.mac_ratio, "calibration": _quality(item.calibration), "held_out": _quality(item.held_out),
                 "speed": None if speed is None else {"images_per_second": speed.images_per_second,
                                                      "speedup": speed.speedup, "quartiles": list(speed.quartiles)},
-                "on_front": item in result.front, "chosen": item == result.chosen}
+                "beaten": item.beaten, "on_front": item in result.front, "chosen": item == result.chosen}
 
     return {"device": result.device, "batch_size": result.batch_size, "compiled": result.compiled,
             "calibration_images": list(result.calibration_images), "held_out_images": list(result.held_out_images),
@@ -49,15 +49,14 @@ def result_markdown(result: TuneResult, title: str) -> str:
     chosen = result.chosen
     header = ["| setting | speed-up (quartiles) | fewer MACs | agreement % (calibration) | agreement % (held-out) | "
               "mean KL (held-out) | top-1 % (held-out) |", "|---|---|---|---|---|---|---|"]
-    tried = len(result.trials) - 1
-    untimed = sum(1 for item in result.trials if item.speed is None and item.calibration is not None)
+    tried, beaten = len(result.trials) - 1, sum(item.beaten for item in result.trials)
     lines = [f"# {title}", "",
              f"{result.device}, batch {result.batch_size}, {'compiled' if result.compiled else 'eager'}; chosen on "
              f"{len(result.calibration_images)} calibration images, reported on {len(result.held_out_images)} held-out ones.",
              "", f"**Chosen:** {chosen.label}: {chosen.speed.speedup:.2f}x, held-out agreement "
              f"{_percent(chosen.held_out.agreement)}% (calibration {_percent(chosen.calibration.agreement)}%).", "",
-             f"{tried} settings tried: {len(result.measured) - 1} timed, {untimed} not timed (their MACs and agreement "
-             "could not reach the front)" + (", the rest left when the time budget ended." if result.out_of_time else ".")]
+             f"{tried} settings tried: {len(result.measured) - 1} timed, {beaten} not timed (a timed setting beats "
+             f"what their MACs allow), {len(result.left)} left when the time budget ended."]
     if result.warning:
         lines += ["", result.warning]
     lines += ["", "## The front (fastest first)", "", *header, *map(_row, result.front),

@@ -27,6 +27,7 @@ class Trial:
     calibration: Optional[Quality] = None  # None: the time budget ran out before its pass
     held_out: Optional[Quality] = None  # measured for timed settings only
     speed: Optional[PairedSpeed] = None  # None: not timed (it could not reach the front, or no time was left)
+    beaten: bool = False  # not timed because a timed setting beats what its MACs allow (search.could_reach_front)
 
     @property
     def label(self) -> str:
@@ -45,8 +46,17 @@ class TuneResult:
     compiled: bool
     calibration_images: tuple[int, ...]
     held_out_images: tuple[int, ...]
-    out_of_time: bool  # the time budget ended the search before every candidate was settled
     warning: Optional[str] = None  # the speed-ups scatter too much to be trusted
+
+    @property
+    def out_of_time(self) -> bool:
+        """Whether the time budget ended the search before every candidate was settled."""
+        return bool(self.left)
+
+    @property
+    def left(self) -> tuple[Trial, ...]:
+        """The settings the time budget left without a quality pass or a timing."""
+        return tuple(trial for trial in self.trials if trial.speed is None and not trial.beaten)
 
     @property
     def measured(self) -> tuple[Trial, ...]:

@@ -102,7 +102,7 @@ def quality(reference: Tensor, logits: Tensor, labels: Optional[Tensor]) -> Qual
 
 class Search:
     """The measuring half of :func:`tune`: one model's reference outputs, its image split, and
-    the time budget (``out_of_time``); ``stopped`` says whether the budget cut it short."""
+    the time budget (``out_of_time``)."""
 
     def __init__(self, patched: PatchedCopies, images: Tensor, labels: Optional[Tensor], reference: Tensor,
                  chosen_on: Tensor, reported_on: Tensor, batch_size: int, device: torch.device, progress: bool,
@@ -110,7 +110,7 @@ class Search:
         self.patched, self.images, self.labels, self.reference = patched, images, labels, reference
         self.chosen_on, self.reported_on = chosen_on, reported_on
         self.batch_size, self.device, self.progress, self.out_of_time = batch_size, device, progress, out_of_time
-        self.stopped = False
+        self.beaten: set[TokenConfig] = set()  # not timed: a timed setting beats what their MACs allow
         self.unpatched_speed: Optional[PairedSpeed] = None
 
     def full_quality(self, part: Tensor) -> Quality:
@@ -127,7 +127,6 @@ class Search:
         found: dict[TokenConfig, Quality] = {}
         for config in tqdm(candidates, desc="quality", disable=None if self.progress else True):
             if self.out_of_time():
-                self.stopped = True
                 break
             found[config] = self.quality_of(self.patched(config), self.chosen_on)
         return found
@@ -143,9 +142,9 @@ class Search:
         order = sorted(calibrated, key=lambda config: (-calibrated[config].agreement, calibrated[config].mean_kl))
         for config in tqdm(order, desc="speed", disable=None if self.progress else True):
             if not could_reach_front(config, ratios[config], calibrated[config], measured):
+                self.beaten.add(config)
                 continue
             if self.out_of_time():
-                self.stopped = True
                 break
             pair = speed(config)
             self.unpatched_speed = self.unpatched_speed or pair["unpatched"]
@@ -249,13 +248,13 @@ def tune(model: nn.Module, images: Tensor, labels: Optional[Tensor] = None, *, t
 
     timed = search.time_front(calibrated, ratios, speed)
     base = Trial(None, 1.0, search.full_quality(chosen_on), search.full_quality(reported_on), search.unpatched_speed)
-    trials = {config: Trial(config, ratios[config], calibrated.get(config), *timed.get(config, (None, None)))
-              for config in candidates}
+    trials = {config: Trial(config, ratios[config], calibrated.get(config), *timed.get(config, (None, None)),
+                            beaten=config in search.beaten) for config in candidates}
     measured = [Measured(base, 1.0, 1.0)] + [Measured(trials[config], trials[config].speed.speedup,
                                                       trials[config].calibration.agreement) for config in timed]
     front = pareto_front(measured)
     chosen = choose(front, target_speedup, max_agreement_loss).setting
     speeds = {"unpatched": base.speed, **{trial.label: trial.speed for trial in trials.values() if trial.speed}}
     return TuneResult((base, *trials.values()), tuple(point.setting for point in front), chosen, str(device), batch_size,
-                      compile, tuple(chosen_on.tolist()), tuple(reported_on.tolist()), search.stopped,
+                      compile, tuple(chosen_on.tolist()), tuple(reported_on.tolist()),
                       spread_warning(speeds))
