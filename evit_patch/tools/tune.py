@@ -134,7 +134,12 @@ def main(argv: Optional[Sequence[str]] = None, clock: Clock = time.perf_counter)
     for path in write_report(result, args.out, f"evit-tune {args.model}"):
         print(f"wrote {path}")
     chosen = result.chosen
-    print(f"chosen: {chosen.label}: {chosen.speed.speedup:.2f}x, held-out agreement {100 * chosen.held_out.agreement:.1f}%")
+    print(f"chosen: {chosen.label}: {chosen.speed.speedup:.2f}x, held-out agreement {100 * chosen.held_out.agreement:.1f}%"
+          + ("" if chosen.held_out.top1 is None else f", held-out top-1 {100 * chosen.held_out.top1:.1f}%"))
+    if result.warning:
+        print(result.warning)
+    if result.out_of_time:
+        print(f"the time budget ended the search: {len(result.left)} settings were left (--time-budget)")
 
 
 if __name__ == "__main__":
