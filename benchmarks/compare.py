@@ -45,7 +45,6 @@ from evit_patch.dynamicvit import apply_dynamicvit, dynamicvit_state
 from evit_patch.extras import require
 from evit_patch.tools.evaluate import read_run_recipe
 from evit_patch.tools.results import write_results
-from evit_patch.tools.timing import interleaved_images_per_second
 from evit_patch.train import distributed
 from evit_patch.train.assembly import prepare_model, rebuild
 from evit_patch.train.data import build_dataset
@@ -55,6 +54,7 @@ from evit_patch.train.methods import METHODS
 from evit_patch.train.metrics import accuracy
 from evit_patch.train.model_source import build_model
 from evit_patch.train.recipe import Recipe, RecipeError, load_recipe, reduces_tokens
+from evit_patch.tuning.timing import interleaved_images_per_second
 
 ROOT = Path(__file__).resolve().parent.parent
 WITHIN = 0.5  # points of top-1: "as accurate as the unpatched model fine-tuned alike"

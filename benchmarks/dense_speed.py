@@ -7,7 +7,7 @@ on the unpatched model and on EViT (keep 0.7, blocks 3, 6, 9) with each restorat
 beside the same timm code on EViT without restoration (the reduced sequences; NLC needs no
 grid, so it runs): the speed-up there is the one to keep. Random weights of
 ``--model`` (DeiT-S by default); inference, fp32, every call timed interleaved in
-rotating order (``evit_patch.tools.timing``). The share of the speed-up restoration eats
+rotating order (``evit_patch.tuning.timing``). The share of the speed-up restoration eats
 is the time per image it adds to the reduced call over the time the reduced call saves
 on the unpatched one, each a median of per-repeat differences (:func:`summary`).
 Comparing whole forwards is noisy at batch 1 (a few per cent from one repeat to the
@@ -35,7 +35,7 @@ from evit_patch.core.model_info import example_images
 from evit_patch.core.reduction import TokenMap
 from evit_patch.core.restoration import NEEDS_ENTERING_GRID, PatchPlaces, restore_sequence
 from evit_patch.tools.results import write_results
-from evit_patch.tools.timing import interleaved_rates
+from evit_patch.tuning.timing import interleaved_rates
 
 
 def restoration_work(model: torch.nn.Module, images: torch.Tensor, indices: list[int],

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from evit_patch.reducers.evit import kept_token_count
 from evit_patch.tools.results import write_results
-from evit_patch.tools.timing import positive_int
+from evit_patch.tuning.timing import positive_int
 
 
 def operations(tokens: int, kept: int, channels: int) -> dict[str, Callable[[], object]]:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks are s
 from throughput import TIMED_METHODS, with_method  # noqa: E402
 
 from evit_patch.tools.results import write_results  # noqa: E402
-from evit_patch.tools.timing import positive_int  # noqa: E402
+from evit_patch.tuning.timing import positive_int  # noqa: E402
 
 SMALL_VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 6, "num_heads": 4}
 

@@ -51,11 +51,11 @@ from evit_patch.core.scores import AttentionTensors
 from evit_patch.extras import require
 from evit_patch.reducers.evit import kept_token_count
 from evit_patch.tools.results import write_results
-from evit_patch.tools.timing import autocast_to, interleaved_images_per_second, interleaved_rates, positive_int, timed_call
 from evit_patch.train.checkpoint import load_weights
 from evit_patch.train.methods import METHODS
 from evit_patch.train.recipe import apply_overrides, recipe_from_dict
 from evit_patch.train.transformers_source import build_transformers_model, class_count, logits_of
+from evit_patch.tuning.timing import autocast_to, interleaved_images_per_second, interleaved_rates, positive_int, timed_call
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TIMED_METHODS = [name for name in METHODS if name not in ("unpatched", "oracle")]  # an oracle needs trained weights

@@ -8,7 +8,8 @@ The package is layered: ``core`` (the patch mechanism) at the bottom; the method
 (``reducers``, ``dynamicvit``, ``width_pruning``, ``cost``, ``models``) above it;
 ``train`` (recipes and the fine-tuning loop) above those; ``tools`` (command lines) on
 top. Importing this package loads the mechanism, the methods and LV-ViT's timm
-registration, never the training code.
+registration, and the tuner (``tuning``: measuring settings and choosing one), never the
+training code.
 """
 
 import evit_patch.adapters  # noqa: F401  (registers the transformers and open_clip families)
@@ -21,6 +22,10 @@ from evit_patch.core.token_patch import apply_token_reducer, remove_evit, set_ke
 from evit_patch.cost import count_macs, keep_rate_for_budget, keep_rate_for_resolution
 from evit_patch.errors import UnsupportedModelError
 from evit_patch.reducers.evit import apply_evit
+from evit_patch.tuning.config import TokenConfig, apply_config
+from evit_patch.tuning.front import UnreachableTarget
+from evit_patch.tuning.result import TuneResult
+from evit_patch.tuning.search import tune
 
 __all__ = [
     "apply_evit",
@@ -42,4 +47,9 @@ __all__ = [
     "FUSED",
     "DROPPED",
     "UnsupportedModelError",
+    "tune",
+    "TuneResult",
+    "TokenConfig",
+    "apply_config",
+    "UnreachableTarget",
 ]

@@ -39,6 +39,8 @@ QUICK_TIMING = "--repeats 1 --warmup 0 --calls-per-repeat 1 --batch-sizes 2"
 SMALL_COMPARE = ("--steps 1 --repeats 1 --keep-rates 0.7 --methods unpatched evit --set data.train_subset=16 "
                  "--set data.eval_subset=32 --set train.batch_size=8")  # argparse checks the documented --methods too
 
+QUICK_TUNE = "--images 12 --batch-size 4 --methods evit --keep-rates 0.7 --time-budget 60"
+
 COMMANDS: dict[str, Small] = {
     # README.md
     # pip resolves and builds the package without installing it (--dry-run; the build backend as installed)
@@ -63,6 +65,17 @@ COMMANDS: dict[str, Small] = {
     "python -m evit_patch.visualize --model deit_small_patch16_224 --checkpoint weights.safetensors --layers 3 6 9 "
     "--keep-rate 0.7 --image photo.jpg --scale 2 --out kept.png": Small(
         {"weights.safetensors": "{deit_s_weights}", "photo.jpg": "{image}", "kept.png": "{tmp}/kept.png"}),
+    "python -m evit_patch.tools.tune vit_tiny_patch16_224 --checkpoint recipes/checkpoints/fashion_mnist_vit.safetensors "
+    "--model-arg img_size=28 --model-arg patch_size=2 --model-arg in_chans=1 --model-arg num_classes=10 "
+    "--model-arg embed_dim=64 --model-arg depth=6 --model-arg num_heads=4 --model-arg mlp_ratio=2 --fashion-mnist "
+    "--images 256 --batch-size 64 --out tune_fashion_mnist": Small(
+        {"--out tune_fashion_mnist": "--out {tmp}/tune_fashion_mnist"}, QUICK_TUNE),
+    "evit-tune deit_small_patch16_224 --pretrained --folder photos/ --batch-size 1 --max-agreement-loss 0.01 "
+    "--out tune_deit_s": Small(  # the installed script may be another checkout's: the module, on a tiny DeiT
+        {"evit-tune": "python -m evit_patch.tools.tune", "deit_small_patch16_224 --pretrained": "deit_tiny_patch16_224",
+         "photos/": "{imagefolder}", "--max-agreement-loss 0.01": "--max-agreement-loss 1",
+         "--out tune_deit_s": "--out {tmp}/tune_deit_s"},
+        f"{QUICK_TUNE} --model-arg img_size=32 --model-arg depth=4"),
     # docs/measured.md
     "python benchmarks/throughput.py --batch-sizes 1 --keep-rates 0.7 --methods evit evit-no-fusion --bound "
     "--repeats 31 --calls-per-repeat 3 --threads 2": Small({}, f"{QUICK_TIMING} {TINY_DEIT}"),

@@ -289,7 +289,7 @@ def test_count_macs_refuses_a_model_on_the_meta_device() -> None:
 
 SCHEMA_KEYS = sorted(
     f"{section}.{key}" for section, keys in {
-        "reduction": ["enabled", "layers", "keep_rate", "fuse", "method", "seed", "proportional_attention"],
+        "reduction": ["enabled", "layers", "keep_rate", "fuse", "method", "seed", "proportional_attention", "pooling"],
         "dynamicvit": ["enabled", "layers", "keep_rate", "freeze_epochs", "ratio_weight"],
         "keep_rate_schedule": ["kind", "start_epoch", "epochs"],
         "data": ["dataset", "root", "download", "train_subset", "workers", "random_erasing", "mixup",

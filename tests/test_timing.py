@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from evit_patch.tools import timing
+from evit_patch.tuning import timing
 
 
 def test_repeats_rotate_and_time_each_call_the_asked_number_of_times(monkeypatch) -> None:
@@ -40,7 +40,7 @@ def test_paired_speeds_take_the_median_of_per_repeat_ratios_and_time_an_architec
     another's architecture is not timed and gets its figures."""
     timed: list[list[str]] = []
 
-    def rates(models, images, repeats, dtype, calls_per_repeat=1):
+    def rates(models, images, repeats, dtype, calls_per_repeat=1, clock=None):
         timed.append(list(models))
         return {"base": [10.0, 20.0, 30.0], "patched": [20.0, 40.0, 30.0]}
 

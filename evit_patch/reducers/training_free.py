@@ -18,13 +18,14 @@ address that, each a pure function here (what each is worth: ``docs/findings.md`
   can merge as many tokens (keep rate >= 0.5), the layer merges close pairs of tokens
   (cosine of the tokens themselves, not of the keys) instead of absorbing; the other
   choices, per sample by which merge is closer (:func:`pools_closer`) and never pooling,
-  stay selectable (how the default was chosen: ``docs/findings.md``).
+  stay selectable, for all layers or one choice per layer (how the default was chosen:
+  ``docs/findings.md``; per layer, ``evit_patch.tune`` measures).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional, get_args
+from typing import Callable, Literal, Optional, Sequence, Union, get_args
 
 import torch
 from torch import Tensor
@@ -103,13 +104,23 @@ class TrainingFreeEvit(SizedTokens):
     the first layer on weights its keys by them.
     """
 
-    def __init__(self, pooling: Pooling = "always", proportional_attention: bool = True) -> None:
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
+    def __init__(self, pooling: Pooling | Sequence[Pooling] = "always", proportional_attention: bool = True) -> None:
+        per_layer = (pooling,) if isinstance(pooling, str) else tuple(pooling)
+        if not per_layer or any(choice not in POOLINGS for choice in per_layer):
+            raise ValueError(f"pooling must be one of {list(POOLINGS)} or a list of them (one per layer), got {pooling!r}")
         super().__init__(proportional_attention)
-        self.pooling = pooling
-        options = [f"pooling={pooling}"] + ([] if proportional_attention else ["no proportional attention"])
+        self.pooling = pooling if isinstance(pooling, str) else per_layer
+        options = [f"pooling={'/'.join(per_layer)}"] + ([] if proportional_attention else ["no proportional attention"])
         self.name = f"evit-training-free({', '.join(options)})"
+
+    def pooling_at(self, position: int) -> Pooling:
+        """The pooling choice of the ``position``-th reduction layer (one choice: every layer's)."""
+        if isinstance(self.pooling, str):
+            return self.pooling
+        if position >= len(self.pooling):
+            raise ValueError(f"pooling names {len(self.pooling)} layers, but reduction layer {position + 1} reduces; "
+                             "give one choice per layer")
+        return self.pooling[position]
 
     def reduce(self, x: Tensor, attention: AttentionTensors, context: LayerContext) -> Reduction:
         prefix_count = context.num_prefix_tokens
@@ -118,19 +129,21 @@ class TrainingFreeEvit(SizedTokens):
         if keep >= num_image:
             return identity_reduction(x, prefix_count)
         image = x[:, prefix_count:]
-        kept_index, destination = self.destinations(image, lambda: context.scores(attention), keep)
+        kept_index, destination = self.destinations(image, lambda: context.scores(attention), keep,
+                                                    self.pooling_at(context.position))
         return Reduction(self.merge_image_tokens(x, destination, keep, prefix_count), TokenMap.merge(kept_index, destination))
 
-    def destinations(self, image: Tensor, scores: Callable[[], Tensor], keep: int) -> tuple[Tensor, Tensor]:
+    def destinations(self, image: Tensor, scores: Callable[[], Tensor], keep: int,
+                     pooling: Pooling) -> tuple[Tensor, Tensor]:
         """``(kept_index, destination)`` of the image tokens ``(B, n, C)``, each sample pooled
-        or absorbed as :attr:`pooling` says. ``scores`` (the paper's, ``(B, n)``) are taken
-        only where a layer may absorb: pooling alone does not read them, and at batch 1
+        or absorbed as ``pooling`` (the layer's choice) says. ``scores`` (the paper's, ``(B, n)``)
+        are taken only where a layer may absorb: pooling alone does not read them, and at batch 1
         their half-dozen operations are a measurable part of a layer."""
         num_merged = image.shape[1] - keep
-        can_pool = self.pooling != "never" and num_merged <= (image.shape[1] + 1) // 2
+        can_pool = pooling != "never" and num_merged <= (image.shape[1] + 1) // 2
         if not can_pool:
             return absorb_destinations(image, scores(), keep)[:2]
-        if self.pooling == "always":
+        if pooling == "always":
             return bipartite_destinations(image, num_merged)
         pooled_index, pooled_destination, pooled_similarity = bipartite_matching(image, num_merged)
         absorbed_index, absorbed_destination, absorbed_similarity = absorb_destinations(image, scores(), keep)
@@ -140,9 +153,12 @@ class TrainingFreeEvit(SizedTokens):
 
 @dataclass(frozen=True)
 class TrainingFreeOptions:
-    """``proportional_attention``: later attention weights each key by the patches its token holds."""
+    """``proportional_attention``: later attention weights each key by the patches its token holds.
+    ``pooling``: where a layer pools or absorbs (:class:`TrainingFreeEvit`), one choice or a list
+    with one per layer."""
 
     proportional_attention: bool = True
+    pooling: Union[Pooling, list[Pooling]] = "always"
 
 
 register_token_method(TokenMethod("evit-training-free", "training-free EViT", TrainingFreeEvit, TrainingFreeOptions,

@@ -22,7 +22,6 @@ from evit_patch.core.lifecycle import detach
 from evit_patch.core.model_info import example_images
 from evit_patch.cost import count_macs
 from evit_patch.errors import CheckpointError, UnsupportedModelError
-from evit_patch.tools.timing import paired_speeds, spread_warning
 from evit_patch.train import distributed
 from evit_patch.train.assembly import rebuild
 from evit_patch.train.data import build_dataset
@@ -32,12 +31,13 @@ from evit_patch.train.methods import method_label, recipe_method, runs_on_fewer_
 from evit_patch.train.metrics import accuracy
 from evit_patch.train.model_source import build_model
 from evit_patch.train.recipe import Recipe, RecipeError, check_values, parse_yaml, recipe_from_dict
+from evit_patch.tuning.timing import paired_speeds, spread_warning
 
 
 def table(models: dict[str, nn.Module], recipe: Recipe, runtime: distributed.Runtime,
           same_as: Optional[dict[str, str]] = None) -> str:
     """Markdown rows of accuracy, GMACs and images/s, the speed-up paired with the first model
-    repeat by repeat (:func:`~evit_patch.tools.timing.paired_speeds`; models in ``same_as``
+    repeat by repeat (:func:`~evit_patch.tuning.timing.paired_speeds`; models in ``same_as``
     share the figure of the one named there), and a warning line when the repeats scatter."""
     first_model = next(iter(models.values()))
     loader = eval_loader(build_dataset(recipe.data, first_model, training=False), recipe, runtime)

@@ -91,7 +91,7 @@ def load_image(path: Path, model: nn.Module) -> tuple[torch.Tensor, np.ndarray]:
     return tensor, display_image(tensor, config["mean"], config["std"])
 
 
-def _parse_model_args(pairs: Sequence[str]) -> dict:
+def parse_model_args(pairs: Sequence[str]) -> dict:
     parsed = {}
     for pair in pairs:
         key, separator, value = pair.partition("=")
@@ -105,7 +105,7 @@ def _model(args: argparse.Namespace) -> nn.Module:
     """A patched model: rebuilt from a fine-tuning run, or a timm name plus weights."""
     if args.run:
         return rebuild(read_run_recipe(args.run / "recipe.yaml"), args.run / "model.safetensors")
-    model = timm.create_model(args.model, pretrained=args.pretrained, **_parse_model_args(args.model_arg)).eval()
+    model = timm.create_model(args.model, pretrained=args.pretrained, **parse_model_args(args.model_arg)).eval()
     if args.checkpoint:
         load_weights(model, args.checkpoint)
     if not is_patched(model):

@@ -264,7 +264,8 @@ def train_one_epoch(run: Run, interrupt: Interrupt, show_progress: bool) -> Epoc
             progress.images += images.shape[0]
             progress.seconds = earlier_seconds + time.perf_counter() - started
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
-                            keep=f"{keep_rate:.3f}" if sets_keep_rate else "-",
+                            keep="/".join(f"{rate:.3f}" for rate in (keep_rate if isinstance(keep_rate, list) else [keep_rate]))
+                            if sets_keep_rate else "-",
                             img_s=f"{progress.images / progress.seconds:.0f}")
             bar.update(1)
             if interrupted:

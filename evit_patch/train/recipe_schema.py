@@ -20,6 +20,7 @@ from evit_patch.train.messages import one_line
 from evit_patch.train.recipe_sections import (
     DataConfig,
     DynamicViTConfig,
+    KeepRates,
     KeepRateScheduleConfig,
     ModelConfig,
     OptimizerConfig,
@@ -40,7 +41,7 @@ class ReductionConfig(Section):
 
     enabled: bool = True
     layers: list[int] = Field(default_factory=lambda: [3, 6, 9])
-    keep_rate: Real = 0.7
+    keep_rate: KeepRates = 0.7  # one for every layer, or one per layer (as evit-tune may choose)
     method: str = "evit"  # a registered token method (evit_patch.reducers.registry)
 
     @field_validator("method")
@@ -104,7 +105,7 @@ class Recipe(Section):
         _check_token_labeling(self)
         structural = self.structural
         if reduces_tokens(self) or (structural.enabled and structural.shape is None and structural.target_macs is None):
-            _check_keep_rate("reduction", self.reduction.keep_rate)
+            _check_keep_rate("reduction", self.reduction.keep_rate, len(self.reduction.layers))
         if self.dynamicvit.enabled:
             _check_keep_rate("dynamicvit", self.dynamicvit.keep_rate)
         return self
@@ -116,10 +117,10 @@ def reduces_tokens(recipe: Recipe) -> bool:
     return recipe.reduction.enabled and not recipe.structural.enabled
 
 
-def _check_keep_rate(section: str, rate: float) -> None:
-    """The keep-rate check the methods themselves make, naming the key."""
+def _check_keep_rate(section: str, rate: float | list[float], layers: int = 1) -> None:
+    """The keep-rate check the methods themselves make (one rate, or one per layer), naming the key."""
     try:
-        validated_keep_rates(rate, 1)
+        validated_keep_rates(rate, layers)
     except (TypeError, ValueError) as error:
         text = one_line(error)
         raise refuse(f"{section}.keep_rate: {text.removeprefix('keep_rate: ').removeprefix('keep_rate ')}") from None

@@ -10,7 +10,7 @@ recipe is :mod:`evit_patch.train.recipe_schema`'s.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -37,6 +37,17 @@ def _as_float(value: Any) -> Any:
 
 
 Real = Annotated[float, BeforeValidator(_as_float)]
+
+
+def _keep_rates(value: Any) -> Any:
+    """A keep rate, or a list with one per layer, each taken as a float as :data:`Real` is."""
+    rates = [_as_float(item) for item in (value if isinstance(value, list) else [value])]
+    if not all(isinstance(rate, float) for rate in rates):
+        raise PydanticCustomError("keyed", f"must be a number in (0, 1] or a list of them, one per layer; got {value!r}")
+    return rates if isinstance(value, list) else rates[0]
+
+
+KeepRates = Annotated[Union[float, list[float]], BeforeValidator(_keep_rates)]
 
 
 def ranged(default: Any, must: str, may_change: Optional[str] = None, say: Optional[str] = None,

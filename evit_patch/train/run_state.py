@@ -127,8 +127,8 @@ class Run:
             "recipe": recipe_to_dict(self.recipe),
         }
 
-    def keep_rate(self, epoch: float) -> float:
-        """The recipe's keep rate at a (fractional) epoch."""
+    def keep_rate(self, epoch: float) -> float | list[float]:
+        """The recipe's keep rate (or one per layer) at a (fractional) epoch."""
         schedule = self.recipe.keep_rate_schedule
         return keep_rate_at(epoch, self.recipe.reduction.keep_rate, schedule.kind, schedule.start_epoch, schedule.epochs)
 

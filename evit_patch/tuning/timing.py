@@ -1,4 +1,5 @@
-"""Timing of several models side by side, for speed ratios that drift spares.
+"""Timing of several models side by side, for speed ratios that drift spares: the one timing
+the tuner, ``evaluate`` and the benchmarks share.
 
 Calls (a forward pass, a training step) are timed interleaved in a rotating order, so a
 slow spell of the machine hits all of them alike and per-repeat ratios can be paired
@@ -17,6 +18,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+Clock = Callable[[], float]
+"""Seconds since some fixed point (``time.perf_counter``; a test injects its own)."""
+
 
 def positive_int(text: str) -> int:
     """An argparse type for counts that must be at least 1 (batch sizes, repeats, calls)."""
@@ -31,13 +35,14 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_call(call: Callable[[], object], device: torch.device) -> float:
-    """Seconds of one ``call()``, synchronized on CUDA."""
+def timed_call(call: Callable[[], object], device: torch.device, clock: Optional[Clock] = None) -> float:
+    """Seconds of one ``call()``, synchronized on CUDA, by ``clock`` (default ``time.perf_counter``)."""
+    clock = clock or time.perf_counter
     _synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     call()
     _synchronize(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def autocast_to(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
@@ -56,7 +61,8 @@ def timed_forward(model: nn.Module, images: torch.Tensor, dtype: Optional[torch.
 
 
 def interleaved_rates(calls: dict[str, Callable[[], object]], items_per_call: int, device: torch.device,
-                      repeats: int = 5, warmup: int = 1, calls_per_repeat: int = 1) -> dict[str, list[float]]:
+                      repeats: int = 5, warmup: int = 1, calls_per_repeat: int = 1,
+                      clock: Optional[Clock] = None) -> dict[str, list[float]]:
     """Items per second of each call in every repeat, timed interleaved in rotating order.
 
     A repeat times ``calls_per_repeat`` calls back to back, which averages out jitter
@@ -76,14 +82,14 @@ def interleaved_rates(calls: dict[str, Callable[[], object]], items_per_call: in
     for repeat in range(repeats):
         shift = repeat % len(names)
         for name in names[shift:] + names[:shift]:
-            rates[name].append(items_per_call * calls_per_repeat / timed_call(repeated(calls[name]), device))
+            rates[name].append(items_per_call * calls_per_repeat / timed_call(repeated(calls[name]), device, clock))
     return rates
 
 
 @torch.inference_mode()
 def interleaved_images_per_second(models: dict[str, nn.Module], images: torch.Tensor, repeats: int = 5,
                                   dtype: Optional[torch.dtype] = None, warmup: int = 1,
-                                  calls_per_repeat: int = 1) -> dict[str, list[float]]:
+                                  calls_per_repeat: int = 1, clock: Optional[Clock] = None) -> dict[str, list[float]]:
     """Inference images/s of each model (put in eval mode) in every repeat, timed interleaved."""
 
     def forward(model: nn.Module) -> Callable[[], object]:
@@ -95,7 +101,7 @@ def interleaved_images_per_second(models: dict[str, nn.Module], images: torch.Te
     for model in models.values():
         model.eval()
     return interleaved_rates({name: forward(model) for name, model in models.items()}, images.shape[0],
-                             images.device, repeats, warmup, calls_per_repeat)
+                             images.device, repeats, warmup, calls_per_repeat, clock)
 
 
 @dataclass(frozen=True)
@@ -119,14 +125,14 @@ of paired repeats stay within a few percent; another job running makes them scat
 
 def paired_speeds(models: dict[str, nn.Module], images: torch.Tensor, repeats: int = 7,
                   dtype: Optional[torch.dtype] = None, same_as: Optional[dict[str, str]] = None,
-                  calls_per_repeat: int = 1) -> dict[str, PairedSpeed]:
+                  calls_per_repeat: int = 1, clock: Optional[Clock] = None) -> dict[str, PairedSpeed]:
     """Images/s of each model and its speed-up over the first one, paired repeat by repeat
     (:func:`interleaved_images_per_second`). A model named in ``same_as`` is not timed: it
     takes the figures of the model named there, whose architecture it shares (the same
     patch with other weights), so one architecture gets one figure."""
     same_as = same_as or {}
     timed = {name: model for name, model in models.items() if name not in same_as}
-    rates = interleaved_images_per_second(timed, images, repeats, dtype, calls_per_repeat=calls_per_repeat)
+    rates = interleaved_images_per_second(timed, images, repeats, dtype, calls_per_repeat=calls_per_repeat, clock=clock)
     reference = rates[next(iter(models))]
     speeds = {}
     for name, values in rates.items():
