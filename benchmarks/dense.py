@@ -1,10 +1,12 @@
 """Garment segmentation on Fashion-MNIST: dense features of reduced models, side by side.
 
     python benchmarks/dense.py --out benchmarks/results/dense_fashion_mnist
+    python benchmarks/dense.py --recipe recipes/fashion_mnist_rotary.yaml \\
+        --out benchmarks/results/dense_fashion_mnist_rotary
 
 The mask of an image is its own garment: pixels brighter than ``--threshold`` of full
 scale (0.1 by default; the background is black). The backbone is the shipped base ViT
-(``recipes/fashion_mnist.yaml``'s model, 2x2 patches, 14x14 grid), frozen; the head is
+(``recipes/fashion_mnist.yaml``'s model, 2x2 patches, 14x14 grid; ``--recipe`` another's), frozen; the head is
 linear: a 1x1 convolution from the last block's normed features (timm's
 ``forward_intermediates(..., norm=True)``) to two logits for each of the 2x2 pixels of its
 patch, so every pixel is predicted from its own patch's feature alone and a bad
@@ -198,6 +200,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--finetune-lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--recipe", type=Path, default=RECIPE, help="the recipe whose model is the backbone")
     parser.add_argument("--out", type=Path, default=None, help="write <out>.json, <out>.md and <out>.png")
     return parser.parse_args(argv)
 
@@ -207,7 +210,7 @@ def main(argv: Optional[list[str]] = None) -> list[Variant]:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    recipe = load_recipe(RECIPE)
+    recipe = load_recipe(args.recipe)
     base = build_model(recipe.model).eval()
     layers = recipe.reduction.layers
     patch = base.patch_embed.patch_size[0]
