@@ -1,6 +1,6 @@
 """A rotary-position model fine-tunes from a recipe with EViT and with the training-free variant:
-the rotary base's recipe (timm's DINOv3 ViT sized like the shipped base: 196 patches, 4
-registers) with reduction at blocks 1, 3, 4, a few steps on a Fashion-MNIST subset."""
+the rotary base's recipe (timm's EVA-02 sized like the shipped base: 196 patches, a class
+token) with reduction at blocks 1, 3, 4, a few steps on a Fashion-MNIST subset."""
 
 import json
 import math
@@ -17,7 +17,7 @@ from evit_patch.train.assembly import rebuild
 from evit_patch.train.recipe import load_recipe
 
 ROTARY_BASE = Path(__file__).resolve().parents[1] / "recipes" / "fashion_mnist_rotary_pretrain.yaml"
-PREFIX, PATCHES = 5, 196
+PREFIX, PATCHES = 1, 196
 VARIANTS = {"paper": ({}, EvitReducer, [138, 98, 70]),
             "training-free": ({"variant": "training-free"}, TrainingFreeEvit, [139, 99, 71])}
 
