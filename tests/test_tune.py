@@ -299,6 +299,7 @@ def test_bad_image_folders_are_one_line_before_any_timing(tmp_path, capsys) -> N
     (broken / "2.png").write_bytes(b"not a png")
     assert "2.png' is not an image" in bad_run([*TINY_ARGS, "--folder", str(broken)], capsys)
     assert "is not a folder" in bad_run([*TINY_ARGS, "--folder", str(broken / "0.png")], capsys)
+    assert "does not exist" in bad_run([*TINY_ARGS, "--folder", str(broken), "--out", str(tmp_path / "no" / "x")], capsys)
 
 
 def test_models_it_cannot_build_or_patch_and_unreachable_targets_are_one_line_before_any_timing(tmp_path, capsys) -> None:

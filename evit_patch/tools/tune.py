@@ -120,6 +120,8 @@ def main(argv: Optional[Sequence[str]] = None, clock: Clock = time.perf_counter)
         check_numbers(args.images, args.target_speedup, args.max_agreement_loss, args.batch_size, args.time_budget, 0.5)
         check_device(args.device)
         validated_keep_rates(args.keep_rates, len(args.keep_rates))
+        if not args.out.parent.is_dir():
+            raise ValueError(f"--out {str(args.out)!r}: the folder {str(args.out.parent)!r} does not exist")
         files = image_files(args.folder, args.images) if args.folder else None
         model = _model(args)
         images, labels = fashion_mnist(args.images) if files is None else (folder_images(files, model), None)
@@ -127,11 +129,15 @@ def main(argv: Optional[Sequence[str]] = None, clock: Clock = time.perf_counter)
                       batch_size=args.batch_size, device=args.device, compile=args.compile, time_budget_s=args.time_budget,
                       seed=args.seed, clock=clock,
                       candidates=candidate_configs(len(transformer_blocks(model)), args.methods, args.keep_rates))
-    except (TypeError, ValueError, CheckpointError) as error:  # UnsupportedModelError is a TypeError  # UnreachableTarget is a ValueError
+    except (TypeError, ValueError, CheckpointError) as error:  # UnsupportedModelError, UnreachableTarget among them
         parser.exit(2, f"error: {one_line(error)}\n")
     except OSError as error:  # Fashion-MNIST files not found, a checkpoint that cannot be read
         parser.exit(2, f"error: {file_fault(error)}\n")
-    for path in write_report(result, args.out, f"evit-tune {args.model}"):
+    try:
+        written = write_report(result, args.out, f"evit-tune {args.model}")
+    except OSError as error:  # a full disk, a folder made read-only meanwhile
+        parser.exit(1, f"error: {file_fault(error)}\n")
+    for path in written:
         print(f"wrote {path}")
     chosen = result.chosen
     print(f"chosen: {chosen.label}: {chosen.speed.speedup:.2f}x, held-out agreement {100 * chosen.held_out.agreement:.1f}%"
