@@ -30,7 +30,7 @@ from torch import nn
 import evit_patch
 from evit_patch.core.model_info import example_images
 from evit_patch.tools.results import write_results
-from evit_patch.tools.timing import paired_speeds, positive_int, spread_warning
+from evit_patch.tuning.timing import paired_speeds, positive_int, spread_warning
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -18,8 +18,7 @@ from evit_patch.core.dense import DEFAULT_FILL, install_dense_entry_points, unin
 from evit_patch.core.lifecycle import PatchState
 from evit_patch.core.model_info import family_of, model_name, transformer_blocks
 from evit_patch.core.per_call import PerCall
-from evit_patch.core.positions import (ATTENTION_BIAS, PositionRule, SequenceInput, composed_membership, composed_origin,
-                                       member_weights)
+from evit_patch.core.positions import ATTENTION_BIAS, PositionRule, SequenceInput, composed_membership, composed_origin, member_weights
 from evit_patch.core.reduction import LayerContext, TokenMap, TokenReducer
 from evit_patch.core.restoration import Fill
 from evit_patch.core.scores import AttentionTensors, ScoreMode
