@@ -129,6 +129,10 @@ COMMANDS: dict[str, Small] = {
     "unpatched evit tome width-pruning --steps 150 600 --out benchmarks/results/budget_fashion_mnist": Small(
         {"runs/fashion_mnist_pretrain": "{tmp}/fashion_mnist_pretrain",
          "benchmarks/results/budget_fashion_mnist": "{tmp}/budget"}, SMALL_COMPARE),
+    # docs/measured.md, the tuner against the paper's placement
+    "python benchmarks/tune_against_paper.py --batch-size 64 --out benchmarks/results/tune_fashion_mnist_b64": Small(
+        {"benchmarks/results/tune_fashion_mnist_b64": "{tmp}/tune_b64"},
+        "--images 16 --batch-size 4 --keep-rates 0.5 --time-budget 20 --repeats 1"),
     # docs/positions.md
     "python -m evit_patch.finetune recipes/fashion_mnist_rotary_pretrain.yaml": Small(
         {}, f"{FASHION_MNIST_RUN} --set train.output_dir={{tmp}}/rotary_pretrain"),

@@ -215,3 +215,10 @@ def test_a_shared_and_an_own_bias_together_are_refused():
     model = _model("beit_base_patch16_224", {"use_shared_rel_pos_bias": True})
     with pytest.raises(UnsupportedModelError, match="shared by the model to each attention's own"):
         evit_patch.apply_evit(model, LAYERS, KEEP_RATE)
+
+
+def test_the_members_position_rule_is_refused_for_a_bias_in_one_line():
+    model = evit_patch.apply_evit(small_bias_vit(0), [1, 2], 0.5)
+    with pytest.raises(ValueError, match="has a relative position bias, which has no mean of several positions; keep the position rule"):
+        evit_patch.set_position_rule(model, "members")
+    assert model.evit_state.position_rule == "representative"

@@ -111,6 +111,6 @@ def set_position_rule(model: nn.Module, rule: PositionRule) -> None:
     state = reduction_state(model)
     unmixed = [position.kind for position in state.positions.values() if type(position).mix is SequenceInput.mix]
     if rule == "members" and unmixed:
-        raise ValueError(f"{model_name(model)}'s {unmixed[0]} has no mean of several positions; "
+        raise ValueError(f"{model_name(model)} has {unmixed[0]}, which has no mean of several positions; "
                          "keep the position rule 'representative'")
     state.position_rule = rule
