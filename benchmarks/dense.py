@@ -1,8 +1,6 @@
 """Garment segmentation on Fashion-MNIST: dense features of reduced models, side by side.
 
     python benchmarks/dense.py --out benchmarks/results/dense_fashion_mnist
-    python benchmarks/dense.py --recipe recipes/fashion_mnist_rotary.yaml \\
-        --out benchmarks/results/dense_fashion_mnist_rotary
 
 The mask of an image is its own garment: pixels brighter than ``--threshold`` of full
 scale (0.1 by default; the background is black). The backbone is the shipped base ViT
