@@ -59,7 +59,7 @@ def _images(batch: int = 4) -> Tensor:
 def _exact_scores(tensors: tuple) -> Tensor:
     """Class-attention scores in float64 from what the attention computed under autocast:
     the bf16 q and k of fused attention, or the bf16 matrix of explicit attention."""
-    q, k, _, matrix = tensors
+    q, k, _, matrix = tensors[:4]  # a fifth, the bias, is None here
     if matrix is None:
         matrix = (q.double() @ k.double().transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
     return matrix[:, :, 0, 1:].double().mean(dim=1)
