@@ -1,7 +1,7 @@
 """Speed of EViT on rotary-position ViTs beside DeiT-S, and what following the positions costs.
 
 For each model (random weights) and batch size, in one process and interleaved repeat by
-repeat (:func:`evit_patch.tools.timing.paired_speeds`): the unpatched model, EViT at the
+repeat (:func:`evit_patch.tuning.timing.paired_speeds`): the unpatched model, EViT at the
 paper's placement (blocks 4, 7, 10 of 12) and keep rate, and the same patched model with its
 position rows precomputed ("positions free": the rows each later block receives are looked up
 from a first call on the same images instead of gathered), so the gap between the two is the

@@ -7,6 +7,7 @@ import copy
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,11 @@ from finetune_helpers import TINY
 import evit_patch
 from evit_patch.core.token_patch import apply_token_reducer
 from evit_patch.reducers import EvitReducer, ToMeMerge, TrainingFreeEvit
+from evit_patch.tools.tune import fashion_mnist
 from evit_patch.tools.tune import main as tune_main
 from evit_patch.tools.tune_report import result_json
 from evit_patch.train.assembly import prepare_model
+from evit_patch.train.data import FashionMNIST
 from evit_patch.train.methods import recipe_reducer
 from evit_patch.train.recipe import RecipeError, recipe_from_dict
 from evit_patch.train.schedule import keep_rate_at
@@ -192,6 +195,14 @@ def test_the_time_budget_ends_the_search_and_what_was_measured_is_reported() -> 
     assert result.chosen in result.front
 
 
+def test_a_budget_the_quality_passes_alone_would_outlast_is_warned_of_at_once() -> None:
+    with pytest.warns(UserWarning, match=r"quality passes of 4 settings need about \d+ s of the 3 s budget"):
+        run_tune(fake_clock(), time_budget_s=3.0)  # the reference pass: 4 batches of 1 s; each quality pass 2 batches
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_tune(fake_clock(), time_budget_s=12.0)
+
+
 def refusing_clock() -> float:
     raise AssertionError("the clock was read: timing started")
 
@@ -322,6 +333,19 @@ def test_the_command_line_writes_its_four_files(tmp_path, capsys) -> None:
     fragment = yaml.safe_load(prefix.with_name("tuned.recipe.yaml").read_text())
     recipe_from_dict({**yaml.safe_load(yaml.safe_dump(TINY)), **fragment})
     assert "## The front" in prefix.with_name("tuned.md").read_text()
+
+
+@pytest.mark.parametrize("kwargs, shape", [({"img_size": 32}, (3, 32, 32)),
+                                           ({"img_size": 28, "patch_size": 4, "in_chans": 1}, (1, 28, 28))])
+def test_fashion_mnist_comes_at_the_models_size_and_channels(kwargs, shape) -> None:
+    model = timm.create_model("deit_tiny_patch16_224", depth=1, **kwargs)
+    images, labels = fashion_mnist(3, model)
+    raw = FashionMNIST("test")
+    assert images.shape == (3, *shape) and torch.equal(labels, raw.labels[:3])
+    assert torch.equal(images[:, :1], torch.nn.functional.interpolate(raw.images[:3], size=shape[1:], mode="bilinear")
+                       if shape[1] != 28 else raw.images[:3])
+    assert all(torch.equal(images[:, channel], images[:, 0]) for channel in range(shape[0]))
+    model(images)  # the model takes them
 
 
 def test_the_command_is_a_console_script_and_a_module() -> None:

@@ -46,14 +46,18 @@ class SequenceInput(ABC):
         """``value`` for the image tokens ``origin`` ``(B, m)`` names: indices into the
         sequence ``value`` describes, or :data:`NO_POSITION`."""
 
+
+class MixableInput(SequenceInput):
+    """A sequence input that also has a position for a token standing for several grid
+    tokens, the :data:`PositionRule` ``members``; inputs without one keep ``representative``."""
+
+    @abstractmethod
     def mix(self, value: Tensor, members: Tensor) -> Tensor:
         """``value`` for image tokens that each stand for the grid tokens ``members``
-        ``(B, m, N)`` weighs (rows summing to one): the :data:`PositionRule` ``members``."""
-        raise NotImplementedError(f"{type(self).__name__} has no position for a token that stands for several; "
-                                  "use the position rule 'representative'")
+        ``(B, m, N)`` weighs (rows summing to one)."""
 
 
-class RotaryTable(SequenceInput):
+class RotaryTable(MixableInput):
     """timm's rotary tables: ``[sin | cos]`` on the last dim, tokens on the second last
     (``cat`` ``[N, D]``, one depth of ``mixed`` ``[H, N, D]``, ``dinov3``, ``mrope``; a leading
     batch dim after patch dropout). Rows are gathered by timm's own ``apply_keep_indices_nlc``,

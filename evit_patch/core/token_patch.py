@@ -11,7 +11,7 @@ from evit_patch.core.attention_bias import bias_following_attention
 from evit_patch.core.key_weighting import weighted_key_attention
 from evit_patch.core.lifecycle import attach, check_unpatched, detach, patch_state
 from evit_patch.core.model_info import family_of, model_name, prefix_token_count, score_mode, transformer_blocks
-from evit_patch.core.positions import ATTENTION_BIAS, POSITION_RULES, PositionRule, SequenceInput
+from evit_patch.core.positions import ATTENTION_BIAS, POSITION_RULES, MixableInput, PositionRule
 from evit_patch.core.reduction import TokenReducer
 from evit_patch.core.reorganizer import FollowedInput, ReductionState, TokenReorganizer
 from evit_patch.errors import UnsupportedModelError
@@ -109,7 +109,7 @@ def set_position_rule(model: nn.Module, rule: PositionRule) -> None:
     if rule not in POSITION_RULES:
         raise ValueError(f"position rule {rule!r} is not one of {', '.join(POSITION_RULES)}; pass one of those")
     state = reduction_state(model)
-    unmixed = [position.kind for position in state.positions.values() if type(position).mix is SequenceInput.mix]
+    unmixed = [position.kind for position in state.positions.values() if not isinstance(position, MixableInput)]
     if rule == "members" and unmixed:
         raise ValueError(f"{model_name(model)} has {unmixed[0]}, which has no mean of several positions; "
                          "keep the position rule 'representative'")

@@ -20,11 +20,12 @@ from typing import Optional, Sequence
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.data import get_img_extensions
 from torch import Tensor, nn
 
 from evit_patch.core.arguments import validated_keep_rates
-from evit_patch.core.model_info import transformer_blocks
+from evit_patch.core.model_info import native_input_shape, transformer_blocks
 from evit_patch.errors import CheckpointError
 from evit_patch.reducers.registry import token_methods
 from evit_patch.tools.file_faults import file_fault
@@ -60,10 +61,15 @@ def folder_images(files: Sequence[Path], model: nn.Module) -> Tensor:
     return torch.stack(tensors)
 
 
-def fashion_mnist(count: int) -> tuple[Tensor, Tensor]:
-    """The first ``count`` Fashion-MNIST test images and their labels."""
+def fashion_mnist(count: int, model: nn.Module) -> tuple[Tensor, Tensor]:
+    """The first ``count`` Fashion-MNIST test images, resized to ``model``'s input and given as
+    many channels as it takes (a 224-pixel RGB model gets the garments at 224 in grey), and their labels."""
     test = FashionMNIST("test")
-    return test.images[:count], test.labels[:count]
+    images = test.images[:count]
+    channels, height, width = native_input_shape(model) or images.shape[1:]
+    if tuple(images.shape[-2:]) != (height, width):
+        images = F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False)
+    return images.expand(-1, channels, -1, -1).contiguous(), test.labels[:count]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -124,7 +130,7 @@ def main(argv: Optional[Sequence[str]] = None, clock: Clock = time.perf_counter)
             raise ValueError(f"--out {str(args.out)!r}: the folder {str(args.out.parent)!r} does not exist")
         files = image_files(args.folder, args.images) if args.folder else None
         model = _model(args)
-        images, labels = fashion_mnist(args.images) if files is None else (folder_images(files, model), None)
+        images, labels = fashion_mnist(args.images, model) if files is None else (folder_images(files, model), None)
         result = tune(model, images, labels, target_speedup=args.target_speedup, max_agreement_loss=args.max_agreement_loss,
                       batch_size=args.batch_size, device=args.device, compile=args.compile, time_budget_s=args.time_budget,
                       seed=args.seed, clock=clock,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections import OrderedDict
 from typing import Callable, Optional, Sequence
 
@@ -194,6 +195,19 @@ def check_reachable(target_speedup: Optional[float], ratios: dict[TokenConfig, f
                             f"{ratios[best]:.2f}x fewer MACs, and speed-ups stay below about {MAC_SLACK}x that")
 
 
+def warn_if_over_budget(reference_s: float, calibration_share: float, ratios: dict[TokenConfig, float],
+                        time_budget_s: float) -> None:
+    """Warn at once when the quality passes alone would outlast the budget, so nothing would be
+    timed: each candidate's pass is taken to cost the unpatched pass (``reference_s``, over every
+    image) over its MAC ratio, on the calibration share of the images."""
+    needed = reference_s * calibration_share * sum(1 / ratio for ratio in ratios.values())
+    if needed > time_budget_s:
+        warnings.warn(f"the quality passes of {len(ratios)} settings need about {needed:.0f} s of the "
+                      f"{time_budget_s:.0f} s budget (the unpatched pass took {reference_s:.1f} s): the search will "
+                      "end before the settings are timed; try fewer methods or keep rates, fewer images, or a larger "
+                      "time budget", stacklevel=3)
+
+
 def tune(model: nn.Module, images: Tensor, labels: Optional[Tensor] = None, *, target_speedup: Optional[float] = None,
          max_agreement_loss: Optional[float] = None, batch_size: int = 64, device: str | torch.device = "cpu",
          compile: bool = False, time_budget_s: float = 600.0, calibration: float = 0.5, seed: int = 0,
@@ -233,6 +247,7 @@ def tune(model: nn.Module, images: Tensor, labels: Optional[Tensor] = None, *, t
     start = clock()
     chosen_on, reported_on = calibration_split(images.shape[0], round(calibration * images.shape[0]), seed)
     reference = outputs(unpatched, images, batch_size, device)
+    warn_if_over_budget(clock() - start, len(chosen_on) / images.shape[0], ratios, time_budget_s)
     search = Search(patched, images, labels, reference, chosen_on, reported_on, batch_size, device, progress,
                     lambda: clock() - start > time_budget_s)
     calibrated = search.calibrate(candidates)
