@@ -1,9 +1,12 @@
 """Hugging Face transformers ViTs: ViT, DeiT (with its distillation token), DINOv2,
-DINOv2 with registers and DINOv3 (rotary positions), as classifiers or bare encoders.
+DINOv2 with registers, DINOv3 (rotary positions) and BEiT (relative position bias), as
+classifiers or bare encoders.
 
 Only what differs from timm is here: the blocks are the base model's ``layers`` (or
 ``encoder.layer``, ``model.layer``); DINOv3's layers take ``position_embeddings``, a
-``(cos, sin)`` pair for the patch grid, made to follow the kept tokens; the prefix tokens
+``(cos, sin)`` pair for the patch grid, made to follow the kept tokens; BEiT's layers hand
+their attention a bias over the full sequence, made to follow them too
+(:mod:`evit_patch.adapters.transformers_bias`); the prefix tokens
 are the embeddings' class, distillation and register tokens; a layer's attention child is
 ``attention``, and its attention function (SDPA, eager, flash... whatever
 ``config._attn_implementation`` names) stays one call, looked up at run time as the model
@@ -39,11 +42,11 @@ SUPPORTED = {"vit": "ViT", "deit": "DeiT", "dinov2": "DINOv2", "dinov2_with_regi
              "dinov3_vit": "DINOv3", "beit": "BEiT"}
 """``config.model_type`` of the families patched, and how the README names them."""
 
-_RELATIVE = ("a relative position bias sized to the full token grid, which each layer builds from the image "
-             "resolution and hands its attention as attention_mask: not followed for transformers' layers yet "
-             "(timm's BEiT is followed; see docs/positions.md)")
+_DATA2VEC = ("a relative position bias sized to the full token grid, which its self-attention adds in its own "
+             "softmax or scaled_dot_product_attention call, outside transformers' attention interface: not followed "
+             "yet (transformers' and timm's BEiT are; see docs/positions.md)")
 REFUSED = {
-    "data2vec-vision": _RELATIVE,
+    "data2vec-vision": _DATA2VEC,
     "vit_mae": "its encoder drops patches at random itself and its decoder restores them by position",
     "vitdet": "windowed attention with a relative position bias over the full token grid",
 }
