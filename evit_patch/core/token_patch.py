@@ -62,9 +62,9 @@ def apply_token_reducer(model: ModelT, layers: Sequence[int] | None, keep_rate: 
 
 def _follow_attention_bias(blocks: nn.Sequential | nn.ModuleList, state: ReductionState, name: str,
                            family: ModelFamily) -> None:
-    """The attentions after the first reduction layer compute the bias of the full sequence: those
-    of blocks not rewritten are swapped for copies whose bias follows the tokens their block holds
-    (the rewritten blocks' scored attentions have their own follower)."""
+    """The attentions after the first reduction layer compute (or are handed) the bias of the full sequence:
+    those of blocks not rewritten are swapped for the family's copies whose bias follows the tokens their
+    block holds (the rewritten blocks' scored attentions have their own follower)."""
     reorganizer = state.reorganizers()[0]
     live = tuple(input_name for input_name in state.positions if input_name != ATTENTION_BIAS)
     for index in range(state.layers[0] + 1, len(blocks)):
