@@ -114,10 +114,11 @@ def reorganizing_block(block: nn.Module, reorganizer: nn.Module, model_name: str
         raise UnsupportedModelError(model_name, f"its block calls its attention {len(calls)} times")
     call = calls[0]
     kept = {name: value for name, value in call.kwargs.items() if name in attention_keywords}
-    call.args, call.kwargs = call.args[:1], {**_position_arguments(call, position_inputs, model_name), **kept}
-    for node in position_inputs:
+    passed = _position_arguments(call, position_inputs, attention, model_name)
+    call.args, call.kwargs = call.args[:1], {**passed, **kept}
+    for keyword, node in passed.items():
         with graph.inserting_before(call):
-            call.update_kwarg(node.target, graph.call_module(f"follow_{node.target}", (node, block_input)))
+            call.update_kwarg(keyword, graph.call_module(f"follow_{node.target}", (node, block_input)))
     if any(node.users for node in mask_inputs):  # the reorganizer rejects masks at run time
         raise UnsupportedModelError(model_name, "its block uses the attention mask outside the attention")
     with graph.inserting_after(call):
@@ -158,14 +159,18 @@ def reorganizing_block(block: nn.Module, reorganizer: nn.Module, model_name: str
     return patched
 
 
-def _position_arguments(call: fx.Node, position_inputs: list[fx.Node], model_name: str) -> dict[str, fx.Node]:
-    """The attention call's keyword arguments that pass the block's position inputs on as they are,
-    which must be the only use of them (a table used elsewhere, or changed first, would not follow the tokens)."""
-    passed = {name: value for name, value in call.kwargs.items() if value in position_inputs}
+def _position_arguments(call: fx.Node, position_inputs: list[fx.Node], attention: nn.Module,
+                        model_name: str) -> dict[str, fx.Node]:
+    """The attention call's arguments that pass the block's position inputs on as they are, by keyword or in
+    their place after the tokens (timm's gemma4: ``attn(x, rope_cos, rope_sin)``), as keyword arguments; that
+    must be the only use of them (a table used elsewhere, or changed first, would not follow the tokens)."""
+    places = [parameter.name for parameter in extra_forward_parameters(attention)]
+    arguments = {**dict(zip(places, call.args[1:])), **call.kwargs}
+    passed = {name: value for name, value in arguments.items() if value in position_inputs}
     for node in position_inputs:
-        if set(node.users) - {call} or node in call.args or node not in passed.values():
+        if set(node.users) - {call} or list(passed.values()).count(node) != 1:
             raise UnsupportedModelError(model_name, f"its block uses its input {node.target!r} other than by passing "
-                                                    "it to its attention by keyword")
+                                                    "it to its attention once")
     return passed
 
 

@@ -58,6 +58,10 @@ class ModelFamily:
     def native_input_shape(self, model: nn.Module) -> Optional[tuple[int, int, int]]:
         return _timm_native_input_shape(model)
 
+    def takes_any_input_size(self, model: nn.Module) -> bool:
+        """Whether the model runs images of any size as it is (timm: built with ``dynamic_img_size``)."""
+        return bool(getattr(model, "dynamic_img_size", False))
+
     def patch_count(self, model: nn.Module) -> Optional[int]:
         """Patch tokens the first block sees (None when it cannot be told)."""
         patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
@@ -186,6 +190,11 @@ def score_mode(model: nn.Module) -> ScoreMode:
 def native_input_shape(model: nn.Module) -> Optional[tuple[int, int, int]]:
     """``(C, H, W)`` the model is built for, or None when it cannot be told."""
     return family_of(model).native_input_shape(model)
+
+
+def takes_any_input_size(model: nn.Module) -> bool:
+    """Whether the model runs images of any size as it is, without being resized."""
+    return family_of(model).takes_any_input_size(model)
 
 
 def _timm_model_name(model: nn.Module) -> str:
