@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from evit_patch.core.fx_graph import call_as_leaf
 from evit_patch.core.model_info import ModelFamily
-from evit_patch.core.positions import SequenceInput
+from evit_patch.core.positions import MixableInput, SequenceInput
 from evit_patch.core.scores import ScoreMode
 from evit_patch.errors import UnsupportedModelError
 
@@ -31,7 +31,7 @@ _SOFT_POOL = ("its forward reads the blocks' output as the full patch grid (the 
               "(the classifier: encoder_pool='')")
 
 
-class RotaryHalf(SequenceInput):
+class RotaryHalf(MixableInput):
     """One half of a rotary pair passed on its own, ``cos`` or ``sin`` ``(B, N, D)`` for the N patch
     tokens (no prefix token). Rows are gathered by timm's ``apply_keep_indices_nlc``, as its
     ``PatchDropout`` gathers tables; a token with no position gets ``unrotated`` (cos 1, sin 0)."""
