@@ -12,7 +12,7 @@ registration, and the tuner (``tuning``: measuring settings and choosing one), n
 training code.
 """
 
-import evit_patch.adapters  # noqa: F401  (registers the transformers and open_clip families)
+import evit_patch.adapters  # noqa: F401  (registers the transformers, open_clip and gemma4 families)
 import evit_patch.models  # noqa: F401  (registers lvvit_* in timm's registry)
 from evit_patch.core.dense import dense_outputs, restore_tokens, set_restoration
 from evit_patch.core.lifecycle import is_patched

@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from evit_patch.core.eval_mode import eval_mode
 from evit_patch.core.lifecycle import detach, is_patched
-from evit_patch.core.model_info import example_images, model_name, native_input_shape
+from evit_patch.core.model_info import example_images, model_name, native_input_shape, takes_any_input_size
 from evit_patch.core.token_patch import set_keep_rate
 from evit_patch.extras import require
 from evit_patch.reducers.evit import apply_evit
@@ -103,7 +103,7 @@ def at_input_size(model: nn.Module, img_size: int | tuple[int, int]) -> nn.Modul
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     if shape is not None and tuple(shape[1:]) == size:
         return model
-    if getattr(model, "dynamic_img_size", False):
+    if takes_any_input_size(model):
         return model
     if hasattr(model, "set_input_size"):
         resized = copy.deepcopy(model)

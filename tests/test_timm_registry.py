@@ -27,7 +27,6 @@ VIT_LIKE = ["vit_*", "deit*", "flexivit*", "eva*", "beit*", "cait*", "xcit*", "l
 OTHER_TRANSFORMERS = ["convit_tiny", "tnt_s_patch16_224", "pit_ti_224", "mvitv2_tiny", "twins_svt_small",
                       "crossvit_tiny_240", "nest_tiny", "gcvit_xxtiny", "efficientformer_l1", "sequencer2d_s",
                       "hiera_tiny_224", "qwen3_vit_88m_enc", "gemma4_vit_167m_enc", "deepseek_vit_412m_enc"]
-ROTARY = "rotary position embeddings"
 ROTARY_FAMILIES = r"^(eva|vit_pe_)|_rope_|dinov3|sapiens2|lingbot"
 BIAS_FAMILIES = r"^beit_|^beitv2_|relpos"
 GRID_AFTER_BLOCKS = "reads the blocks' output as the full patch grid"
@@ -37,7 +36,8 @@ NO_PREFIX_COUNT = "no integer `num_prefix_tokens`"
 EXPECTED = [  # (name pattern, None when accepted else what the refusal must say); the first match decides
     (r"^eva_large_patch14_(196|336)", None),  # plain ViT blocks under an EVA name
     (r"^(qwen3|deepseek)_vit", GRID_AFTER_BLOCKS),  # vision-language towers: a patch merger reads the grid
-    (r"^gemma4_vit", ROTARY),  # its own (cos, sin) pair and a padding mask
+    (r"^gemma4_vit_\w+_enc$", GRID_AFTER_BLOCKS),  # built with the soft-token pooler, which bins the full grid
+    (r"^gemma4_vit", None),  # the classifiers: rope_cos/rope_sin follow the kept tokens (test_gemma4_positions.py)
     (ROTARY_FAMILIES, None),  # rotary tables follow the kept tokens
     (BIAS_FAMILIES, None),  # a relative position bias follows the kept tokens
     (r"^xcit_", "the patch grid's height and width"),

@@ -197,8 +197,8 @@ def test_scores_are_float32_under_bf16_autocast() -> None:
 
 
 @pytest.mark.parametrize("builder, reason", [
-    (lambda: transformers.BeitForImageClassification(transformers.BeitConfig(**SMALL, use_relative_position_bias=True)),
-     "relative position bias"),
+    (lambda: transformers.BeitForImageClassification(transformers.BeitConfig(
+        **SMALL, use_relative_position_bias=True, use_shared_relative_position_bias=True)), "not both"),
     (lambda: transformers.Data2VecVisionForImageClassification(transformers.Data2VecVisionConfig(**SMALL)),
      "relative position bias"),
 ])

@@ -1,9 +1,12 @@
 """Hugging Face transformers ViTs: ViT, DeiT (with its distillation token), DINOv2,
-DINOv2 with registers and DINOv3 (rotary positions), as classifiers or bare encoders.
+DINOv2 with registers, DINOv3 (rotary positions) and BEiT (relative position bias), as
+classifiers or bare encoders.
 
 Only what differs from timm is here: the blocks are the base model's ``layers`` (or
 ``encoder.layer``, ``model.layer``); DINOv3's layers take ``position_embeddings``, a
-``(cos, sin)`` pair for the patch grid, made to follow the kept tokens; the prefix tokens
+``(cos, sin)`` pair for the patch grid, made to follow the kept tokens; BEiT's layers hand
+their attention a bias over the full sequence, made to follow them too
+(:mod:`evit_patch.adapters.transformers_bias`); the prefix tokens
 are the embeddings' class, distillation and register tokens; a layer's attention child is
 ``attention``, and its attention function (SDPA, eager, flash... whatever
 ``config._attn_implementation`` names) stays one call, looked up at run time as the model
@@ -25,24 +28,25 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from evit_patch.adapters.transformers_bias import BIAS_KEYWORD, bias_layer_view, relative_bias_inputs
 from evit_patch.adapters.views import TokenTracer, computation_view
 from evit_patch.core.block_rewrite import reorganizing_block
 from evit_patch.core.fx_graph import order_children_as
 from evit_patch.core.model_info import ModelFamily
-from evit_patch.core.positions import RotaryTable, SequenceInput
+from evit_patch.core.positions import ATTENTION_BIAS, RotaryTable, SequenceInput
+from evit_patch.core.scored_attention import BIAS_FOLLOWER
 from evit_patch.core.scores import ScoreMode
 from evit_patch.errors import UnsupportedModelError
 
 SUPPORTED = {"vit": "ViT", "deit": "DeiT", "dinov2": "DINOv2", "dinov2_with_registers": "DINOv2 with registers",
-             "dinov3_vit": "DINOv3"}
+             "dinov3_vit": "DINOv3", "beit": "BEiT"}
 """``config.model_type`` of the families patched, and how the README names them."""
 
-_RELATIVE = ("a relative position bias sized to the full token grid, which each layer builds from the image "
-             "resolution and hands its attention as attention_mask: not followed for transformers' layers yet "
-             "(timm's BEiT is followed; see docs/positions.md)")
+_DATA2VEC = ("a relative position bias sized to the full token grid, which its self-attention adds in its own "
+             "softmax or scaled_dot_product_attention call, outside transformers' attention interface: not followed "
+             "yet (transformers' and timm's BEiT are; see docs/positions.md)")
 REFUSED = {
-    "beit": _RELATIVE,
-    "data2vec-vision": _RELATIVE,
+    "data2vec-vision": _DATA2VEC,
     "vit_mae": "its encoder drops patches at random itself and its decoder restores them by position",
     "vitdet": "windowed attention with a relative position bias over the full token grid",
 }
@@ -91,6 +95,14 @@ class _AttentionView(nn.Module):
         return self.computation(self, hidden_states)
 
 
+class _BiasAttentionView(nn.Module):
+    """A transformers attention called with the tokens and the bias its layer hands it (BEiT's relative
+    position bias, as ``attention_mask``)."""
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor) -> Any:
+        return self.computation(self, hidden_states, attention_mask=attention_mask)
+
+
 class _RotaryAttentionView(nn.Module):
     """A rotary transformers attention called with the tokens and ``(cos, sin)``."""
 
@@ -113,24 +125,20 @@ class AttentionFunction(nn.Module):
         self.eager = eager
         self.training_dropout = dropout
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, **kwargs: Any) -> Any:
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor] = None,
+                **kwargs: Any) -> Any:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         function = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager)
         kwargs["dropout"] = self.training_dropout if self.training else 0.0
-        return function(self, query, key, value, None, **kwargs)
+        return function(self, query, key, value, attention_mask, **kwargs)
 
 
-def scored_transformers_attention(attention: nn.Module, model_name: str,
-                                  positions: Collection[str] = ()) -> fx.GraphModule:
-    """``attention`` returning ``(its output, (q, k, scaling, None))``, taking the tokens and
-    ``position_embeddings`` where ``positions`` names it (q and k are then the rotated ones).
-
-    Traced in training mode with the config's implementation set to ``eager``, so that
-    the modeling module's ``eager_attention_forward`` is what transformers' dispatcher
-    returns; for the length of the trace that name records one leaf call (the way
-    torch.fx wraps functions), which :class:`AttentionFunction` then serves at run time.
-    """
+def _traced_attention(attention: nn.Module, model_name: str, positions: Collection[str],
+                      bias: Optional[nn.Module]) -> tuple[fx.Graph, fx.Node, dict[str, Any]]:
+    """The attention's graph with its attention function one leaf call (see :func:`scored_transformers_attention`),
+    the leaf, and the children a GraphModule of it takes. ``bias``: the follower the ``attention_mask`` the
+    layer hands the attention goes through first (the child :data:`BIAS_FOLLOWER`)."""
     computation = inspect.unwrap(type(attention).forward)
     modeling = sys.modules[computation.__module__]
     eager = getattr(modeling, "eager_attention_forward", None)
@@ -142,10 +150,11 @@ def scored_transformers_attention(attention: nn.Module, model_name: str,
     def record(module: nn.Module, query: fx.Proxy, key: fx.Proxy, value: fx.Proxy, attention_mask: Any,
                **kwargs: Any) -> tuple[fx.Proxy, fx.Proxy]:
         calls.append(kwargs)
-        result = query.tracer.create_proxy("call_module", _LEAF, (query, key, value), kwargs)
+        result = query.tracer.create_proxy("call_module", _LEAF, (query, key, value, attention_mask), kwargs)
         return result[0], result[1]  # (output, weights), as every attention function returns
 
-    view = computation_view(attention, _RotaryAttentionView if _ROTARY_INPUT in positions else _AttentionView)
+    kind = _RotaryAttentionView if _ROTARY_INPUT in positions else _AttentionView if bias is None else _BiasAttentionView
+    view = computation_view(attention, kind)
     view.config = types.SimpleNamespace(_attn_implementation="eager")
     view.training = True
     try:
@@ -159,18 +168,56 @@ def scored_transformers_attention(attention: nn.Module, model_name: str,
     (leaf,) = [node for node in graph.nodes if node.op == "call_module" and node.target == _LEAF]
     dropout = leaf.kwargs.get("dropout", 0.0)
     leaf.kwargs = {name: value for name, value in leaf.kwargs.items() if name != "dropout"}
-    output = next(node for node in graph.nodes if node.op == "output")
-    output.args = ((output.args[0], (leaf.args[0], leaf.args[1], leaf.kwargs.get("scaling"), None)),)
-    graph.lint()
     children: dict[str, Any] = {
         node.target: attention.get_submodule(node.target)
         for node in graph.nodes if node.op == "call_module" and node.target != _LEAF
     }
     children[_LEAF] = AttentionFunction(attention, eager, float(dropout))
-    scored = fx.GraphModule(children, graph, class_name=f"Scored{type(attention).__name__}")
-    order_children_as(scored, attention)
-    scored.train(attention.training)
-    return scored
+    if bias is not None:
+        tokens = next(node for node in graph.nodes if node.op == "placeholder")
+        with graph.inserting_before(leaf):
+            leaf.update_arg(3, graph.call_module(BIAS_FOLLOWER, (leaf.args[3], tokens)))
+        children[BIAS_FOLLOWER] = bias
+    return graph, leaf, children
+
+
+def _attention_module(children: dict[str, Any], graph: fx.Graph, attention: nn.Module, kind: str) -> fx.GraphModule:
+    graph.lint()
+    module = fx.GraphModule(children, graph, class_name=f"{kind}{type(attention).__name__}")
+    order_children_as(module, attention)
+    module.train(attention.training)
+    return module
+
+
+def scored_transformers_attention(attention: nn.Module, model_name: str, positions: Collection[str] = (),
+                                  bias: Optional[nn.Module] = None) -> fx.GraphModule:
+    """``attention`` returning ``(its output, (q, k, scaling, None[, bias]))``, taking the tokens and
+    ``position_embeddings`` where ``positions`` names it (q and k are then the rotated ones), or with
+    ``bias`` (a follower) the ``attention_mask`` its layer hands it, which then follows the tokens held
+    and is added to the scores' logits as the attention adds it.
+
+    Traced in training mode with the config's implementation set to ``eager``, so that
+    the modeling module's ``eager_attention_forward`` is what transformers' dispatcher
+    returns; for the length of the trace that name records one leaf call (the way
+    torch.fx wraps functions), which :class:`AttentionFunction` then serves at run time.
+    """
+    graph, leaf, children = _traced_attention(attention, model_name, positions, bias)
+    output = next(node for node in graph.nodes if node.op == "output")
+    followed = (leaf.args[3],) if bias is not None else ()
+    output.args = ((output.args[0], (leaf.args[0], leaf.args[1], leaf.kwargs.get("scaling"), None, *followed)),)
+    return _attention_module(children, graph, attention, "Scored")
+
+
+def bias_following_transformers_attention(attention: nn.Module, follower: nn.Module, model_name: str,
+                                          positions: Collection[str] = ()) -> fx.GraphModule:
+    """``attention`` computing as before, but on the ``attention_mask`` its layer hands it (a bias over the full
+    sequence) put through ``follower`` first; it also takes (and ignores, as the attention does) what the
+    layer passes on in ``**kwargs``."""
+    graph, _, children = _traced_attention(attention, model_name, positions, follower)
+    last_input = [node for node in graph.nodes if node.op == "placeholder"][-1]
+    with graph.inserting_after(last_input):
+        graph.placeholder("**kwargs")
+    return _attention_module(children, graph, attention, "BiasFollowing")
 
 
 class TransformersFamily(ModelFamily):
@@ -179,6 +226,7 @@ class TransformersFamily(ModelFamily):
     name = "transformers"
     library = "transformers"
     key_weighting = False
+    attention_name = "attention"
 
     def _model_type(self, model: nn.Module) -> str:
         return str(getattr(getattr(model, "config", None), "model_type", ""))
@@ -214,8 +262,12 @@ class TransformersFamily(ModelFamily):
                                     f"{' / '.join(f'`{path}`' for path in _BLOCK_PATHS)} list of transformer layers")
 
     def sequence_inputs(self, model: nn.Module) -> dict[str, Optional[SequenceInput]]:
-        """DINOv3's ``position_embeddings``, the ``(cos, sin)`` pair its model passes every layer."""
-        return {_ROTARY_INPUT: RotaryPair()} if _ROTARY_INPUT in _layer_parameters(self.blocks(model)[0]) else {}
+        """DINOv3's ``position_embeddings``, the ``(cos, sin)`` pair its model passes every layer; BEiT's
+        relative position bias, which each layer hands its attention (:mod:`evit_patch.adapters.transformers_bias`)."""
+        layers = self.blocks(model)
+        if _ROTARY_INPUT in _layer_parameters(layers[0]):
+            return {_ROTARY_INPUT: RotaryPair()}
+        return relative_bias_inputs(self._base(model), layers, self.model_name(model), self.prefix_token_count(model))
 
     def prefix_token_count(self, model: nn.Module) -> int:
         """The class token, DeiT's distillation token and DINOv2's registers, as the
@@ -249,15 +301,23 @@ class TransformersFamily(ModelFamily):
         """The layer rewritten from its own computation; it also takes (and, like the layer's
         attention, ignores) the output flags the encoder passes on (``output_hidden_states``,
         ...), which transformers' hooks read."""
-        names = tuple(name for name, follower in (positions or {}).items() if follower is not None)
-        view = computation_view(block, _RotaryLayerView if _ROTARY_INPUT in names else _LayerView)
-        patched = reorganizing_block(view, reorganizer, model_name, "attention",
-                                     partial(scored_transformers_attention, positions=names), positions)
+        positions = dict(positions or {})
+        bias = positions.pop(ATTENTION_BIAS, None)
+        names = tuple(name for name, follower in positions.items() if follower is not None)
+        kind = _RotaryLayerView if _ROTARY_INPUT in names else _LayerView if bias is None else bias_layer_view(block)
+        patched = reorganizing_block(computation_view(block, kind), reorganizer, model_name, self.attention_name,
+                                     partial(scored_transformers_attention, positions=names, bias=bias), positions,
+                                     used_inputs=getattr(kind, "used_inputs", ()),
+                                     attention_keywords=(BIAS_KEYWORD,) if bias is not None else ())
         last_input = [node for node in patched.graph.nodes if node.op == "placeholder"][-1]
         with patched.graph.inserting_after(last_input):
             patched.graph.placeholder("**kwargs")
         patched.recompile()
         return patched
+
+    def bias_following_attention(self, attention: nn.Module, follower: nn.Module, model_name: str,
+                                 positions: tuple[str, ...] = ()) -> nn.Module:
+        return bias_following_transformers_attention(attention, follower, model_name, positions)
 
     def replacement_hooks(self, model: nn.Module, replacements: dict[int, nn.Module]) -> dict[int, list[Callable]]:
         """transformers records ``output_hidden_states`` with forward hooks on the layer class the

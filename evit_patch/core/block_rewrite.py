@@ -26,7 +26,8 @@ from evit_patch.core.fx_graph import (
 from evit_patch.core.scored_attention import scored_attention
 from evit_patch.errors import UnsupportedModelError
 
-_MASK_PARAMETERS = {"attn_mask", "is_causal", "attention_mask"}
+_MASK_PARAMETERS = {"attn_mask", "is_causal", "attention_mask", "interpolate_pos_encoding"}
+"""Block inputs refused unless None or False (transformers' BEiT layer interpolates its bias to the sequence length)."""
 _ROTARY = ("rotary position embeddings in a form its family does not follow (timm's `Eva` tables do; see "
            "docs/positions.md)")
 _RELATIVE = ("a relative position bias sized to the full token grid in a form its family does not follow (timm's BEiT "
@@ -78,7 +79,8 @@ def _attention_residual_add(graph: fx.Graph, block_input: fx.Node, attention_out
 
 def reorganizing_block(block: nn.Module, reorganizer: nn.Module, model_name: str, attention_name: str = "attn",
                        score: Callable[[nn.Module, str], nn.Module] = scored_attention,
-                       positions: Mapping[str, Optional[nn.Module]] | None = None) -> fx.GraphModule:
+                       positions: Mapping[str, Optional[nn.Module]] | None = None,
+                       used_inputs: Collection[str] = (), attention_keywords: Collection[str] = ()) -> fx.GraphModule:
     """A GraphModule sharing ``block``'s submodules, with ``reorganizer`` after attention.
 
     ``attention_name`` is the block's attention child, called with the tokens and the block's
@@ -86,12 +88,15 @@ def reorganizing_block(block: nn.Module, reorganizer: nn.Module, model_name: str
     to its module there (children ``follow_<name>``), which makes it follow the tokens the block
     holds (a name mapped to None: an input the model always passes as None, checked like a mask);
     ``score`` turns it into a module returning ``(its output, AttentionTensors)`` and taking those
-    inputs (a family whose attention torch.fx cannot trace brings its own)."""
+    inputs (a family whose attention torch.fx cannot trace brings its own). ``used_inputs``: block inputs the
+    block's graph uses as it says, and ``attention_keywords``: arguments of the attention call kept as the
+    block computes them (transformers' BEiT: the image ``resolution`` a layer builds its bias from, and that
+    bias, handed to the attention as ``attention_mask``, which the scored attention makes follow the tokens)."""
     attention = getattr(block, attention_name, None)
     if not isinstance(attention, nn.Module):
         raise UnsupportedModelError(model_name, f"its block {type(block).__name__} has no `{attention_name}` submodule")
     positions = positions or {}
-    check_block_inputs(block, model_name, positions)
+    check_block_inputs(block, model_name, (*positions, *used_inputs))
     try:
         graph = trace_own_forward(block)
     except Exception as error:  # torch.fx raises many kinds of errors on untraceable code
@@ -102,15 +107,18 @@ def reorganizing_block(block: nn.Module, reorganizer: nn.Module, model_name: str
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     block_input = placeholders[0]
     position_inputs = [node for node in placeholders[1:] if positions.get(node.target) is not None]
-    mask_inputs = [node for node in placeholders[1:] if positions.get(node.target) is None]
+    mask_inputs = [node for node in placeholders[1:]
+                   if positions.get(node.target) is None and node.target not in used_inputs]
     calls = [node for node in graph.nodes if node.op == "call_module" and node.target == attention_name]
     if len(calls) != 1:
         raise UnsupportedModelError(model_name, f"its block calls its attention {len(calls)} times")
     call = calls[0]
-    call.args, call.kwargs = call.args[:1], _position_arguments(call, position_inputs, model_name)
-    for node in position_inputs:
+    kept = {name: value for name, value in call.kwargs.items() if name in attention_keywords}
+    passed = _position_arguments(call, position_inputs, attention, model_name)
+    call.args, call.kwargs = call.args[:1], {**passed, **kept}
+    for keyword, node in passed.items():
         with graph.inserting_before(call):
-            call.update_kwarg(node.target, graph.call_module(f"follow_{node.target}", (node, block_input)))
+            call.update_kwarg(keyword, graph.call_module(f"follow_{node.target}", (node, block_input)))
     if any(node.users for node in mask_inputs):  # the reorganizer rejects masks at run time
         raise UnsupportedModelError(model_name, "its block uses the attention mask outside the attention")
     with graph.inserting_after(call):
@@ -151,14 +159,18 @@ def reorganizing_block(block: nn.Module, reorganizer: nn.Module, model_name: str
     return patched
 
 
-def _position_arguments(call: fx.Node, position_inputs: list[fx.Node], model_name: str) -> dict[str, fx.Node]:
-    """The attention call's keyword arguments that pass the block's position inputs on as they are,
-    which must be the only use of them (a table used elsewhere, or changed first, would not follow the tokens)."""
-    passed = {name: value for name, value in call.kwargs.items() if value in position_inputs}
+def _position_arguments(call: fx.Node, position_inputs: list[fx.Node], attention: nn.Module,
+                        model_name: str) -> dict[str, fx.Node]:
+    """The attention call's arguments that pass the block's position inputs on as they are, by keyword or in
+    their place after the tokens (timm's gemma4: ``attn(x, rope_cos, rope_sin)``), as keyword arguments; that
+    must be the only use of them (a table used elsewhere, or changed first, would not follow the tokens)."""
+    places = [parameter.name for parameter in extra_forward_parameters(attention)]
+    arguments = {**dict(zip(places, call.args[1:])), **call.kwargs}
+    passed = {name: value for name, value in arguments.items() if value in position_inputs}
     for node in position_inputs:
-        if set(node.users) - {call} or node in call.args or node not in passed.values():
+        if set(node.users) - {call} or list(passed.values()).count(node) != 1:
             raise UnsupportedModelError(model_name, f"its block uses its input {node.target!r} other than by passing "
-                                                    "it to its attention by keyword")
+                                                    "it to its attention once")
     return passed
 
 

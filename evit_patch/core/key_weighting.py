@@ -164,13 +164,14 @@ def refuse_traced_away_inputs(names: tuple, defaults: tuple, *values: Any) -> No
 
 
 def accept_traced_away_inputs(graph: fx.Graph, attention: nn.Module, positions: Collection[str]) -> None:
-    """Put back, as defaulted inputs, the mask parameters the trace fixed (all but ``positions``, which
-    stayed inputs), so callers such as timm's ``Block`` can keep passing ``attn_mask=None, is_causal=False``."""
+    """Put back, as defaulted inputs after the others, the mask parameters the trace fixed (all but ``positions``,
+    which stayed inputs), so callers such as timm's ``Block`` can keep passing ``attn_mask=None, is_causal=False``
+    (gemma4's in its place, after the rotary inputs)."""
     parameters = [parameter for parameter in extra_forward_parameters(attention) if parameter.name not in positions]
     if not parameters:
         return
     inputs = []
-    anchor = next(node for node in graph.nodes if node.op == "placeholder")
+    anchor = [node for node in graph.nodes if node.op == "placeholder"][-1]
     for parameter in parameters:
         with graph.inserting_after(anchor):
             anchor = graph.placeholder(parameter.name, default_value=parameter.default)

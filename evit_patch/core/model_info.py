@@ -16,6 +16,7 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer_relpos import VisionTransformerRelPos
 from torch import Tensor, nn
 
+from evit_patch.core.attention_bias import bias_following_attention
 from evit_patch.core.block_rewrite import reorganizing_block
 from evit_patch.core.positions import ATTENTION_BIAS, RelativeBias, RotaryTable, SequenceInput
 from evit_patch.core.scored_attention import scored_attention
@@ -36,6 +37,8 @@ class ModelFamily:
     """The top-level package whose model classes the family claims (None: any model)."""
     key_weighting = True
     """Whether attentions can weight their keys (ToMe's proportional attention, DynamicViT)."""
+    attention_name = "attn"
+    """A block's attention child, which a copy whose bias follows the tokens (or that weights keys) replaces."""
 
     def matches(self, model: nn.Module) -> bool:
         return self.library is None or type(model).__module__.split(".")[0] == self.library
@@ -54,6 +57,10 @@ class ModelFamily:
 
     def native_input_shape(self, model: nn.Module) -> Optional[tuple[int, int, int]]:
         return _timm_native_input_shape(model)
+
+    def takes_any_input_size(self, model: nn.Module) -> bool:
+        """Whether the model runs images of any size as it is (timm: built with ``dynamic_img_size``)."""
+        return bool(getattr(model, "dynamic_img_size", False))
 
     def patch_count(self, model: nn.Module) -> Optional[int]:
         """Patch tokens the first block sees (None when it cannot be told)."""
@@ -96,6 +103,13 @@ class ModelFamily:
         names = tuple(name for name, follower in positions.items() if follower is not None)
         return reorganizing_block(block, reorganizer, model_name,
                                   score=partial(scored_attention, positions=names, bias=bias), positions=positions)
+
+    def bias_following_attention(self, attention: nn.Module, follower: nn.Module, model_name: str,
+                                 positions: tuple[str, ...] = ()) -> nn.Module:
+        """``attention`` (of a block not rewritten, after the first reduction layer) as a copy whose
+        bias goes through ``follower`` (see :mod:`evit_patch.core.attention_bias`); it takes the block
+        inputs ``positions`` as the original does."""
+        return bias_following_attention(attention, follower, model_name, positions)
 
     def replacement_hooks(self, model: nn.Module, replacements: dict[int, nn.Module]) -> dict[int, list[Callable]]:
         """Forward hooks for ``replacements`` (block index -> rewritten block), asked for just
@@ -176,6 +190,11 @@ def score_mode(model: nn.Module) -> ScoreMode:
 def native_input_shape(model: nn.Module) -> Optional[tuple[int, int, int]]:
     """``(C, H, W)`` the model is built for, or None when it cannot be told."""
     return family_of(model).native_input_shape(model)
+
+
+def takes_any_input_size(model: nn.Module) -> bool:
+    """Whether the model runs images of any size as it is, without being resized."""
+    return family_of(model).takes_any_input_size(model)
 
 
 def _timm_model_name(model: nn.Module) -> str:

@@ -32,7 +32,8 @@ POSITION_RULES: tuple[str, ...] = get_args(PositionRule)
 
 ATTENTION_BIAS = "attention_bias"
 """The name under which a family declares the bias each attention computes itself (from its own
-table) and hands ``scaled_dot_product_attention`` as ``attn_mask``; the other names are block inputs."""
+table) and hands ``scaled_dot_product_attention`` as ``attn_mask``, or is handed by its block
+(transformers' BEiT: ``attention_mask``); the other names are block inputs."""
 
 
 class SequenceInput(ABC):

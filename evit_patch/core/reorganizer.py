@@ -67,8 +67,9 @@ class ReductionState(PatchState):
         self.register_replacement_hooks()
         for index, block in self.patched_blocks.items():
             blocks[index] = block
+        attention_name = family_of(model).attention_name
         for index, attention in self.weighted_attentions.items():
-            blocks[index].attn = attention
+            setattr(blocks[index], attention_name, attention)
         self.input_hook = family_of(model).input_module(model).register_forward_pre_hook(
             self.start_forward, with_kwargs=True)
         if set(self.positions) - {ATTENTION_BIAS}:
@@ -99,9 +100,10 @@ class ReductionState(PatchState):
         for index, block in self.original_blocks.items():
             block.train(blocks[index].training)  # train()/eval() since patching reached the rewrite only
             blocks[index] = block
+        attention_name = family_of(model).attention_name
         for index, attention in self.original_attentions.items():
-            attention.training = blocks[index].attn.training  # train()/eval() since patching reached the copy only
-            blocks[index].attn = attention
+            attention.training = getattr(blocks[index], attention_name).training  # train()/eval() reached the copy only
+            setattr(blocks[index], attention_name, attention)
         family_of(model).restore_originals(model, self.original_blocks)
         self.input_hook.remove()
         for hook in self.position_hooks:

@@ -7,10 +7,9 @@ from typing import Sequence, TypeVar
 from torch import nn
 
 from evit_patch.core.arguments import validated_placement
-from evit_patch.core.attention_bias import bias_following_attention
 from evit_patch.core.key_weighting import weighted_key_attention
 from evit_patch.core.lifecycle import attach, check_unpatched, detach, patch_state
-from evit_patch.core.model_info import family_of, model_name, prefix_token_count, score_mode, transformer_blocks
+from evit_patch.core.model_info import ModelFamily, family_of, model_name, prefix_token_count, score_mode, transformer_blocks
 from evit_patch.core.positions import ATTENTION_BIAS, POSITION_RULES, MixableInput, PositionRule
 from evit_patch.core.reduction import TokenReducer
 from evit_patch.core.reorganizer import FollowedInput, ReductionState, TokenReorganizer
@@ -55,23 +54,25 @@ def apply_token_reducer(model: ModelT, layers: Sequence[int] | None, keep_rate: 
                                                            {**dict.fromkeys(inputs), **followers})
     state.original_blocks = {index: blocks[index] for index in layers}
     if ATTENTION_BIAS in state.positions:
-        _follow_attention_bias(blocks, state, name)
+        _follow_attention_bias(blocks, state, name, family)
     if reducer.key_weights is not None:
         _weight_attention_keys(blocks, state, name)
     return attach(model, state)
 
 
-def _follow_attention_bias(blocks: nn.Sequential | nn.ModuleList, state: ReductionState, name: str) -> None:
-    """The attentions after the first reduction layer compute the bias of the full sequence: those
-    of blocks not rewritten are swapped for copies whose bias follows the tokens their block holds
-    (the rewritten blocks' scored attentions have their own follower)."""
+def _follow_attention_bias(blocks: nn.Sequential | nn.ModuleList, state: ReductionState, name: str,
+                           family: ModelFamily) -> None:
+    """The attentions after the first reduction layer compute (or are handed) the bias of the full sequence:
+    those of blocks not rewritten are swapped for the family's copies whose bias follows the tokens their
+    block holds (the rewritten blocks' scored attentions have their own follower)."""
     reorganizer = state.reorganizers()[0]
     live = tuple(input_name for input_name in state.positions if input_name != ATTENTION_BIAS)
     for index in range(state.layers[0] + 1, len(blocks)):
         if index not in state.patched_blocks:
             follower = FollowedInput(reorganizer, state.stage_of(index), ATTENTION_BIAS)
-            state.original_attentions[index] = blocks[index].attn
-            state.weighted_attentions[index] = bias_following_attention(blocks[index].attn, follower, name, live)
+            attention = getattr(blocks[index], family.attention_name)
+            state.original_attentions[index] = attention
+            state.weighted_attentions[index] = family.bias_following_attention(attention, follower, name, live)
 
 
 def _weight_attention_keys(blocks: nn.Sequential | nn.ModuleList, state: ReductionState, name: str) -> None:
