@@ -5,13 +5,12 @@ the full grid) are refused in one line; the soft-token pooler's towers are refus
 
 from __future__ import annotations
 
-import copy
-import pickle
 import threading
 
 import pytest
 import timm
 import torch
+from patched_clones import pickled_and_copied
 from reference_gemma4_positions import gemma4_reference, half_rows
 
 import evit_patch
@@ -141,13 +140,8 @@ def test_exact_token_counts_and_macs(fuse):
 def test_pickled_and_copied_models_follow_positions():
     model = _model()
     evit_patch.apply_evit(model, LAYERS, KEEP_RATE)
-    images = _images()
-    with torch.no_grad():
-        expected = model(images)
-        for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
-            assert torch.equal(clone(images), expected)
-            evit_patch.remove_evit(clone)
-            assert not clone.encoder.blocks[3]._forward_pre_hooks
+    for clone in pickled_and_copied(model, _images()):
+        assert not clone.encoder.blocks[3]._forward_pre_hooks
 
 
 def test_bf16_autocast_runs_with_the_same_token_counts():

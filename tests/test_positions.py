@@ -6,12 +6,10 @@ kept tokens with their own rotary rows. Concurrent calls and torch.compile on a 
 
 from __future__ import annotations
 
-import copy
-import pickle
-
 import pytest
 import timm
 import torch
+from patched_clones import pickled_and_copied
 from reference_positions import reference_forward, rotary_rows
 
 import evit_patch
@@ -133,13 +131,8 @@ def test_a_merged_token_takes_its_representatives_rotary_row():
 def test_pickled_and_copied_models_follow_positions():
     model = _model("vit_small_patch16_rope_mixed_224")
     evit_patch.apply_evit(model, LAYERS, KEEP_RATE)
-    images = _images()
-    with torch.no_grad():
-        expected = model(images)
-        for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
-            assert torch.equal(clone(images), expected)
-            evit_patch.remove_evit(clone)
-            assert not clone.blocks[3]._forward_pre_hooks
+    for clone in pickled_and_copied(model, _images()):
+        assert not clone.blocks[3]._forward_pre_hooks
 
 
 def test_macs_and_kept_tokens_on_a_rotary_model():

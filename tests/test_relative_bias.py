@@ -8,13 +8,11 @@ calls, torch.compile and pickling on a BEiT: ``test_concurrency.py``, ``test_com
 
 from __future__ import annotations
 
-import copy
-import pickle
-
 import pytest
 import timm
 import torch
 from every_method import BIAS_METHODS, PATCHES, small_bias_vit
+from patched_clones import pickled_and_copied
 from reference_bias import bias_rows, reference_forward
 
 import evit_patch
@@ -146,13 +144,8 @@ def test_random_drop_follows_the_bias_of_the_tokens_it_keeps():
 def test_pickled_and_copied_models_follow_the_bias():
     model = _model("beit_base_patch16_224")
     evit_patch.apply_evit(model, LAYERS, KEEP_RATE)
-    images = _images()
-    with torch.no_grad():
-        expected = model(images)
-        for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
-            assert torch.equal(clone(images), expected)
-            evit_patch.remove_evit(clone)
-            assert type(clone.blocks[3].attn).__name__ == "Attention"
+    for clone in pickled_and_copied(model, _images()):
+        assert type(clone.blocks[3].attn).__name__ == "Attention"
 
 
 def test_macs_kept_tokens_and_budget_on_a_bias_model():
