@@ -56,7 +56,7 @@ def apply_token_reducer(model: ModelT, layers: Sequence[int] | None, keep_rate: 
     if ATTENTION_BIAS in state.positions:
         _follow_attention_bias(blocks, state, name, family)
     if reducer.key_weights is not None:
-        _weight_attention_keys(blocks, state, name)
+        _weight_attention_keys(blocks, state, name, family)
     return attach(model, state)
 
 
@@ -75,19 +75,21 @@ def _follow_attention_bias(blocks: nn.Sequential | nn.ModuleList, state: Reducti
             state.weighted_attentions[index] = family.bias_following_attention(attention, follower, name, live)
 
 
-def _weight_attention_keys(blocks: nn.Sequential | nn.ModuleList, state: ReductionState, name: str) -> None:
+def _weight_attention_keys(blocks: nn.Sequential | nn.ModuleList, state: ReductionState, name: str,
+                           family: ModelFamily) -> None:
     """Every attention from the first reduction layer on reads the reducer's key weights
     (e.g. token sizes for proportional attention): the reducing blocks' own rewritten
     attention, and the other blocks' attention swapped for a weighted copy."""
     patched = state.patched_blocks
     for index in range(state.layers[0], len(blocks)):
         owner = patched.get(index, blocks[index])
-        attention = owner.attn if index in patched else state.weighted_attentions.get(index, owner.attn)
+        own = getattr(owner, family.attention_name)
+        attention = own if index in patched else state.weighted_attentions.get(index, own)
         weighted = weighted_key_attention(attention, state.reducer.key_weights, name, tuple(state.positions))
         if index in patched:
-            owner.attn = weighted
+            setattr(owner, family.attention_name, weighted)
         else:
-            state.original_attentions.setdefault(index, owner.attn)
+            state.original_attentions.setdefault(index, own)
             state.weighted_attentions[index] = weighted
 
 
