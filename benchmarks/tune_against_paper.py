@@ -206,7 +206,8 @@ def main() -> None:
     setup = {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()}
     write_results(args.out, table, {"setup": setup, "rows": rows, "front": [trial.label for trial in result.front],
                                     "timed": [{"setting": trial.label, "speedup": trial.speed.speedup,
-                                               "top1": trial.held_out.top1, "agreement": trial.held_out.agreement}
+                                               "calibration_top1": trial.calibration.top1,
+                                               "calibration_agreement": trial.calibration.agreement}
                                               for trial in result.measured]})
     plot(result, rows, f"{args.recipe.name} {' '.join(args.overrides)}"[:90], args.out.with_suffix(".png"))
 

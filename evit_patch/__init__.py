@@ -24,7 +24,7 @@ from evit_patch.errors import UnsupportedModelError
 from evit_patch.reducers.evit import apply_evit
 from evit_patch.tuning.config import TokenConfig, apply_config
 from evit_patch.tuning.front import UnreachableTarget
-from evit_patch.tuning.result import TuneResult
+from evit_patch.tuning.result import TargetNotMet, TuneResult
 from evit_patch.tuning.search import tune
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "DROPPED",
     "UnsupportedModelError",
     "tune",
+    "TargetNotMet",
     "TuneResult",
     "TokenConfig",
     "apply_config",

@@ -20,6 +20,7 @@ from finetune_helpers import TINY
 import evit_patch
 from evit_patch.core.token_patch import apply_token_reducer
 from evit_patch.reducers import EvitReducer, ToMeMerge, TrainingFreeEvit
+from evit_patch.tools import tune as tune_module
 from evit_patch.tools.tune import fashion_mnist
 from evit_patch.tools.tune import main as tune_main
 from evit_patch.tools.tune_report import result_json
@@ -30,6 +31,8 @@ from evit_patch.train.recipe import RecipeError, recipe_from_dict
 from evit_patch.train.schedule import keep_rate_at
 from evit_patch.tuning.config import TokenConfig, apply_config, recipe_fragment
 from evit_patch.tuning.front import UnreachableTarget
+from evit_patch.tuning.result import TargetNotMet
+from evit_patch.tuning.space import candidate_configs
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2, "num_classes": 5,
@@ -94,6 +97,7 @@ def fake_clock(speedups: dict = SPEEDUPS) -> FakeClock:
 
 
 def run_tune(clock: FakeClock, count: int = 16, candidates=CANDIDATES, **kwargs) -> evit_patch.TuneResult:
+    kwargs.setdefault("quality_batch_size", 4)  # the fake clock's seconds are per forward
     return evit_patch.tune(clock.on(tiny_vit()), images(count), batch_size=4, repeats=3, candidates=candidates,
                            clock=clock, progress=False, **kwargs)
 
@@ -135,7 +139,8 @@ def test_calibration_and_held_out_never_overlap_and_held_out_figures_are_measure
     chosen_on, reported_on = set(result.calibration_images), set(result.held_out_images)
     assert not chosen_on & reported_on and chosen_on | reported_on == set(range(20)) and len(chosen_on) == 8
     model, data = tiny_vit(), images(20)
-    trial = result.measured[1]
+    trial = next(trial for trial in result.front if trial.config is not None)
+    assert {t.label for t in result.trials[1:] if t.held_out is not None} == {t.label for t in result.front} - {"unpatched"}
     held_out = torch.tensor(result.held_out_images)
     with torch.no_grad():
         reference = model(data[held_out]).argmax(1)
@@ -149,7 +154,7 @@ def test_the_choice_is_made_on_the_calibration_images_not_the_held_out_ones() ->
     result = run_tune(fake_clock(), count=24, max_agreement_loss=0.1)
 
     def best(part):
-        fits = [trial for trial in result.measured if 1 - getattr(trial, part).agreement <= 0.1]
+        fits = [trial for trial in (*result.front, result.trials[0]) if 1 - getattr(trial, part).agreement <= 0.1]
         return max(fits, key=lambda trial: (trial.speed.speedup, getattr(trial, part).agreement))
     assert best("calibration") != best("held_out")  # the case means something
     assert result.chosen == best("calibration")
@@ -164,6 +169,7 @@ def test_agreement_equals_top1_when_the_labels_are_the_unpatched_predictions() -
                              clock=clock, progress=False)
     for trial in result.measured:
         assert trial.calibration.top1 == trial.calibration.agreement
+    for trial in result.front:
         assert trial.held_out.top1 == trial.held_out.agreement
 
 
@@ -177,9 +183,39 @@ def test_speed_comes_from_timing_not_from_macs() -> None:
     assert result.chosen == merged and merged.speed.speedup == pytest.approx(1.78)
 
 
-def test_a_target_above_the_fastest_measured_names_the_fastest() -> None:
-    with pytest.raises(UnreachableTarget, match="the fastest found runs 1.70x"):
+def test_a_target_above_the_fastest_measured_names_the_fastest_and_keeps_what_was_measured() -> None:
+    with pytest.raises(TargetNotMet, match="the fastest found runs 1.70x") as refused:
         run_tune(fake_clock(), target_speedup=1.75)  # within what the MACs allow (1.46x fewer, 1.82x)
+    result = refused.value.result
+    assert result.unmet == str(refused.value) and len(result.measured) == len(run_tune(fake_clock()).measured)
+    assert result.chosen.speed.speedup == pytest.approx(1.7) == max(trial.speed.speedup for trial in result.measured)
+
+
+def test_a_first_look_screens_out_only_settings_a_survivor_beats_on_macs_and_kl() -> None:
+    """256 images: 128 calibration images, of which the first 32 give every candidate a first look
+    and only the survivors a pass over the other 96; both figures equal passes run here by hand."""
+    candidates = candidate_configs(len(LAYERS) + 2, ("evit", "tome"), (0.9, 0.7, 0.5))
+    data = images(256)
+    result = run_tune(fake_clock(), count=256, candidates=candidates, quality_batch_size=None)
+    trials = result.trials[1:]
+    out = [trial for trial in trials if trial.screened_out]
+    kept = [trial for trial in trials if trial.calibration is not None]
+    assert all(trial.first_look is not None for trial in trials) and not result.left
+    assert out and len(kept) + len(out) == len(trials) and len(kept) >= len(trials) / 3
+    assert all(trial.calibration is None and trial.speed is None for trial in out)
+    for loser in out:
+        assert any(winner.mac_ratio >= loser.mac_ratio and winner.first_look.mean_kl <= loser.first_look.mean_kl
+                   and (winner.mac_ratio, winner.first_look.mean_kl) != (loser.mac_ratio, loser.first_look.mean_kl)
+                   for winner in kept)
+    calibration = torch.tensor(result.calibration_images)
+    model, trial = tiny_vit(), kept[-1]
+    with torch.no_grad():
+        reference, patched = model(data[calibration]), apply_config(copy.deepcopy(model), trial.config)(data[calibration])
+    same = (reference.argmax(1) == patched.argmax(1)).double()
+    assert trial.first_look.agreement == float(same[:32].mean()) and trial.calibration.agreement == float(same.mean())
+    assert trial.first_look.mean_kl == pytest.approx(float(torch.nn.functional.kl_div(
+        patched[:32].double().log_softmax(1), reference[:32].double().log_softmax(1), log_target=True,
+        reduction="batchmean")), rel=1e-9)
 
 
 def test_a_target_no_setting_can_reach_is_refused_before_the_clock_is_read() -> None:
@@ -339,6 +375,22 @@ def test_the_command_line_writes_its_four_files(tmp_path, capsys) -> None:
     fragment = yaml.safe_load(prefix.with_name("tuned.recipe.yaml").read_text())
     recipe_from_dict({**yaml.safe_load(yaml.safe_dump(TINY)), **fragment})
     assert "## The front" in prefix.with_name("tuned.md").read_text()
+
+
+def test_a_target_unmet_after_timing_writes_the_files_then_is_one_line(tmp_path, capsys, monkeypatch) -> None:
+    clock = fake_clock()  # every setting the command line makes runs as fast as the unpatched model
+    monkeypatch.setattr(tune_module, "_model", lambda args: clock.on(tiny_vit()))
+    prefix = tmp_path / "tuned"
+    with pytest.raises(SystemExit) as stopped:
+        tune_main([*TINY_ARGS, "--folder", str(write_images(tmp_path / "in", 8)), "--methods", "evit", "--keep-rates",
+                   "0.5", "--batch-size", "4", "--target-speedup", "1.1", "--out", str(prefix)], clock=clock)
+    captured = capsys.readouterr()
+    assert stopped.value.code == 2 and captured.err.count("\n") == 1, captured.err
+    assert "no measured setting is 1.1x fast: the fastest found runs 1.00x" in captured.err
+    assert f"wrote {prefix}.json" in captured.out
+    written = json.loads(prefix.with_name("tuned.json").read_text())
+    assert written["target_not_met"] in captured.err and len(written["trials"]) > 1
+    assert "**Target not met:**" in prefix.with_name("tuned.md").read_text()
 
 
 @pytest.mark.parametrize("kwargs, shape", [({"img_size": 32}, (3, 32, 32)),

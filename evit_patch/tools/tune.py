@@ -8,7 +8,9 @@ and images: every setting measured, the Pareto front, the chosen one and its rec
 Writes PREFIX.md, PREFIX.json, PREFIX.png (speed-up against agreement) and PREFIX.recipe.yaml.
 Exit status 2, in one line and before anything is timed: numbers that make no sense, a folder
 without images or with a file that is not one, a model that cannot be built or patched, a target
-no setting can reach (also after timing, naming the fastest found).
+no setting can reach. A target that no measured setting meets is found after timing: the files
+are written (the fastest setting measured in place of the chosen one), then one line names
+the fastest found, exit status 2.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from evit_patch.train.data import FashionMNIST
 from evit_patch.train.messages import one_line
 from evit_patch.train.model_source import build_model
 from evit_patch.train.recipe import ModelConfig
+from evit_patch.tuning.result import TargetNotMet, TuneResult
 from evit_patch.tuning.search import check_numbers, tune
 from evit_patch.tuning.space import KEEP_RATES, TUNED_METHODS, candidate_configs
 from evit_patch.tuning.timing import Clock
@@ -135,24 +138,31 @@ def main(argv: Optional[Sequence[str]] = None, clock: Clock = time.perf_counter)
                       batch_size=args.batch_size, device=args.device, compile=args.compile, time_budget_s=args.time_budget,
                       seed=args.seed, clock=clock,
                       candidates=candidate_configs(len(transformer_blocks(model)), args.methods, args.keep_rates))
+    except TargetNotMet as error:  # after timing: what was measured is kept, then refused
+        report(parser, error.result, args)
+        parser.exit(2, f"error: {one_line(error)}\n")
     except (TypeError, ValueError, CheckpointError) as error:  # UnsupportedModelError, UnreachableTarget among them
         parser.exit(2, f"error: {one_line(error)}\n")
     except OSError as error:  # Fashion-MNIST files not found, a checkpoint that cannot be read
         parser.exit(2, f"error: {file_fault(error)}\n")
+    report(parser, result, args)
+    chosen = result.chosen
+    print(f"chosen: {chosen.label}: {chosen.speed.speedup:.2f}x, held-out agreement {100 * chosen.held_out.agreement:.1f}%"
+          + ("" if chosen.held_out.top1 is None else f", held-out top-1 {100 * chosen.held_out.top1:.1f}%"))
+
+
+def report(parser: argparse.ArgumentParser, result: TuneResult, args: argparse.Namespace) -> None:
+    """Write the result's files and say where, with the spread warning and what the budget left."""
     try:
         written = write_report(result, args.out, f"evit-tune {args.model}")
     except OSError as error:  # a full disk, a folder made read-only meanwhile
         parser.exit(1, f"error: {file_fault(error)}\n")
     for path in written:
         print(f"wrote {path}")
-    chosen = result.chosen
-    print(f"chosen: {chosen.label}: {chosen.speed.speedup:.2f}x, held-out agreement {100 * chosen.held_out.agreement:.1f}%"
-          + ("" if chosen.held_out.top1 is None else f", held-out top-1 {100 * chosen.held_out.top1:.1f}%"))
     if result.warning:
         print(result.warning)
     if result.out_of_time:
         print(f"the time budget ended the search: {len(result.left)} settings were left (--time-budget)")
-
 
 if __name__ == "__main__":
     main()

@@ -26,11 +26,13 @@ def result_json(result: TuneResult) -> dict[str, Any]:
                 "mac_ratio": item.mac_ratio, "calibration": _quality(item.calibration), "held_out": _quality(item.held_out),
                 "speed": None if speed is None else {"images_per_second": speed.images_per_second,
                                                      "speedup": speed.speedup, "quartiles": list(speed.quartiles)},
+                "first_look": _quality(item.first_look), "screened_out": item.screened_out,
                 "beaten": item.beaten, "on_front": item in result.front, "chosen": item == result.chosen}
 
     return {"device": result.device, "batch_size": result.batch_size, "compiled": result.compiled,
             "calibration_images": list(result.calibration_images), "held_out_images": list(result.held_out_images),
-            "out_of_time": result.out_of_time, "warning": result.warning, "trials": [trial(item) for item in result.trials]}
+            "out_of_time": result.out_of_time, "warning": result.warning, "target_not_met": result.unmet,
+            "trials": [trial(item) for item in result.trials]}
 
 
 def _percent(value: Optional[float]) -> str:
@@ -40,8 +42,9 @@ def _percent(value: Optional[float]) -> str:
 def _row(item: Trial) -> str:
     speed, chosen_on, held_out = item.speed, item.calibration, item.held_out
     return (f"| {item.label} | {speed.speedup:.2f}x ({speed.quartiles[0]:.2f}-{speed.quartiles[1]:.2f}) | "
-            f"{item.mac_ratio:.2f}x | {_percent(chosen_on.agreement)} | {_percent(held_out.agreement)} | "
-            f"{held_out.mean_kl:.4f} | {_percent(held_out.top1)} |")
+            f"{item.mac_ratio:.2f}x | {_percent(chosen_on.agreement)} | "
+            + ("- | - | - |" if held_out is None else
+               f"{_percent(held_out.agreement)} | {held_out.mean_kl:.4f} | {_percent(held_out.top1)} |"))
 
 
 def result_markdown(result: TuneResult, title: str) -> str:
@@ -50,17 +53,25 @@ def result_markdown(result: TuneResult, title: str) -> str:
     header = ["| setting | speed-up (quartiles) | fewer MACs | agreement % (calibration) | agreement % (held-out) | "
               "mean KL (held-out) | top-1 % (held-out) |", "|---|---|---|---|---|---|---|"]
     tried, beaten = len(result.trials) - 1, sum(item.beaten for item in result.trials)
+    screened_out = sum(item.screened_out for item in result.trials)
+    looked = next((item for item in result.trials if item.first_look is not None), None)
     lines = [f"# {title}", "",
              f"{result.device}, batch {result.batch_size}, {'compiled' if result.compiled else 'eager'}; chosen on "
              f"{len(result.calibration_images)} calibration images, reported on {len(result.held_out_images)} held-out ones.",
-             "", f"**Chosen:** {chosen.label}: {chosen.speed.speedup:.2f}x, held-out agreement "
-             f"{_percent(chosen.held_out.agreement)}% (calibration {_percent(chosen.calibration.agreement)}%).", "",
+             "", f"**{'Fastest (target not met)' if result.unmet else 'Chosen'}:** {chosen.label}: "
+             f"{chosen.speed.speedup:.2f}x, held-out agreement {_percent(chosen.held_out.agreement)}% (calibration "
+             f"{_percent(chosen.calibration.agreement)}%).", "",
              f"{tried} settings tried: {len(result.measured) - 1} timed, {beaten} not timed (a timed setting beats "
-             f"what their MACs allow), {len(result.left)} left when the time budget ended."]
+             f"what their MACs allow), {screened_out} screened out by a first look"
+             + ("" if looked is None else " (a setting with at least their MAC ratio moved the answers less)")
+             + f", {len(result.left)} left when the time budget ended."]
+    if result.unmet:
+        lines += ["", f"**Target not met:** {result.unmet}."]
     if result.warning:
         lines += ["", result.warning]
     lines += ["", "## The front (fastest first)", "", *header, *map(_row, result.front),
-              "", "## Every timed setting", "", *header, *map(_row, result.measured)]
+              "", "## Every timed setting (held-out figures for the front only)", "", *header,
+              *map(_row, result.measured)]
     return "\n".join(lines) + "\n"
 
 
@@ -93,6 +104,7 @@ def write_report(result: TuneResult, prefix: Path, title: str) -> list[Path]:
     paths[1].write_text(json.dumps(result_json(result), indent=1) + "\n", encoding="utf-8")
     plot(result, paths[2], title)
     fragment = yaml.safe_dump(recipe_fragment(result.chosen.config), sort_keys=False)
-    paths[3].write_text(f"# the setting evit-tune chose ({result.chosen.label}); merge into a recipe\n{fragment}",
+    why = "the fastest measured: no setting met the target" if result.unmet else "the setting evit-tune chose"
+    paths[3].write_text(f"# {why} ({result.chosen.label}); merge into a recipe\n{fragment}",
                         encoding="utf-8")
     return paths

@@ -6,11 +6,16 @@ The search is cheap where it can be and measures where it must:
 
 1. MACs (:func:`~evit_patch.cost.count_macs`) of every candidate, before anything is timed:
    the filter below, and a target no candidate could reach is refused at once.
-2. The unpatched model's outputs, once; then one pass of each candidate over the calibration
-   images gives its agreement and mean KL (top-1 with labels).
+2. The unpatched model's outputs, once; then a first look at every candidate on a few of the
+   calibration images (:mod:`~evit_patch.tuning.screen`), and a pass of the promising share
+   over the rest of them gives its agreement and mean KL (top-1 with labels). Quality passes
+   run at :data:`QUALITY_BATCH` images or the timing batch if larger: answers do not depend
+   on the batch, and a batch of 1 would make them the slowest part of the tune.
 3. Speed, paired repeat by repeat with the unpatched model (:func:`~evit_patch.tuning.timing.paired_speeds`)
    on the given device and batch size, only for candidates that can still reach the front
-   (:func:`could_reach_front`); their held-out quality is measured with them.
+   (:func:`could_reach_front`).
+4. Held-out quality of the settings on the front (the others are beaten on what the choice
+   reads, so a pass over the held-out images would only cost time).
 
 The choice is made on the calibration images; every figure reported beside it is also given on
 the held-out images, which the choice never saw.
@@ -35,7 +40,8 @@ from evit_patch.cost import count_macs
 from evit_patch.tuning.config import TokenConfig, apply_config
 from evit_patch.tuning.front import Measured, UnreachableTarget, choose, dominates, pareto_front
 from evit_patch.tuning.quality import agreement, calibration_split, mean_kl, top1
-from evit_patch.tuning.result import Quality, Trial, TuneResult
+from evit_patch.tuning.result import Quality, TargetNotMet, Trial, TuneResult
+from evit_patch.tuning.screen import SURVIVING_SHARE, screening_size, survivors
 from evit_patch.tuning.space import candidate_configs
 from evit_patch.tuning.timing import Clock, PairedSpeed, paired_speeds, spread_warning
 
@@ -44,6 +50,8 @@ MAC_SLACK = 1.25
 considering it: fewer tokens rarely run faster than their MACs say (every reduction adds its
 own small operations), but a shorter sequence can fit a cache the full one does not, so the
 bound is loose by a quarter."""
+QUALITY_BATCH = 32
+"""Images per forward of the quality passes (the timing batch where that is larger)."""
 
 
 def check_numbers(count: int, target_speedup: Optional[float], max_agreement_loss: Optional[float], batch_size: int,
@@ -112,34 +120,59 @@ class Search:
         self.chosen_on, self.reported_on = chosen_on, reported_on
         self.batch_size, self.device, self.progress, self.out_of_time = batch_size, device, progress, out_of_time
         self.beaten: set[TokenConfig] = set()  # not timed: a timed setting beats what their MACs allow
+        self.screened: dict[TokenConfig, Quality] = {}  # the first look's quality, when there was a screen
+        self.screened_out: set[TokenConfig] = set()  # looked at, and not among the survivors
         self.unpatched_speed: Optional[PairedSpeed] = None
 
     def full_quality(self, part: Tensor) -> Quality:
         """The unpatched model's own quality on ``part`` of the images."""
         return Quality(1.0, 0.0, None if self.labels is None else top1(self.reference[part], self.labels[part]))
 
-    def quality_of(self, model: nn.Module, part: Tensor) -> Quality:
-        """``model``'s quality on ``part`` of the images (one pass)."""
-        logits = outputs(model, self.images[part], self.batch_size, self.device)
+    def logits_of(self, model: nn.Module, part: Tensor) -> Tensor:
+        """``model``'s logits on ``part`` of the images (one pass)."""
+        return outputs(model, self.images[part], self.batch_size, self.device)
+
+    def quality_on(self, part: Tensor, logits: Tensor) -> Quality:
+        """The quality of ``logits`` given for ``part`` of the images."""
         return quality(self.reference[part], logits, None if self.labels is None else self.labels[part])
 
-    def calibrate(self, candidates: Sequence[TokenConfig]) -> dict[TokenConfig, Quality]:
-        """Each candidate's quality on the calibration images, until the budget ends."""
-        found: dict[TokenConfig, Quality] = {}
-        for config in tqdm(candidates, desc="quality", disable=None if self.progress else True):
+    def quality_of(self, model: nn.Module, part: Tensor) -> Quality:
+        """``model``'s quality on ``part`` of the images (one pass)."""
+        return self.quality_on(part, self.logits_of(model, part))
+
+    def calibrate(self, candidates: Sequence[TokenConfig], ratios: dict[TokenConfig, float]) -> dict[TokenConfig, Quality]:
+        """Each promising candidate's quality on the calibration images, until the budget ends:
+        every candidate is first looked at on a few of them (kept in ``screened``), and the
+        :func:`~evit_patch.tuning.screen.survivors` of that look on the rest (no screen: every
+        candidate on all of them)."""
+        size = screening_size(len(self.chosen_on))
+        first, rest = self.chosen_on[:size], self.chosen_on[size:]
+        first_logits: dict[TokenConfig, Tensor] = {}
+        for config in tqdm(candidates, desc="quality" if not len(rest) else "quality, first look",
+                           disable=None if self.progress else True):
             if self.out_of_time():
                 break
-            found[config] = self.quality_of(self.patched(config), self.chosen_on)
+            first_logits[config] = self.logits_of(self.patched(config), first)
+        if not len(rest):
+            return {config: self.quality_on(first, logits) for config, logits in first_logits.items()}
+        self.screened = {config: self.quality_on(first, logits) for config, logits in first_logits.items()}
+        found: dict[TokenConfig, Quality] = {}
+        promising = survivors({config: (ratios[config], seen.mean_kl) for config, seen in self.screened.items()})
+        self.screened_out = set(self.screened) - set(promising)
+        for config in tqdm(promising, desc="quality", disable=None if self.progress else True):
+            if self.out_of_time():
+                break
+            logits = torch.cat([first_logits[config], self.logits_of(self.patched(config), rest)])
+            found[config] = self.quality_on(self.chosen_on, logits)
         return found
 
     def time_front(self, calibrated: dict[TokenConfig, Quality], ratios: dict[TokenConfig, float],
-                   speed: Callable[[Optional[TokenConfig]], dict[str, PairedSpeed]]
-                   ) -> dict[TokenConfig, tuple[Quality, PairedSpeed]]:
-        """Held-out quality and speed (``speed(config)``: paired with the unpatched model) of
-        each candidate that :func:`could_reach_front`, the most agreeing first (they make the
-        bound bite soonest), until the budget ends. The unpatched model is the first point."""
+                   speed: Callable[[Optional[TokenConfig]], dict[str, PairedSpeed]]) -> dict[TokenConfig, PairedSpeed]:
+        """The speed (``speed(config)``: paired with the unpatched model) of each candidate that
+        :func:`could_reach_front`, the most agreeing first (they make the bound bite soonest),
+        until the budget ends. The unpatched model is the first point."""
         measured: list[Measured] = [Measured(None, 1.0, 1.0)]
-        timed: dict[TokenConfig, tuple[Quality, PairedSpeed]] = {}
+        timed: dict[TokenConfig, PairedSpeed] = {}
         order = sorted(calibrated, key=lambda config: (-calibrated[config].agreement, calibrated[config].mean_kl))
         for config in tqdm(order, desc="speed", disable=None if self.progress else True):
             if not could_reach_front(config, ratios[config], calibrated[config], measured):
@@ -149,7 +182,7 @@ class Search:
                 break
             pair = speed(config)
             self.unpatched_speed = self.unpatched_speed or pair["unpatched"]
-            timed[config] = (self.quality_of(self.patched(config), self.reported_on), pair["candidate"])
+            timed[config] = pair["candidate"]
             measured.append(Measured(config, pair["candidate"].speedup, calibrated[config].agreement))
         if self.unpatched_speed is None:
             self.unpatched_speed = speed(None)["unpatched"]
@@ -195,12 +228,15 @@ def check_reachable(target_speedup: Optional[float], ratios: dict[TokenConfig, f
                             f"{ratios[best]:.2f}x fewer MACs, and speed-ups stay below about {MAC_SLACK}x that")
 
 
-def warn_if_over_budget(reference_s: float, calibration_share: float, ratios: dict[TokenConfig, float],
+def warn_if_over_budget(reference_s: float, calibration: int, count: int, ratios: dict[TokenConfig, float],
                         time_budget_s: float) -> None:
     """Warn at once when the quality passes alone would outlast the budget, so nothing would be
-    timed: each candidate's pass is taken to cost the unpatched pass (``reference_s``, over every
-    image) over its MAC ratio, on the calibration share of the images."""
-    needed = reference_s * calibration_share * sum(1 / ratio for ratio in ratios.values())
+    timed: each candidate's pass is taken to cost the unpatched pass (``reference_s``, over all
+    ``count`` images) over its MAC ratio, on the first look's share of the images, and the
+    surviving share of the candidates on the rest of the ``calibration`` images."""
+    first = screening_size(calibration)
+    share = (first + (calibration - first) * SURVIVING_SHARE) / count
+    needed = reference_s * share * sum(1 / ratio for ratio in ratios.values())
     if needed > time_budget_s:
         warnings.warn(f"the quality passes of {len(ratios)} settings need about {needed:.0f} s of the "
                       f"{time_budget_s:.0f} s budget (the unpatched pass took {reference_s:.1f} s): the search will "
@@ -212,7 +248,7 @@ def tune(model: nn.Module, images: Tensor, labels: Optional[Tensor] = None, *, t
          max_agreement_loss: Optional[float] = None, batch_size: int = 64, device: str | torch.device = "cpu",
          compile: bool = False, time_budget_s: float = 600.0, calibration: float = 0.5, seed: int = 0,
          repeats: int = 7, candidates: Optional[Sequence[TokenConfig]] = None, clock: Clock = time.perf_counter,
-         progress: bool = True) -> TuneResult:
+         progress: bool = True, quality_batch_size: Optional[int] = None) -> TuneResult:
     """Measure token-reduction settings of ``model`` on ``images`` and choose one.
 
     Args:
@@ -230,10 +266,14 @@ def tune(model: nn.Module, images: Tensor, labels: Optional[Tensor] = None, *, t
         clock: the seconds that timing and the budget read (``time.perf_counter``); nothing
             reads it before the arguments, the model and the target have been checked.
         progress: show progress bars (where stderr is a terminal).
+        quality_batch_size: images per forward of the quality passes (default: the larger of
+            :data:`QUALITY_BATCH` and ``batch_size``).
 
     Raises ValueError for arguments that make no sense, ``UnsupportedModelError`` for a model
-    that cannot be patched, and :class:`~evit_patch.tuning.front.UnreachableTarget` for a target
-    no candidate's MACs allow (before any timing) or no measured setting meets.
+    that cannot be patched, :class:`~evit_patch.tuning.front.UnreachableTarget` for a target
+    no candidate's MACs allow (before any timing), and its subclass
+    :class:`~evit_patch.tuning.result.TargetNotMet`, which carries the result, for one that no
+    measured setting meets.
     """
     check_images(images, labels)
     check_numbers(images.shape[0], target_speedup, max_agreement_loss, batch_size, time_budget_s, calibration)
@@ -246,11 +286,12 @@ def tune(model: nn.Module, images: Tensor, labels: Optional[Tensor] = None, *, t
 
     start = clock()
     chosen_on, reported_on = calibration_split(images.shape[0], round(calibration * images.shape[0]), seed)
-    reference = outputs(unpatched, images, batch_size, device)
-    warn_if_over_budget(clock() - start, len(chosen_on) / images.shape[0], ratios, time_budget_s)
-    search = Search(patched, images, labels, reference, chosen_on, reported_on, batch_size, device, progress,
+    quality_batch_size = quality_batch_size or max(QUALITY_BATCH, batch_size)
+    reference = outputs(unpatched, images, quality_batch_size, device)
+    warn_if_over_budget(clock() - start, len(chosen_on), images.shape[0], ratios, time_budget_s)
+    search = Search(patched, images, labels, reference, chosen_on, reported_on, quality_batch_size, device, progress,
                     lambda: clock() - start > time_budget_s)
-    calibrated = search.calibrate(candidates)
+    calibrated = search.calibrate(candidates, ratios)
     timed_reference = torch.compile(unpatched) if compile else unpatched
     timing_images = images[chosen_on][torch.arange(batch_size) % len(chosen_on)].to(device)
 
@@ -262,14 +303,23 @@ def tune(model: nn.Module, images: Tensor, labels: Optional[Tensor] = None, *, t
         return paired_speeds(models, timing_images, repeats, clock=clock)
 
     timed = search.time_front(calibrated, ratios, speed)
+    front = pareto_front([Measured(None, 1.0, 1.0)] + [Measured(config, pair.speedup, calibrated[config].agreement)
+                                                       for config, pair in timed.items()])
+    held_out = {point.setting: search.quality_of(patched(point.setting), reported_on)
+                for point in front if point.setting is not None}
     base = Trial(None, 1.0, search.full_quality(chosen_on), search.full_quality(reported_on), search.unpatched_speed)
-    trials = {config: Trial(config, ratios[config], calibrated.get(config), *timed.get(config, (None, None)),
-                            beaten=config in search.beaten) for config in candidates}
-    measured = [Measured(base, 1.0, 1.0)] + [Measured(trials[config], trials[config].speed.speedup,
-                                                      trials[config].calibration.agreement) for config in timed]
-    front = pareto_front(measured)
-    chosen = choose(front, target_speedup, max_agreement_loss).setting
+    trials = {config: Trial(config, ratios[config], calibrated.get(config), held_out.get(config), timed.get(config),
+                            beaten=config in search.beaten, first_look=search.screened.get(config),
+                            screened_out=config in search.screened_out) for config in candidates}
+    try:
+        chosen, unmet = choose(front, target_speedup, max_agreement_loss).setting, None
+    except UnreachableTarget as error:
+        chosen, unmet = choose(front).setting, str(error)
     speeds = {"unpatched": base.speed, **{trial.label: trial.speed for trial in trials.values() if trial.speed}}
-    return TuneResult((base, *trials.values()), tuple(point.setting for point in front), chosen, str(device), batch_size,
-                      compile, tuple(chosen_on.tolist()), tuple(reported_on.tolist()),
-                      spread_warning(speeds))
+    trial_of = {None: base, **trials}
+    result = TuneResult((base, *trials.values()), tuple(trial_of[point.setting] for point in front),
+                        trial_of[chosen], str(device), batch_size, compile, tuple(chosen_on.tolist()),
+                        tuple(reported_on.tolist()), spread_warning(speeds), unmet)
+    if unmet is not None:
+        raise TargetNotMet(unmet, result)
+    return result
