@@ -7,7 +7,7 @@ only the samples it merges closer, no proportional attention). For the per-sampl
 share of images that each layer pooled rather than absorbed is recorded too. On a model whose
 positions follow the kept tokens (rotary), ``--position-rules representative members`` adds
 the methods that make tokens stand for several under each further rule
-(:func:`evit_patch.set_position_rule`).
+(:func:`evit_patch.set_position_rule`; ``top-member`` only paper EViT, the one it changes).
 
     python benchmarks/training_free.py --out benchmarks/results/training_free_fashion_mnist
     python benchmarks/training_free.py --recipe recipes/lvvit_fashion_mnist.yaml \\
@@ -51,6 +51,7 @@ ABLATIONS: dict[str, Callable[[], TrainingFreeEvit]] = {
     "training-free EViT without proportional attention": lambda: TrainingFreeEvit(proportional_attention=False),
 }
 MIXING_METHODS = ["evit", "evit-training-free", "tome"]  # those whose tokens can stand for several
+RULE_METHODS = {"top-member": ["evit"]}  # a rule that changes fewer (its merged tokens are the default's)
 
 
 @contextlib.contextmanager
@@ -100,7 +101,7 @@ def method_rows(recipe_path: Path, overrides: list[str], keep_rate: float, loade
         rows.append({"method": name, "label": METHODS[name].label, "keep_rate": keep_rate,
                      **measure(prepare_model(recipe), loader, runtime)})
     for rule in position_rules[1:]:
-        for name in MIXING_METHODS:
+        for name in RULE_METHODS.get(rule, MIXING_METHODS):
             recipe = load_recipe(recipe_path, [*overrides, *METHODS[name].selection, f"reduction.keep_rate={keep_rate}"])
             model = prepare_model(recipe)
             set_position_rule(model, rule)

@@ -5,7 +5,8 @@ Sample by sample, every block is the model's own modules (norms, attention, MLP,
 each attention is given, as the shared bias it accepts, the rows and columns of its own full
 bias (``_get_rel_pos_bias()``, ``rel_pos.get_bias()``, or the model's shared one) for the tokens
 the sample still holds, picked by a plain list: the prefix tokens' first, then each image
-token's grid position. A fused token gets a zero row and column. The attention matrix the
+token's grid position. A fused token gets a zero row and column, or by the position rule
+``top-member`` those of its highest-scored member. The attention matrix the
 scores come from is read off the attention's own non-fused path (the input of its ``attn_drop``).
 """
 
@@ -16,7 +17,7 @@ from typing import Optional
 
 import torch
 from reference_evit import kept_count, scores_and_order
-from reference_positions import Position
+from reference_positions import Position, fused_position
 from torch import Tensor, nn
 
 
@@ -73,7 +74,7 @@ def _mlp(block: nn.Module, x: Tensor, beit: bool) -> Tensor:
 
 
 def reference_forward(model: nn.Module, images: Tensor, layers: list[int], keep_rate: float,
-                      fuse: bool) -> tuple[Tensor, list[list[list[Position]]]]:
+                      fuse: bool, top_member: bool = False) -> tuple[Tensor, list[list[list[Position]]]]:
     """Logits of the unpatched ``model`` (pre-norm blocks) with EViT at ``layers``, and each
     sample's grid positions after every reorganizing layer."""
     model = copy.deepcopy(model)
@@ -96,7 +97,7 @@ def reference_forward(model: nn.Module, images: Tensor, layers: list[int], keep_
             out, matrix = _attention(block, x, bias_rows(biases[index], num_prefix, positions), beit)
             x = x + out
             if index in layers:
-                x, positions = _reorganize(x, positions, matrix, num_prefix, keep_rate, fuse)
+                x, positions = _reorganize(x, positions, matrix, num_prefix, keep_rate, fuse, top_member)
                 history.append(positions)
             x = x + _mlp(block, x, beit)
         logits.append(model.forward_head(model.norm(x)))
@@ -105,7 +106,7 @@ def reference_forward(model: nn.Module, images: Tensor, layers: list[int], keep_
 
 
 def _reorganize(x: Tensor, positions: list[Position], matrix: Tensor, num_prefix: int, keep_rate: float,
-                fuse: bool) -> tuple[Tensor, list[Position]]:
+                fuse: bool, top_member: bool) -> tuple[Tensor, list[Position]]:
     """One sample ``(1, N, C)``: its top-k image tokens by class attention (with a class token) or by
     the attention each receives (ViT-RelPos without one), then the fused rest; and the positions kept."""
     scores, order = scores_and_order(matrix, num_prefix, class_token=num_prefix > 0)
@@ -117,5 +118,5 @@ def _reorganize(x: Tensor, positions: list[Position], matrix: Tensor, num_prefix
     kept_positions = [positions[j] for j in order[:keep]]
     if fuse:
         parts.append(sum(scores[j] * image[j] for j in order[keep:]).unsqueeze(0))
-        kept_positions.append(None)
+        kept_positions.append(fused_position(positions, order, keep, top_member=top_member))
     return torch.cat(parts).unsqueeze(0), kept_positions

@@ -6,8 +6,9 @@ Sample by sample, every block is the model's own modules (norms, attention, MLP,
 from the model's full table by a plain list of grid positions. The attention matrix the
 scores come from is read off the attention's own non-fused path (the input of its
 ``attn_drop``). A fused token gets no rotation (sin 0, cos 1), or by the position rule
-``members`` the mean of its grid tokens' rows; prefix tokens are never in the table, as
-timm's attention rotates image tokens only.
+``members`` the mean of its grid tokens' rows, or by the rule ``top-member`` the row of its
+highest-scored member (the first token after the kept ones in the score order, placed where
+that token sat); prefix tokens are never in the table, as timm's attention rotates image tokens only.
 """
 
 from __future__ import annotations
@@ -56,11 +57,19 @@ def _scaled(gamma: Optional[Tensor], x: Tensor) -> Tensor:
     return x if gamma is None else gamma * x
 
 
+def fused_position(positions: list[Position], order: list[int], keep: int, members: bool = False,
+                   top_member: bool = False) -> Position:
+    """Where the fused token of the tokens ``order[keep:]`` sits: nowhere, with ``members`` at all
+    their grid tokens, with ``top_member`` where the highest-scored of them sat."""
+    if members:
+        return tuple(g for j in order[keep:] for g in _members(positions[j]))
+    return positions[order[keep]] if top_member else None
+
+
 def reorganize(x: Tensor, positions: list[Position], matrix: Tensor, num_prefix: int, keep_rate: float,
-               fuse: bool, members: bool = False) -> tuple[Tensor, list[Position]]:
+               fuse: bool, members: bool = False, top_member: bool = False) -> tuple[Tensor, list[Position]]:
     """One sample ``(1, N, C)``: its top-k image tokens by class attention, then the fused rest;
-    and the positions of the tokens it keeps (the fused token's: none, or with ``members`` the
-    grid tokens of all it fused)."""
+    and the positions of the tokens it keeps (the fused token's by :func:`fused_position`)."""
     scores, order = scores_and_order(matrix, num_prefix, class_token=True)
     keep = kept_count(len(positions), keep_rate)
     if keep == len(positions):
@@ -70,12 +79,13 @@ def reorganize(x: Tensor, positions: list[Position], matrix: Tensor, num_prefix:
     kept_positions = [positions[j] for j in order[:keep]]
     if fuse:
         parts.append(sum(scores[j] * image[j] for j in order[keep:]).unsqueeze(0))
-        kept_positions.append(tuple(g for j in order[keep:] for g in _members(positions[j])) if members else None)
+        kept_positions.append(fused_position(positions, order, keep, members, top_member))
     return torch.cat(parts).unsqueeze(0), kept_positions
 
 
 def reference_forward(model: nn.Module, images: Tensor, layers: list[int], keep_rate: float,
-                      fuse: bool, members: bool = False) -> tuple[Tensor, list[list[list[Position]]]]:
+                      fuse: bool, members: bool = False,
+                      top_member: bool = False) -> tuple[Tensor, list[list[list[Position]]]]:
     """Logits of the unpatched ``model`` (an ``Eva`` with a class token) with EViT at ``layers``,
     and each sample's grid positions after every reorganizing layer."""
     model = copy.deepcopy(model)
@@ -92,7 +102,7 @@ def reference_forward(model: nn.Module, images: Tensor, layers: list[int], keep_
             out, matrix = _attention_and_matrix(block, x, rotary_rows(block_table, positions))
             x = x + _scaled(block.gamma_1, out)
             if index in layers:
-                x, positions = reorganize(x, positions, matrix, num_prefix, keep_rate, fuse, members)
+                x, positions = reorganize(x, positions, matrix, num_prefix, keep_rate, fuse, members, top_member)
                 history.append(positions)
             x = x + _scaled(block.gamma_2, block.mlp(block.norm2(x)))
         logits.append(model.forward_head(model.norm(x)))

@@ -13,7 +13,7 @@ from patched_clones import pickled_and_copied
 from reference_positions import reference_forward, rotary_rows
 
 import evit_patch
-from evit_patch.reducers import EvitReducer, ToMeMerge, TrainingFreeEvit
+from evit_patch.reducers import EvitReducer, ToMeMerge, TrainingFreeEvit, evit_reduction
 
 SMALL = {"depth": 4, "embed_dim": 64, "num_heads": 2, "img_size": 64, "num_classes": 10}
 ROTARY_MODELS = {
@@ -105,10 +105,93 @@ def test_the_members_rule_places_a_merged_token_at_the_mean_of_its_grid_tokens()
         torch.testing.assert_close(seen[0][sample, 0], rotary_rows(table, groups), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ROTARY_MODELS.values(), ids=ROTARY_MODELS.keys())
+def test_the_top_member_rule_rotates_a_fused_token_by_its_top_dropped_tokens_row(name):
+    model = _model(name)
+    images = _images()
+    with torch.no_grad():
+        expected, positions = reference_forward(model, images, LAYERS, KEEP_RATE, fuse=True, top_member=True)
+        unrotated, _ = reference_forward(model, images, LAYERS, KEEP_RATE, fuse=True)
+        evit_patch.apply_token_reducer(model, LAYERS, KEEP_RATE, EvitReducer())
+        evit_patch.set_position_rule(model, "top-member")
+        logits = model(images)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    if "mixed" not in name:  # random per-depth frequencies rotate so little that the two rules agree to 1e-6
+        assert not torch.allclose(logits, unrotated, rtol=1e-5, atol=1e-5)  # the rule changed something
+    first, second = evit_patch.kept_tokens(model)
+    for sample, (after_first, after_second) in enumerate(positions):  # the fusion is the same as the reference's
+        assert first.kept_index[sample].tolist() == after_first[:-1]
+        assert [after_first[j] for j in second.kept_index[sample].tolist()] == after_second[:-1]
+
+
+def test_the_top_member_rule_gives_later_blocks_the_rows_of_the_references_positions():
+    """The rows a block after both layers is given: each kept token's own, the fused token's that of
+    its highest-scored member as the reference places it (composed through both layers)."""
+    model = _model("eva02_tiny_patch14_224")
+    images = _images()
+    seen: list[torch.Tensor] = []
+    with torch.no_grad():
+        _, positions = reference_forward(model, images, LAYERS, KEEP_RATE, fuse=True, top_member=True)
+        evit_patch.apply_evit(model, LAYERS, KEEP_RATE)
+        evit_patch.set_position_rule(model, "top-member")
+        model.blocks[3].register_forward_pre_hook(lambda block, args, kwargs: seen.append(kwargs["rope"]),
+                                                  with_kwargs=True)
+        model(images)
+    table = model.rope.get_embed()
+    for sample, (_, after_second) in enumerate(positions):
+        assert None not in after_second
+        torch.testing.assert_close(seen[0][sample, 0], rotary_rows(table, after_second), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reducer", [ToMeMerge(), TrainingFreeEvit()], ids=["tome", "training-free"])
+def test_the_top_member_rule_places_a_merged_token_as_the_representative_rule_exactly(reducer):
+    model = _model("eva02_tiny_patch14_224")
+    images = _images()
+    evit_patch.apply_token_reducer(model, LAYERS, KEEP_RATE, reducer)
+    with torch.no_grad():
+        expected = model(images)
+        evit_patch.set_position_rule(model, "top-member")
+        assert torch.equal(model(images), expected)
+
+
+@pytest.mark.parametrize("name", ROTARY_MODELS.values(), ids=ROTARY_MODELS.keys())
+def test_the_top_member_rule_at_keep_rate_one_is_the_unpatched_model_bitwise(name):
+    model = _model(name)
+    images = _images()
+    with torch.no_grad():
+        expected = model(images)
+        evit_patch.apply_evit(model, LAYERS, 1.0)
+        evit_patch.set_position_rule(model, "top-member")
+        assert torch.equal(model(images), expected)
+
+
+def test_the_top_member_rule_keeps_and_fuses_the_same_tokens_bitwise():
+    """Recording the top member changes nothing the reducer computes; it is the highest-scored
+    token not kept, an index only (no autograd graph)."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 1 + 16, 8, generator=generator)
+    scores = torch.rand(3, 16, generator=generator).requires_grad_()
+    plain = evit_reduction(x, scores, 1, KEEP_RATE)
+    placed = evit_reduction(x, scores, 1, KEEP_RATE, top_member=True)
+    assert torch.equal(placed.tokens, plain.tokens) and torch.equal(placed.kept_index, plain.kept_index)
+    assert plain.map.top_member is None and not placed.map.top_member.requires_grad
+    for sample in range(3):
+        dropped = [j for j in range(16) if j not in plain.kept_index[sample].tolist()]
+        assert placed.map.top_member[sample].tolist() == [max(dropped, key=lambda j: scores[sample, j].item())]
+
+
+def test_pickled_and_copied_models_keep_the_top_member_rule():
+    model = _model("eva02_tiny_patch14_224")
+    evit_patch.apply_evit(model, LAYERS, KEEP_RATE)
+    evit_patch.set_position_rule(model, "top-member")
+    for clone in pickled_and_copied(model, _images()):
+        assert not clone.blocks[3]._forward_pre_hooks
+
+
 def test_a_position_rule_that_does_not_exist_is_refused_in_one_line():
     model = _model("eva02_tiny_patch14_224")
     evit_patch.apply_evit(model, LAYERS, KEEP_RATE)
-    with pytest.raises(ValueError, match="position rule 'centre' is not one of representative, members"):
+    with pytest.raises(ValueError, match="position rule 'centre' is not one of representative, members, top-member; pass one of those"):
         evit_patch.set_position_rule(model, "centre")
 
 

@@ -85,6 +85,21 @@ def test_the_bias_follows_the_kept_tokens_as_the_eager_reference(name, options, 
         assert [after_first[j] for j in second.kept_index[sample].tolist()] == after_second[: len(after_second) - int(fuse)]
 
 
+@pytest.mark.parametrize(("name", "options"), BIAS_MODELS.values(), ids=BIAS_MODELS.keys())
+def test_the_top_member_rule_gives_a_fused_token_its_top_dropped_tokens_row_and_column(name, options):
+    """The rule ``top-member`` places the fused token by one origin, which the bias gathers like any other."""
+    model = _model(name, options)
+    images = _images()
+    with torch.no_grad():
+        expected, _ = reference_forward(model, images, LAYERS, KEEP_RATE, fuse=True, top_member=True)
+        bias_free, _ = reference_forward(model, images, LAYERS, KEEP_RATE, fuse=True)
+        evit_patch.apply_evit(model, LAYERS, KEEP_RATE)
+        evit_patch.set_position_rule(model, "top-member")
+        logits = model(images)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits, bias_free, rtol=1e-5, atol=1e-5)  # the rule changed something
+
+
 @pytest.mark.parametrize("reducer", [ToMeMerge(), TrainingFreeEvit(pooling="never")], ids=["tome", "absorbing"])
 def test_a_merged_token_takes_its_representatives_row_and_column(reducer):
     """A merged or absorbing token is biased as the token it stands for (the map's ``kept_index``),

@@ -24,10 +24,11 @@ from evit_patch.core.reduction import TokenMap
 NO_POSITION = -1
 """The origin of a token that stands for several and is given no position."""
 
-PositionRule = Literal["representative", "members"]
+PositionRule = Literal["representative", "members", "top-member"]
 """Where a token that stands for several sits: ``representative`` (the default: EViT's fused
-token unrotated, a merged token at its representative's row) or ``members`` (the mean of its
-members' rows, each grid token weighing one). Measured in docs/positions.md."""
+token unrotated, a merged token at its representative's row), ``members`` (the mean of its
+members' rows, each grid token weighing one) or ``top-member`` (EViT's fused token where its
+most attended member sits, a merged token as by ``representative``). Measured in docs/positions.md."""
 POSITION_RULES: tuple[str, ...] = get_args(PositionRule)
 
 ATTENTION_BIAS = "attention_bias"
@@ -111,14 +112,19 @@ class RelativeBias(SequenceInput):
         return f"RelativeBias(prefix_tokens={self.prefix_tokens})"
 
 
-def composed_origin(origin: Optional[Tensor], token_map: TokenMap) -> Optional[Tensor]:
+def composed_origin(origin: Optional[Tensor], token_map: TokenMap, top_member: bool = False) -> Optional[Tensor]:
     """Where each image token after ``token_map`` came from, given ``origin`` ``(B, n)`` for
-    the tokens entering it (None: the full sequence in order)."""
+    the tokens entering it (None: the full sequence in order). A fused token has no position,
+    or with ``top_member`` (where the map records one) that of its most attended member, which
+    after several layers may be an earlier fused token's: it sits where that one sits."""
     if token_map.is_identity:
         return origin
-    kept = token_map.kept_index
-    followed = kept if origin is None else origin.gather(1, kept)
-    return F.pad(followed, (0, 1), value=NO_POSITION) if token_map.fused else followed
+    index = token_map.kept_index
+    placed = top_member and token_map.top_member is not None
+    if placed:
+        index = torch.cat([index, token_map.top_member], 1)
+    followed = index if origin is None else origin.gather(1, index)
+    return F.pad(followed, (0, 1), value=NO_POSITION) if token_map.fused and not placed else followed
 
 
 def composed_membership(membership: Optional[Tensor], token_map: TokenMap) -> Optional[Tensor]:

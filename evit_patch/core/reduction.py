@@ -30,6 +30,7 @@ class LayerContext:
     num_prefix_tokens: int
     score_mode: ScoreMode
     training: bool
+    top_member: bool = False  # record a fused token's most attended member (the position rule ``top-member``)
 
     def scores(self, attention: AttentionTensors) -> Tensor:
         """The paper's attentiveness score of each image token ``(B, n)``."""
@@ -43,13 +44,15 @@ class TokenMap:
     indices, whether a fused token follows them); ``destination`` and ``mixed`` are built
     from that on demand, for :func:`evit_patch.kept_tokens` and the kept-token maps. A
     merging method, which computes them while it merges, hands them over as they are.
-    Only index tensors are held, so a record keeps no autograd graph alive.
+    Only index tensors are held, so a record keeps no autograd graph alive. ``top_member``
+    ``(B, 1)``, where a selection method records it: the fused token's most attended member.
     """
 
     def __init__(self, batch: int, incoming: int, device: torch.device, kept_index: Optional[Tensor] = None,
-                 fused: bool = False, destination: Optional[Tensor] = None, mixed: Optional[Tensor] = None) -> None:
+                 fused: bool = False, destination: Optional[Tensor] = None, mixed: Optional[Tensor] = None,
+                 top_member: Optional[Tensor] = None) -> None:
         self.batch, self.incoming, self.device = batch, incoming, device
-        self._kept_index, self.fused = kept_index, fused
+        self._kept_index, self.fused, self.top_member = kept_index, fused, top_member
         self._destination, self._mixed = destination, mixed
         self.is_identity = kept_index is None and destination is None  # every token goes on in its place
         self.is_selection = kept_index is not None and destination is None  # kept tokens, then a fused one or none
@@ -60,10 +63,12 @@ class TokenMap:
         return cls(batch, incoming, device)
 
     @classmethod
-    def selection(cls, kept_index: Tensor, incoming: int, fused: bool) -> "TokenMap":
+    def selection(cls, kept_index: Tensor, incoming: int, fused: bool,
+                  top_member: Optional[Tensor] = None) -> "TokenMap":
         """``kept_index`` go on in that order; the others are fused into one token after
-        them, or discarded."""
-        return cls(kept_index.shape[0], incoming, kept_index.device, kept_index.detach(), fused)
+        them (``top_member``, if given, the one of them weighing most in it), or discarded."""
+        return cls(kept_index.shape[0], incoming, kept_index.device, kept_index.detach(), fused,
+                   top_member=None if top_member is None else top_member.detach())
 
     @classmethod
     def merge(cls, kept_index: Tensor, destination: Tensor, mixed: Optional[Tensor] = None) -> "TokenMap":
@@ -178,9 +183,10 @@ def prefix_and_kept(x: Tensor, num_prefix_tokens: int, kept_index: Tensor, place
 
 
 def selection_reduction(x: Tensor, num_prefix_tokens: int, kept_index: Tensor,
-                        fused_weights: Optional[Tensor]) -> Reduction:
+                        fused_weights: Optional[Tensor], top_member: Optional[Tensor] = None) -> Reduction:
     """Keep ``kept_index`` in that order and, with ``fused_weights`` ``(B, n)``, append
-    their weighted sum over the other tokens as one fused token (zero weight on kept ones).
+    their weighted sum over the other tokens as one fused token (zero weight on kept ones),
+    whose most weighted member ``top_member`` ``(B, 1)`` the map records where given.
 
     The output is written once: one row copy takes the prefix and the kept tokens (and a
     placeholder row where the fused token goes, which is then overwritten), so fusing
@@ -195,4 +201,4 @@ def selection_reduction(x: Tensor, num_prefix_tokens: int, kept_index: Tensor,
         with without_autocast(x.device):
             fused = torch.bmm(fused_weights.to(precision).unsqueeze(1), image.to(precision))
         tokens[:, -1:] = fused.to(x.dtype)
-    return Reduction(tokens, TokenMap.selection(kept_index, x.shape[1] - num_prefix_tokens, fuse))
+    return Reduction(tokens, TokenMap.selection(kept_index, x.shape[1] - num_prefix_tokens, fuse, top_member))

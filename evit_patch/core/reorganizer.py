@@ -175,8 +175,9 @@ class ReductionState(PatchState):
         else:
             origins = self.call.get("origins")
             records = self.records
+            top_member = self.position_rule == "top-member"
             while len(origins) <= stage:
-                origins.append(composed_origin(origins[-1], records[len(origins) - 1]))
+                origins.append(composed_origin(origins[-1], records[len(origins) - 1], top_member))
             result = value if origins[stage] is None else self.positions[name].follow(value, origins[stage])
         followed[(stage, name)] = (value, result)
         return result
@@ -230,7 +231,7 @@ class ReductionState(PatchState):
 
     def context(self, position: int, training: bool) -> LayerContext:
         return LayerContext(position, self.layers[position], self.keep_rates[position], self.num_prefix_tokens,
-                            self.score_mode, training)
+                            self.score_mode, training, self.position_rule == "top-member")
 
 
 def _parameter_places(block: nn.Module) -> dict[str, int]:

@@ -108,7 +108,9 @@ def set_keep_rate(model: nn.Module, keep_rate: float | Sequence[float]) -> None:
 
 def set_position_rule(model: nn.Module, rule: PositionRule) -> None:
     """Where a token that stands for several sits in a model whose positions follow the kept
-    tokens: ``representative`` (the default) or ``members`` (see docs/positions.md)."""
+    tokens: ``representative`` (the default), ``members`` or ``top-member`` (see
+    docs/positions.md). ``top-member`` places a token by one origin, as ``representative``
+    does, so every input that follows the kept tokens (a relative bias too) takes it."""
     if rule not in POSITION_RULES:
         raise ValueError(f"position rule {rule!r} is not one of {', '.join(POSITION_RULES)}; pass one of those")
     state = reduction_state(model)

@@ -24,7 +24,7 @@ VARIANTS: tuple[str, ...] = get_args(Variant)
 
 
 def evit_reduction(x: Tensor, scores: Tensor, num_prefix_tokens: int, keep_rate: float,
-                   fuse: bool = True) -> Reduction:
+                   fuse: bool = True, top_member: bool = False) -> Reduction:
     """Keep the top-scored image tokens and (optionally) fuse the others into one token.
 
     Args:
@@ -34,6 +34,8 @@ def evit_reduction(x: Tensor, scores: Tensor, num_prefix_tokens: int, keep_rate:
             these raw scores, as in the paper (no renormalization).
         keep_rate: fraction in (0, 1]; ``ceil(keep_rate * n)`` tokens are kept.
         fuse: append the fused token (EViT) or drop the unkept tokens (EViT w/o fusion).
+        top_member: record the fused token's most attended member in the map (the
+            position rule ``top-member``); the tokens are the same either way.
 
     The result is ``[prefix, kept (highest score first), fused]``; when every token is
     kept, ``x`` itself with the identity index.
@@ -44,7 +46,15 @@ def evit_reduction(x: Tensor, scores: Tensor, num_prefix_tokens: int, keep_rate:
         return identity_reduction(x, num_prefix_tokens)
     kept_index = scores.topk(keep, dim=1).indices
     fused_weights = scores.scatter(1, kept_index, 0.0) if fuse else None
-    return selection_reduction(x, num_prefix_tokens, kept_index, fused_weights)
+    member = top_dropped(scores, kept_index) if fuse and top_member else None
+    return selection_reduction(x, num_prefix_tokens, kept_index, fused_weights, member)
+
+
+def top_dropped(scores: Tensor, kept_index: Tensor) -> Tensor:
+    """``(B, 1)``: the highest-scored token not in ``kept_index``, the heaviest member of the
+    fused token. The kept ones are masked out rather than taken from a ``topk(keep + 1)``, so
+    the kept tokens stay the paper's ``topk(keep)`` whatever the ties."""
+    return scores.detach().scatter(1, kept_index, float("-inf")).argmax(1, keepdim=True)
 
 
 def reorganize_tokens(x: Tensor, scores: Tensor, num_prefix_tokens: int, keep_rate: float,
@@ -69,7 +79,8 @@ class EvitReducer(TokenReducer):
         num_image = x.shape[1] - context.num_prefix_tokens
         if kept_token_count(num_image, context.keep_rate) >= num_image:
             return identity_reduction(x, context.num_prefix_tokens)
-        return evit_reduction(x, context.scores(attention), context.num_prefix_tokens, context.keep_rate, self.fuse)
+        return evit_reduction(x, context.scores(attention), context.num_prefix_tokens, context.keep_rate, self.fuse,
+                              context.top_member)
 
 
 def apply_evit(model: ModelT, layers: Sequence[int] | None = None, keep_rate: float | Sequence[float] = 0.7, *,

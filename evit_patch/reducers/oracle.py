@@ -104,9 +104,11 @@ class OracleGuided(TokenReducer):
                 raise RuntimeError("the oracle has not seen these images: call the patched model itself "
                                    "(model(images)), whose forward runs the oracle first")
             scores = self.current_scores(oracle_scores, num_image)
-            reduction = evit_reduction(x, scores, context.num_prefix_tokens, context.keep_rate)
+            reduction = evit_reduction(x, scores, context.num_prefix_tokens, context.keep_rate,
+                                       top_member=context.top_member)
         else:
-            reduction = evit_reduction(x, context.scores(attention), context.num_prefix_tokens, context.keep_rate)
+            reduction = evit_reduction(x, context.scores(attention), context.num_prefix_tokens, context.keep_rate,
+                                       top_member=context.top_member)
         patch_token = self.call.get("patch_token")
         if patch_token is not None:
             alive = patch_token >= 0
