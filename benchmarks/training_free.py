@@ -13,7 +13,7 @@ the methods that make tokens stand for several under each further rule
     python benchmarks/training_free.py --recipe recipes/lvvit_fashion_mnist.yaml \\
         --out benchmarks/results/training_free_lvvit_fashion_mnist
     python benchmarks/training_free.py --recipe recipes/fashion_mnist_rotary.yaml \\
-        --position-rules representative members --out benchmarks/results/training_free_fashion_mnist_rotary
+        --position-rules representative members top-member --out benchmarks/results/training_free_fashion_mnist_rotary
 
 Writes ``<out>.json``, ``<out>.md`` (top-1 per method and keep rate) and ``<out>.png``.
 ``--set data.eval_subset=2000`` evaluates the first 2000 test images only.

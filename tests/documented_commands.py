@@ -143,7 +143,7 @@ COMMANDS: dict[str, Small] = {
     "python -m evit_patch.finetune recipes/fashion_mnist_rotary_pretrain.yaml": Small(
         {}, f"{FASHION_MNIST_RUN} --set train.output_dir={{tmp}}/rotary_pretrain"),
     "python benchmarks/training_free.py --recipe recipes/fashion_mnist_rotary.yaml --position-rules representative "
-    "members --out benchmarks/results/training_free_fashion_mnist_rotary": Small(
+    "members top-member --out benchmarks/results/training_free_fashion_mnist_rotary": Small(
         {"benchmarks/results/training_free_fashion_mnist_rotary": "{tmp}/training_free_rotary"},
         "--set data.eval_subset=32 --keep-rates 0.5"),
     "python benchmarks/rotary_speed.py --batch-sizes 1 32 --repeats 9 --out benchmarks/results/rotary_speed_cpu": Small(
