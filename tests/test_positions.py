@@ -71,19 +71,26 @@ def test_positions_follow_the_kept_tokens_as_the_eager_reference(name, fuse):
         assert [after_first[j] for j in second.kept_index[sample].tolist()] == after_second[: len(after_second) - int(fuse)]
 
 
+@pytest.mark.parametrize("rule", ["members", "top-member"])
 @pytest.mark.parametrize("name", ROTARY_MODELS.values(), ids=ROTARY_MODELS.keys())
-def test_the_members_rule_rotates_a_fused_token_by_its_members_mean_row(name):
+def test_a_rule_rotates_a_fused_token_as_the_reference_places_it(name, rule):
+    """``members``: by its members' mean row; ``top-member``: by its highest-scored dropped token's row."""
     model = _model(name)
     images = _images()
     with torch.no_grad():
-        expected, _ = reference_forward(model, images, LAYERS, KEEP_RATE, fuse=True, members=True)
+        expected, positions = reference_forward(model, images, LAYERS, KEEP_RATE, fuse=True,
+                                                members=rule == "members", top_member=rule == "top-member")
         unrotated, _ = reference_forward(model, images, LAYERS, KEEP_RATE, fuse=True)
         evit_patch.apply_token_reducer(model, LAYERS, KEEP_RATE, EvitReducer())
-        evit_patch.set_position_rule(model, "members")
+        evit_patch.set_position_rule(model, rule)
         logits = model(images)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     if "mixed" not in name:  # random per-depth frequencies rotate so little that the two rules agree to 1e-6
         assert not torch.allclose(logits, unrotated, rtol=1e-5, atol=1e-5)  # the rule changed something
+    first, second = evit_patch.kept_tokens(model)
+    for sample, (after_first, after_second) in enumerate(positions):  # the fusion is the same as the reference's
+        assert first.kept_index[sample].tolist() == after_first[:-1]
+        assert [after_first[j] for j in second.kept_index[sample].tolist()] == after_second[:-1]
 
 
 def test_the_members_rule_places_a_merged_token_at_the_mean_of_its_grid_tokens():
@@ -103,25 +110,6 @@ def test_the_members_rule_places_a_merged_token_at_the_mean_of_its_grid_tokens()
         groups = [tuple(g for g, token in enumerate(holder) if token == j) for j in range(max(holder) + 1)]
         assert sum(len(group) > 1 for group in groups) > 0  # some tokens were merged
         torch.testing.assert_close(seen[0][sample, 0], rotary_rows(table, groups), rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("name", ROTARY_MODELS.values(), ids=ROTARY_MODELS.keys())
-def test_the_top_member_rule_rotates_a_fused_token_by_its_top_dropped_tokens_row(name):
-    model = _model(name)
-    images = _images()
-    with torch.no_grad():
-        expected, positions = reference_forward(model, images, LAYERS, KEEP_RATE, fuse=True, top_member=True)
-        unrotated, _ = reference_forward(model, images, LAYERS, KEEP_RATE, fuse=True)
-        evit_patch.apply_token_reducer(model, LAYERS, KEEP_RATE, EvitReducer())
-        evit_patch.set_position_rule(model, "top-member")
-        logits = model(images)
-    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
-    if "mixed" not in name:  # random per-depth frequencies rotate so little that the two rules agree to 1e-6
-        assert not torch.allclose(logits, unrotated, rtol=1e-5, atol=1e-5)  # the rule changed something
-    first, second = evit_patch.kept_tokens(model)
-    for sample, (after_first, after_second) in enumerate(positions):  # the fusion is the same as the reference's
-        assert first.kept_index[sample].tolist() == after_first[:-1]
-        assert [after_first[j] for j in second.kept_index[sample].tolist()] == after_second[:-1]
 
 
 def test_the_top_member_rule_gives_later_blocks_the_rows_of_the_references_positions():
