@@ -5,9 +5,11 @@ fine-tuning: the registry's unpatched model, paper EViT, training-free EViT, ToM
 merging and random drop, and three ablations of training-free EViT (never pooling, pooling
 only the samples it merges closer, no proportional attention). For the per-sample choice the
 share of images that each layer pooled rather than absorbed is recorded too. On a model whose
-positions follow the kept tokens (rotary), ``--position-rules representative members`` adds
-the methods that make tokens stand for several under each further rule
-(:func:`evit_patch.set_position_rule`; ``top-member`` only paper EViT, the one it changes).
+positions follow the kept tokens (rotary), each method runs under its own default position rule
+(``members`` for merged tokens, ``representative`` for EViT's fused token), and
+``--position-rules representative members`` adds the methods that make tokens stand for several
+under each rule that is not their default (:func:`evit_patch.set_position_rule`; ``top-member``
+only paper EViT, the one it changes).
 
     python benchmarks/training_free.py --out benchmarks/results/training_free_fashion_mnist
     python benchmarks/training_free.py --recipe recipes/lvvit_fashion_mnist.yaml \\
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 
 from evit_patch.core.positions import POSITION_RULES
-from evit_patch.core.token_patch import apply_token_reducer, set_position_rule
+from evit_patch.core.token_patch import apply_token_reducer, reduction_state, set_position_rule
 from evit_patch.reducers import TrainingFreeEvit, training_free
 from evit_patch.tools.results import write_results
 from evit_patch.train import distributed
@@ -93,17 +95,21 @@ def measure(model: nn.Module, loader, runtime: distributed.Runtime) -> dict:
 
 def method_rows(recipe_path: Path, overrides: list[str], keep_rate: float, loader,
                 runtime: distributed.Runtime, position_rules: list[str]) -> list[dict]:
-    """Every registry method but the unpatched model, and the ablations, at one keep rate;
-    the methods whose tokens stand for several again under each position rule after the first."""
+    """Every registry method but the unpatched model, and the ablations, at one keep rate, each under
+    its default position rule; the methods whose tokens stand for several again under each of
+    ``position_rules`` that is not their default."""
     rows = []
     for name in REGISTRY_METHODS[1:]:
         recipe = load_recipe(recipe_path, [*overrides, *METHODS[name].selection, f"reduction.keep_rate={keep_rate}"])
+        model = prepare_model(recipe)
         rows.append({"method": name, "label": METHODS[name].label, "keep_rate": keep_rate,
-                     **measure(prepare_model(recipe), loader, runtime)})
-    for rule in position_rules[1:]:
+                     "position_rule": reduction_state(model).position_rule, **measure(model, loader, runtime)})
+    for rule in position_rules:
         for name in RULE_METHODS.get(rule, MIXING_METHODS):
             recipe = load_recipe(recipe_path, [*overrides, *METHODS[name].selection, f"reduction.keep_rate={keep_rate}"])
             model = prepare_model(recipe)
+            if reduction_state(model).position_rule == rule:
+                continue  # its default: the row above
             set_position_rule(model, rule)
             rows.append({"method": name, "label": f"{METHODS[name].label}, position rule {rule}",
                          "keep_rate": keep_rate, **measure(model, loader, runtime)})
@@ -161,8 +167,8 @@ def main() -> None:
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "fashion_mnist.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE")
     parser.add_argument("--keep-rates", type=float, nargs="+", default=[0.7, 0.5])
-    parser.add_argument("--position-rules", nargs="+", choices=POSITION_RULES, default=[POSITION_RULES[0]],
-                        help="the first is the methods' own; each further one adds their rows under it")
+    parser.add_argument("--position-rules", nargs="+", choices=POSITION_RULES, default=[],
+                        help="each adds the rows of the methods it changes, where it is not their default")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.manual_seed(0)

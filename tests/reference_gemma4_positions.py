@@ -6,7 +6,8 @@ the non-fused path, its gated MLP) called with the cos and sin rows of the patch
 still holds, picked from the encoder's own rotary output by a plain list of grid positions. There is
 no class token: a token's score is the attention it receives, averaged over heads and queries, read
 off the attention's own matrix (the input of its ``attn_drop``). A fused token gets no rotation
-(cos 1, sin 0), or by the position rule ``members`` the mean of its grid tokens' rows.
+(cos 1, sin 0), or by the position rule ``members`` the mean of its grid tokens' rows, by
+``top-member`` the row of its highest-scored member.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from tests.reference_evit import kept_count, scores_and_order
+from tests.reference_positions import fused_position
 
 Position = Union[int, None, tuple[int, ...]]  # a grid index, None (no position), or the grid tokens a token holds
 
@@ -33,10 +35,6 @@ def half_rows(half: Tensor, positions: list[Position], unrotated: float) -> Tens
     return torch.stack([row(p) for p in positions]).unsqueeze(0)
 
 
-def _members(position: Position) -> tuple[int, ...]:
-    return position if isinstance(position, tuple) else (position,)
-
-
 def _attention_and_matrix(block: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     captured: list[Tensor] = []
     hook = block.attn.attn_drop.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
@@ -48,7 +46,7 @@ def _attention_and_matrix(block: nn.Module, x: Tensor, cos: Tensor, sin: Tensor)
 
 
 def _reorganize(x: Tensor, positions: list[Position], matrix: Tensor, keep_rate: float, fuse: bool,
-                members: bool) -> tuple[Tensor, list[Position]]:
+                members: bool, top_member: bool) -> tuple[Tensor, list[Position]]:
     """One sample ``(1, n, C)``: its top-k tokens by received attention, then the fused rest."""
     scores, order = scores_and_order(matrix, 0, class_token=False)
     keep = kept_count(len(positions), keep_rate)
@@ -58,12 +56,12 @@ def _reorganize(x: Tensor, positions: list[Position], matrix: Tensor, keep_rate:
     kept_positions = [positions[j] for j in order[:keep]]
     if fuse:
         parts.append(sum(scores[j] * x[0, j] for j in order[keep:]).unsqueeze(0))
-        kept_positions.append(tuple(g for j in order[keep:] for g in _members(positions[j])) if members else None)
+        kept_positions.append(fused_position(positions, order, keep, members, top_member))
     return torch.cat(parts).unsqueeze(0), kept_positions
 
 
 def gemma4_reference(model: nn.Module, images: Tensor, layers: list[int], keep_rate: float, fuse: bool,
-                     members: bool = False) -> tuple[Tensor, list[list[list[Position]]]]:
+                     members: bool = False, top_member: bool = False) -> tuple[Tensor, list[list[list[Position]]]]:
     """The output of the unpatched ``model`` (a classifier with an average-pool head, or an encoder
     built with ``global_pool='none'``) with EViT at ``layers``, and each sample's grid positions after
     every reorganizing layer."""
@@ -81,7 +79,7 @@ def gemma4_reference(model: nn.Module, images: Tensor, layers: list[int], keep_r
             out, matrix = _attention_and_matrix(block, x, *rows)
             x = x + block.norm2(out)
             if index in layers:
-                x, positions = _reorganize(x, positions, matrix, keep_rate, fuse, members)
+                x, positions = _reorganize(x, positions, matrix, keep_rate, fuse, members, top_member)
                 history.append(positions)
             x = x + block.norm4(block.mlp(block.norm3(x)))
         outputs.append(model.forward_head(x) if encoder is not model else x)

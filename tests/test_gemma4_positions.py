@@ -88,24 +88,29 @@ def test_positions_follow_the_kept_tokens_as_the_eager_reference(name, kwargs, f
         assert [after_first[j] for j in second.kept_index[sample].tolist()] == after_second[: len(after_second) - int(fuse)]
 
 
-def test_the_members_rule_rotates_a_fused_token_by_its_members_mean_rows():
+@pytest.mark.parametrize("rule", ["members", "top-member"])
+def test_a_rule_rotates_a_fused_token_as_the_reference_places_it(rule):
+    """``members``: by its members' mean rows; ``top-member``: by its highest-scored dropped token's."""
     model = _model()
     images = _images()
     with torch.no_grad():
-        expected, _ = gemma4_reference(model, images, LAYERS, KEEP_RATE, fuse=True, members=True)
+        expected, _ = gemma4_reference(model, images, LAYERS, KEEP_RATE, fuse=True, members=rule == "members",
+                                       top_member=rule == "top-member")
         unrotated, _ = gemma4_reference(model, images, LAYERS, KEEP_RATE, fuse=True)
         evit_patch.apply_evit(model, LAYERS, KEEP_RATE)
-        evit_patch.set_position_rule(model, "members")
+        evit_patch.set_position_rule(model, rule)
         logits = model(images)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(logits, unrotated, rtol=1e-5, atol=1e-5)  # the rule changed something
 
 
 def test_a_merged_token_takes_its_representatives_rows_in_a_block_not_rewritten():
-    """ToMe-style merging: the block after the last layer (not rewritten, given its rows in their
-    places by a hook) rotates each token as the grid token it stands for, composed through both layers."""
+    """ToMe-style merging by the rule ``representative``: the block after the last layer (not rewritten,
+    given its rows in their places by a hook) rotates each token as the grid token it stands for,
+    composed through both layers."""
     model = _model()
     evit_patch.apply_token_reducer(model, LAYERS, KEEP_RATE, ToMeMerge())
+    evit_patch.set_position_rule(model, "representative")
     encoder = model.encoder
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     encoder.blocks[3].register_forward_pre_hook(lambda block, args: seen.append(args[1:3]))

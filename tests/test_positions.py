@@ -93,12 +93,12 @@ def test_a_rule_rotates_a_fused_token_as_the_reference_places_it(name, rule):
         assert [after_first[j] for j in second.kept_index[sample].tolist()] == after_second[:-1]
 
 
-def test_the_members_rule_places_a_merged_token_at_the_mean_of_its_grid_tokens():
-    """ToMe-style merging by the rule ``members``: the rows a later block is given are the mean
-    rows of the grid tokens each token holds (composed through two layers), each weighing one."""
+@pytest.mark.parametrize("reducer", [ToMeMerge(), TrainingFreeEvit()], ids=["tome", "training-free"])
+def test_a_merged_token_sits_at_the_mean_of_its_grid_tokens_by_default(reducer):
+    """Merging reducers default to the rule ``members``: the rows a later block is given are the
+    mean rows of the grid tokens each token holds (composed through two layers), each weighing one."""
     model = _model("eva02_tiny_patch14_224")
-    evit_patch.apply_token_reducer(model, LAYERS, KEEP_RATE, ToMeMerge())
-    evit_patch.set_position_rule(model, "members")
+    evit_patch.apply_token_reducer(model, LAYERS, KEEP_RATE, reducer)
     seen: list[torch.Tensor] = []
     model.blocks[3].register_forward_pre_hook(lambda block, args, kwargs: seen.append(kwargs["rope"]), with_kwargs=True)
     with torch.no_grad():
@@ -136,6 +136,7 @@ def test_the_top_member_rule_places_a_merged_token_as_the_representative_rule_ex
     model = _model("eva02_tiny_patch14_224")
     images = _images()
     evit_patch.apply_token_reducer(model, LAYERS, KEEP_RATE, reducer)
+    evit_patch.set_position_rule(model, "representative")
     with torch.no_grad():
         expected = model(images)
         evit_patch.set_position_rule(model, "top-member")
@@ -184,10 +185,11 @@ def test_a_position_rule_that_does_not_exist_is_refused_in_one_line():
 
 
 def test_a_merged_token_takes_its_representatives_rotary_row():
-    """ToMe-style merging: an output token is rotated as the token it stands for (the map's
-    ``kept_index``), which the rows composed through two layers must give."""
+    """ToMe-style merging by the rule ``representative``: an output token is rotated as the token it
+    stands for (the map's ``kept_index``), which the rows composed through two layers must give."""
     model = _model("eva02_tiny_patch14_224")
     evit_patch.apply_token_reducer(model, LAYERS, KEEP_RATE, ToMeMerge())
+    evit_patch.set_position_rule(model, "representative")
     seen: list[torch.Tensor] = []
     model.blocks[3].register_forward_pre_hook(lambda block, args, kwargs: seen.append(kwargs["rope"]), with_kwargs=True)
     with torch.no_grad():

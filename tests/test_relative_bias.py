@@ -103,9 +103,11 @@ def test_the_top_member_rule_gives_a_fused_token_its_top_dropped_tokens_row_and_
 @pytest.mark.parametrize("reducer", [ToMeMerge(), TrainingFreeEvit(pooling="never")], ids=["tome", "absorbing"])
 def test_a_merged_token_takes_its_representatives_row_and_column(reducer):
     """A merged or absorbing token is biased as the token it stands for (the map's ``kept_index``),
-    which the rows and columns composed through two layers must give (block 3 is not rewritten)."""
+    which the rows and columns composed through two layers must give (block 3 is not rewritten). A bias
+    has no mean of several positions, so merging reducers take ``representative`` by default here."""
     model = _model("beit_base_patch16_224")
     evit_patch.apply_token_reducer(model, LAYERS, KEEP_RATE, reducer)
+    assert model.evit_state.position_rule == "representative"
     seen: list[torch.Tensor] = []
     model.blocks[3].attn.follow_attention_bias.register_forward_hook(lambda module, args, out: seen.append(out))
     with torch.no_grad():

@@ -92,6 +92,21 @@ def test_positions_follow_the_kept_tokens_as_the_eager_reference(fuse):
         assert [after_first[j] for j in second.kept_index[sample].tolist()] == after_second[: len(after_second) - int(fuse)]
 
 
+@pytest.mark.parametrize("rule", ["members", "top-member"])
+def test_a_rule_rotates_a_fused_token_as_the_reference_places_it(rule):
+    """``members``: by its members' mean rows; ``top-member``: by its highest-scored dropped token's."""
+    model, images = _model(), _images()
+    with torch.no_grad():
+        expected, _ = dinov3_reference(model, images, LAYERS, KEEP_RATE, True, members=rule == "members",
+                                       top_member=rule == "top-member")
+        unrotated, _ = dinov3_reference(model, images, LAYERS, KEEP_RATE, True)
+        evit_patch.apply_token_reducer(model, LAYERS, KEEP_RATE, EvitReducer())
+        evit_patch.set_position_rule(model, rule)
+        hidden = _hidden(model, images)
+    torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(hidden, unrotated, rtol=1e-5, atol=1e-5)  # the rule changed something
+
+
 @pytest.mark.parametrize("fuse", [False, True], ids=["pruning", "fusion"])
 def test_every_layer_holds_exactly_the_kept_tokens(fuse):
     """``output_hidden_states`` has one entry per layer, each of prefix + kept (+ fused) tokens."""
@@ -108,9 +123,10 @@ def test_every_layer_holds_exactly_the_kept_tokens(fuse):
 
 
 def test_a_merged_token_takes_its_representatives_rows():
-    """ToMe-style merging: the last layer (not rewritten) is given the rows of each token's
-    representative, composed through both reorganizing layers."""
+    """ToMe-style merging by the rule ``representative``: the last layer (not rewritten) is given the
+    rows of each token's representative, composed through both reorganizing layers."""
     model = evit_patch.apply_token_reducer(_model(), LAYERS, KEEP_RATE, ToMeMerge(proportional_attention=False))
+    evit_patch.set_position_rule(model, "representative")
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     model.model.layer[3].register_forward_pre_hook(
         lambda layer, args, kwargs: seen.append(kwargs["position_embeddings"]), with_kwargs=True)

@@ -262,6 +262,15 @@ def test_apply_config_equals_the_same_reducer_applied_by_hand(method, reducer, o
         assert torch.equal(by_config(data), by_hand(data))
 
 
+@pytest.mark.parametrize("depth, in_a_row", [(12, (2, 3, 4, 5)), (6, (0, 1, 2, 3)), (4, (0, 1, 2, 3))])
+def test_the_space_reduces_one_block_more_in_a_row_leaving_the_papers_tokens(depth, in_a_row) -> None:
+    """Besides the paper's blocks, one earlier, one later and every other, the space has one block
+    more than the paper's in a row from the earlier placement's first, each at the rate that leaves
+    as many tokens at the end as the paper's blocks do at the nominal rate."""
+    found = [c.keep_rates for c in candidate_configs(depth, ("evit",), (0.7, 0.5)) if c.layers == in_a_row]
+    assert found == [(round(0.7 ** 0.75, 4),) * 4, (round(0.5 ** 0.75, 4),) * 4]  # 4 blocks leave what 3 leave
+
+
 def test_prune_or_pool_is_chosen_per_layer() -> None:
     data = images(3)
     with torch.no_grad():

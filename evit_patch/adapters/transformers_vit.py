@@ -33,7 +33,7 @@ from evit_patch.adapters.views import TokenTracer, computation_view
 from evit_patch.core.block_rewrite import reorganizing_block
 from evit_patch.core.fx_graph import order_children_as
 from evit_patch.core.model_info import ModelFamily
-from evit_patch.core.positions import ATTENTION_BIAS, RotaryTable, SequenceInput
+from evit_patch.core.positions import ATTENTION_BIAS, MixableInput, RotaryTable, SequenceInput
 from evit_patch.core.scored_attention import BIAS_FOLLOWER
 from evit_patch.core.scores import ScoreMode
 from evit_patch.errors import UnsupportedModelError
@@ -61,14 +61,22 @@ _BLOCK_PATHS = ("layers", "encoder.layer", "model.layer")
 """Where a base model holds its list of layers (ViT; DeiT, DINOv2; DINOv3)."""
 
 
-class RotaryPair(SequenceInput):
+class RotaryPair(MixableInput):
     """transformers' ``position_embeddings``: ``(cos, sin)``, each ``[N, D]`` for the N patch tokens
     (``apply_rotary_pos_emb`` rotates the last N tokens, so prefix tokens keep theirs). Rows are
-    gathered as timm's ``[sin | cos]`` tables are; a token with no position gets cos 1, sin 0."""
+    gathered, or mixed by the rule ``members``, as timm's ``[sin | cos]`` tables are; a token with
+    no position gets cos 1, sin 0."""
+
+    kind = "rotary position embeddings"
 
     def follow(self, value: tuple[Tensor, Tensor], origin: Tensor) -> tuple[Tensor, Tensor]:
         cos, sin = value
         sin_rows, cos_rows = RotaryTable().follow(torch.cat([sin, cos], -1), origin).chunk(2, -1)
+        return cos_rows, sin_rows
+
+    def mix(self, value: tuple[Tensor, Tensor], members: Tensor) -> tuple[Tensor, Tensor]:
+        cos, sin = value
+        sin_rows, cos_rows = RotaryTable().mix(torch.cat([sin, cos], -1), members).chunk(2, -1)
         return cos_rows, sin_rows
 
 

@@ -5,8 +5,9 @@ later blocks hold fewer image tokens, in another order in each sample. Where eac
 token came from is the composition of the layers' token maps (:class:`TokenMap`), and the
 table's rows are gathered with it. A token that stands for several (EViT's fused token) has
 no position of its own (origin -1); a merged token has its representative's (the map's
-``kept_index``). Prefix tokens are not in the table (timm's attention rotates image tokens
-only), so they keep theirs by construction.
+``kept_index``), or by the rule ``members`` the mean of its members' rows. Prefix tokens are
+not in the table (timm's attention rotates image tokens only), so they keep theirs by
+construction.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ NO_POSITION = -1
 """The origin of a token that stands for several and is given no position."""
 
 PositionRule = Literal["representative", "members", "top-member"]
-"""Where a token that stands for several sits: ``representative`` (the default: EViT's fused
-token unrotated, a merged token at its representative's row), ``members`` (the mean of its
-members' rows, each grid token weighing one) or ``top-member`` (EViT's fused token where its
-most attended member sits, a merged token as by ``representative``). Measured in docs/positions.md."""
+"""Where a token that stands for several sits: ``representative`` (EViT's fused token unrotated,
+a merged token at its representative's row; the default of EViT), ``members`` (the mean of its
+members' rows, each grid token weighing one; the default of the merging reducers where the
+positions have such a mean, :attr:`TokenReducer.position_rule`) or ``top-member`` (EViT's fused
+token where its most attended member sits, a merged token as by ``representative``). Measured
+in docs/positions.md."""
 POSITION_RULES: tuple[str, ...] = get_args(PositionRule)
 
 ATTENTION_BIAS = "attention_bias"

@@ -143,6 +143,10 @@ class TokenReducer(ABC):
 
     name = "reducer"
     key_weights: Optional[KeyWeights] = None  # set: attention from the first layer on weights keys by it
+    position_rule = "representative"
+    """Where this method's tokens that stand for several sit by default, in a model whose positions
+    follow the kept tokens: the :data:`~evit_patch.core.positions.PositionRule` measured best for it
+    (docs/positions.md); an input with no mean of several positions takes ``representative``."""
 
     @abstractmethod
     def reduce(self, x: Tensor, attention: AttentionTensors, context: LayerContext) -> Reduction:

@@ -55,7 +55,7 @@ class ReductionState(PatchState):
     restoration: Fill = DEFAULT_FILL  # how dense outputs fill patches that are not their own token (core/dense.py)
     positions: dict[str, SequenceInput] = field(default_factory=dict)  # block inputs sized to the sequence, by name
     position_hooks: list[RemovableHandle] = field(default_factory=list)  # pre-hooks of later blocks not rewritten
-    position_rule: PositionRule = "representative"  # where a token that stands for several sits (core/positions.py)
+    position_rule: PositionRule = "representative"  # where a token that stands for several sits (the reducer's default)
 
     def __post_init__(self) -> None:
         self.method = f"EViT's token reorganization (reducer {self.reducer.describe()})"

@@ -10,7 +10,7 @@ from evit_patch.core.arguments import validated_placement
 from evit_patch.core.key_weighting import weighted_key_attention
 from evit_patch.core.lifecycle import attach, check_unpatched, detach, patch_state
 from evit_patch.core.model_info import ModelFamily, family_of, model_name, prefix_token_count, score_mode, transformer_blocks
-from evit_patch.core.positions import ATTENTION_BIAS, POSITION_RULES, MixableInput, PositionRule
+from evit_patch.core.positions import ATTENTION_BIAS, POSITION_RULES, MixableInput, PositionRule, SequenceInput
 from evit_patch.core.reduction import TokenReducer
 from evit_patch.core.reorganizer import FollowedInput, ReductionState, TokenReorganizer
 from evit_patch.errors import UnsupportedModelError
@@ -45,8 +45,9 @@ def apply_token_reducer(model: ModelT, layers: Sequence[int] | None, keep_rate: 
         raise UnsupportedModelError(name, f"reducer {reducer.describe()} weights attention keys, which "
                                     f"{family.name} attention does not take; use it without key weights")
     inputs = family.sequence_inputs(model)
+    positions = {name: follow for name, follow in inputs.items() if follow is not None}
     state = ReductionState(layers, keep_rates, reducer, prefix_token_count(model), score_mode(model),
-                           positions={name: follow for name, follow in inputs.items() if follow is not None})
+                           positions=positions, position_rule=_default_position_rule(reducer, positions))
     for position, index in enumerate(layers):
         reorganizer = TokenReorganizer(state, position).train(blocks[index].training)
         followers = {follower.name: follower for follower in state.followers(position, reorganizer)}
@@ -106,15 +107,30 @@ def set_keep_rate(model: nn.Module, keep_rate: float | Sequence[float]) -> None:
     reduction_state(model).set_keep_rates(keep_rate)
 
 
+def _default_position_rule(reducer: TokenReducer, positions: dict[str, SequenceInput]) -> PositionRule:
+    """The reducer's own rule where every position input can take it (``members`` needs a mean
+    of several positions), else ``representative``."""
+    if reducer.position_rule == "members" and _unmixable(positions):
+        return "representative"
+    return reducer.position_rule
+
+
+def _unmixable(positions: dict[str, SequenceInput]) -> list[str]:
+    """The kinds of ``positions`` that have no mean of several positions."""
+    return [position.kind for position in positions.values() if not isinstance(position, MixableInput)]
+
+
 def set_position_rule(model: nn.Module, rule: PositionRule) -> None:
     """Where a token that stands for several sits in a model whose positions follow the kept
-    tokens: ``representative`` (the default), ``members`` or ``top-member`` (see
-    docs/positions.md). ``top-member`` places a token by one origin, as ``representative``
-    does, so every input that follows the kept tokens (a relative bias too) takes it."""
+    tokens: ``representative``, ``members`` or ``top-member`` (see docs/positions.md). The
+    default is the reducer's: ``members`` for merged tokens (ToMe-style, training-free) where
+    the positions allow it, ``representative`` otherwise. ``top-member`` places a token by one
+    origin, as ``representative`` does, so every input that follows the kept tokens (a
+    relative bias too) takes it."""
     if rule not in POSITION_RULES:
         raise ValueError(f"position rule {rule!r} is not one of {', '.join(POSITION_RULES)}; pass one of those")
     state = reduction_state(model)
-    unmixed = [position.kind for position in state.positions.values() if not isinstance(position, MixableInput)]
+    unmixed = _unmixable(state.positions)
     if rule == "members" and unmixed:
         raise ValueError(f"{model_name(model)} has {unmixed[0]}, which has no mean of several positions; "
                          "keep the position rule 'representative'")

@@ -64,7 +64,12 @@ class SizedTokens(TokenReducer):
     :attr:`key_weights`, which :func:`evit_patch.apply_token_reducer` wires in). They are
     kept for the whole sequence, each prefix token holding itself, so one tensor serves
     as the next merge's weights and as the attention's key weights.
+
+    A merged token is placed at the mean of its members' positions (``members``), which kept
+    a rotary model's answers better than its representative's own position (docs/positions.md).
     """
+
+    position_rule = "members"
 
     def __init__(self, proportional_attention: bool = True) -> None:
         # sizes are at least 1, so the softmax needs no guard against a zero normalizer
