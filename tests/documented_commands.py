@@ -146,6 +146,10 @@ COMMANDS: dict[str, Small] = {
     "members top-member --out benchmarks/results/training_free_fashion_mnist_rotary": Small(
         {"benchmarks/results/training_free_fashion_mnist_rotary": "{tmp}/training_free_rotary"},
         "--set data.eval_subset=32 --keep-rates 0.5"),
+    "python benchmarks/dense.py --recipe recipes/fashion_mnist_rotary.yaml "
+    "--out benchmarks/results/dense_fashion_mnist_rotary": Small(
+        {"benchmarks/results/dense_fashion_mnist_rotary": "{tmp}/dense_rotary"},
+        "--train-images 64 --test-images 32 --epochs 1 --finetune-epochs 1 --keep-rates 0.7 --fills carry"),
     "python benchmarks/rotary_speed.py --batch-sizes 1 32 --repeats 9 --out benchmarks/results/rotary_speed_cpu": Small(
         {"benchmarks/results/rotary_speed_cpu": "{tmp}/rotary_speed"},
         """--batch-sizes 1 --repeats 1 --model-kwargs '{"img_size": 32, "patch_size": 4, "depth": 4}' --layers 1 2 3"""),
